@@ -1,0 +1,68 @@
+"""`create_model`: a config (by name or JSON path) + optional weights -> a CLIP model (release name)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import CKPT_DIR, CLIPConfig, load_config
+from .errors import CheckpointError
+from .loading import load_into, read_state_dict
+from .model import CLIP
+
+OPENAI = "openai"
+
+
+def openai_checkpoint_path(config: CLIPConfig) -> Path:
+    """Where OpenAI's file for this model is expected: `CLIP/ckpt/<OpenAI file name>`."""
+    if not config.openai_file:
+        raise CheckpointError(f"model {config.name!r} has no OpenAI weights; pass a checkpoint path instead")
+    return CKPT_DIR / config.openai_file
+
+
+def resolve_pretrained(config: CLIPConfig, pretrained: str | Path) -> Path:
+    path = openai_checkpoint_path(config) if str(pretrained) == OPENAI else Path(pretrained)
+    if not path.is_file():
+        hint = ""
+        if config.openai_file:
+            hint = f"; download OpenAI's {config.openai_file} and place it at {openai_checkpoint_path(config)}"
+        raise CheckpointError(f"CLIP checkpoint not found: {path}{hint}")
+    return path
+
+
+def create_model(
+    model_name: str | Path,
+    img_size: int | None = None,
+    pretrained: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    quick_gelu: bool | None = None,
+    check_config: bool = True,
+) -> CLIP:
+    """Build a CLIP ViT for inputs of `img_size` pixels (default: the config's training size).
+
+    model_name: a registered config ("ViT-L-14-336") or a path to a JSON config.
+    pretrained: None (random weights), a checkpoint path in any accepted form, or "openai"
+        (`CLIP/ckpt/<OpenAI file name>`). The positional grid is resampled to `img_size`.
+    quick_gelu: overrides the config's activation (exact GELU unless the config says otherwise).
+    The model is fp32 and in eval mode; autocast on CUDA is the caller's choice.
+    """
+    config = load_config(model_name).with_quick_gelu(quick_gelu)
+    model = CLIP(config, image_size=img_size)
+    if pretrained is not None:
+        path = resolve_pretrained(config, pretrained)
+        state_dict = read_state_dict(path)
+        if check_config:
+            _check_trained_grid(config, state_dict, path)
+        load_into(model, state_dict, source=str(path))
+    return model.to(device).eval()
+
+
+def _check_trained_grid(config: CLIPConfig, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """The checkpoint's positional grid must be the config's training grid (it is resampled after)."""
+    found = tuple(state_dict["visual.positional_embedding"].shape)
+    expected = (config.vision.grid_size**2 + 1, config.vision.width)
+    if found != expected:
+        raise CheckpointError(
+            f"{path} does not fit model {config.name!r}: 'visual.positional_embedding' has shape {found} "
+            f"in the checkpoint, {expected} in the config (image_size {config.vision.image_size})"
+        )

@@ -1,0 +1,135 @@
+"""Checkpoint forms -> one plain fp32 state dict; architecture inference and checks.
+
+Accepted forms of OpenAI CLIP weights:
+- OpenAI's TorchScript archive (e.g. `ViT-L-14-336px.pt`, fp16, with the integer entries
+  `input_resolution`, `context_length`, `vocab_size`); the only form that needs `torch.jit.load`;
+- a plain state dict, a dict holding it under `state_dict`, keys with a `module.` prefix;
+  these load with `torch.load(weights_only=True)`: a checkpoint is data, not code.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CLIPConfig, TextConfig, VisionConfig
+from .errors import CheckpointError
+from .model import resample_positional_embedding
+
+# Entries of OpenAI's archive that are hyper-parameters, not weights.
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+_BLOCK_KEY = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.")
+
+
+def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """TorchScript archives are zip files with a `code/` folder and `constants.pkl`."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any("/code/" in name or name.startswith("code/") for name in names) and any(
+        name.endswith("constants.pkl") for name in names
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read any accepted checkpoint form into a plain state dict (original dtypes, metadata dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"CLIP checkpoint not found: {path}")
+    try:
+        if is_torchscript_archive(path):
+            with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI ships TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable CLIP checkpoint ({reason[:200]})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{path} holds no state dict (found {type(raw).__name__})")
+    state_dict = {}
+    for key, value in raw.items():
+        key = key[len("module.") :] if key.startswith("module.") else key
+        if key in OPENAI_METADATA_KEYS:
+            continue
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        state_dict[key] = value
+    for required in ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight"):
+        if required not in state_dict:
+            raise CheckpointError(f"{path} is not an OpenAI-style CLIP ViT checkpoint: no {required!r} entry")
+    return state_dict
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], visual: bool) -> int:
+    indices = {
+        int(match.group(2))
+        for key in state_dict
+        if (match := _BLOCK_KEY.match(key)) and bool(match.group(1)) == visual
+    }
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], name: str = "inferred") -> CLIPConfig:
+    """The architecture implied by the tensor shapes (head counts use the 64-wide heads of OpenAI's ViTs)."""
+    vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
+    grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
+    text_width = state_dict["ln_final.weight"].shape[0]
+    vision = VisionConfig(
+        image_size=grid * patch,
+        layers=_count_blocks(state_dict, visual=True),
+        width=vision_width,
+        patch_size=patch,
+    )
+    text = TextConfig(
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        width=text_width,
+        heads=max(1, text_width // 64),
+        layers=_count_blocks(state_dict, visual=False),
+    )
+    return CLIPConfig(embed_dim=state_dict["text_projection"].shape[1], vision=vision, text=text, name=name)
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy weights into `model` after resampling the positional grid to the model's input size.
+
+    Any difference of keys or shapes is a CheckpointError naming the first offending key and both shapes.
+    """
+    state_dict = dict(state_dict)
+    grid = model.visual.grid_size
+    state_dict["visual.positional_embedding"] = resample_positional_embedding(
+        state_dict["visual.positional_embedding"].float(), grid
+    )
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise CheckpointError(f"{source} does not fit the model config: it lacks {key!r} (shape {tuple(tensor.shape)})")
+        if state_dict[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source} does not fit the model config: {key!r} has shape {tuple(state_dict[key].shape)} "
+                f"in the checkpoint, {tuple(tensor.shape)} in the model"
+            )
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source} does not fit the model config: unexpected entry {unexpected[0]!r}")
+    model.load_state_dict({key: value.float() for key, value in state_dict.items()})
