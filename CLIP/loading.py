@@ -59,8 +59,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 raw = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # the weights-only unpickler also raises KeyError, IndexError, ... on junk
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            reason = "not a weights-only torch checkpoint: it is not a torch.save file or holds non-tensor objects"
+        else:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable CLIP checkpoint ({reason[:200]})") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]

@@ -1,0 +1,172 @@
+"""The adapted visual encoder: a frozen CLIP ViT with residual seg/det adapters at chosen stages.
+
+After each stage block s (1-indexed, e.g. 6 12 18 24 for ViT-L/14) two adapters read the stream x:
+    seg_mid, seg_out = seg_adapter(x);  det_mid, det_out = det_adapter(x)
+    x = 0.8 * x + 0.1 * seg_out + 0.1 * det_out
+The `mid` outputs live in the text embedding space and are the stage's seg and det tokens.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from CLIP.model import CLIP
+
+from .errors import CheckpointFormatError
+
+STREAM_KEEP = 0.8  # weight of the backbone stream after an adapter stage
+ADAPTER_MIX = 0.1  # weight of each adapter's output (seg and det) added to the stream
+LEAKY_SLOPE = 0.01
+CHECKPOINT_KEYS = ("seg_adapters", "det_adapters")
+
+
+class ResidualAdapter(nn.Module):
+    """Bottleneck width -> embed_dim -> width; returns (mid, out). Keys `fc1.0.weight`, `fc2.0.weight`."""
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.Linear(width, bottleneck, bias=False), nn.LeakyReLU(LEAKY_SLOPE))
+        self.fc2 = nn.Sequential(nn.Linear(bottleneck, width, bias=False), nn.LeakyReLU(LEAKY_SLOPE))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.fc1(x)
+        return mid, self.fc2(mid)
+
+
+@dataclass
+class StageTokens:
+    """Per-stage tokens of a batch, class token first: lists of [B, 1 + patches, embed_dim]."""
+
+    seg: list[torch.Tensor]
+    det: list[torch.Tensor]
+
+    def patches(self) -> "StageTokens":
+        """The same without the class token (what scoring uses)."""
+        return StageTokens([t[:, 1:] for t in self.seg], [t[:, 1:] for t in self.det])
+
+
+class AdaptedViT(nn.Module):
+    """CLIP's visual tower with seg/det adapters after the blocks listed in `stages` (1-indexed).
+
+    The CLIP weights are frozen; only `seg_adapters` and `det_adapters` train. The blocks up to the
+    first stage do not depend on the adapters: `encode_prefix` runs them without autograd, and its
+    output can be cached and fed to `forward_from_prefix` (`forward` does both).
+    """
+
+    def __init__(self, clip_model: CLIP, stages: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        visual = clip_model.visual
+        depth = len(visual.transformer.resblocks)
+        stages = [int(s) for s in stages]
+        if not stages or sorted(set(stages)) != stages or stages[0] < 1 or stages[-1] > depth:
+            raise ValueError(
+                f"adapter stages must be increasing block numbers between 1 and {depth}, got {stages}"
+            )
+        self.stages = stages
+        self.visual = visual.requires_grad_(False)
+        width, bottleneck = visual.conv1.out_channels, visual.proj.shape[1]
+        self.seg_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in stages)
+        self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in stages)
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.visual.grid_size
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [*self.seg_adapters.parameters(), *self.det_adapters.parameters()]
+
+    @torch.no_grad()
+    def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Stream after block `stages[0]`, before its adapters: [B, 1 + patches, width]."""
+        x = self.visual.embed(images)
+        for block in self.visual.transformer.resblocks[: self.stages[0]]:
+            x = block(x)
+        return x
+
+    def forward_from_prefix(self, x: torch.Tensor) -> StageTokens:
+        seg_tokens, det_tokens = [], []
+        blocks = self.visual.transformer.resblocks
+        for index, stage in enumerate(self.stages):
+            if index > 0:
+                for block in blocks[self.stages[index - 1] : stage]:
+                    x = block(x)
+            seg_mid, seg_out = self.seg_adapters[index](x)
+            det_mid, det_out = self.det_adapters[index](x)
+            x = STREAM_KEEP * x + ADAPTER_MIX * seg_out + ADAPTER_MIX * det_out
+            seg_tokens.append(seg_mid)
+            det_tokens.append(det_mid)
+        return StageTokens(seg_tokens, det_tokens)
+
+    def forward(self, images: torch.Tensor) -> StageTokens:
+        return self.forward_from_prefix(self.encode_prefix(images))
+
+    # Checkpoints in the release's format: {"seg_adapters": state_dict, "det_adapters": state_dict}.
+    def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            "seg_adapters": {k: v.detach().cpu().clone() for k, v in self.seg_adapters.state_dict().items()},
+            "det_adapters": {k: v.detach().cpu().clone() for k, v in self.det_adapters.state_dict().items()},
+        }
+
+    def load_adapter_state(self, state: dict, source: str = "adapter checkpoint") -> None:
+        for name in CHECKPOINT_KEYS:
+            if name not in state:
+                raise CheckpointFormatError(f"{source} has no {name!r} entry (found {sorted(state)[:5]})")
+            module: nn.ModuleList = getattr(self, name)
+            expected = module.state_dict()
+            found = state[name]
+            for key, tensor in expected.items():
+                if key not in found:
+                    raise CheckpointFormatError(
+                        f"{source} does not fit this model: {name}.{key} is missing "
+                        f"(the model has {len(self.stages)} stages; pass the --features_list it was trained with)"
+                    )
+                if tuple(found[key].shape) != tuple(tensor.shape):
+                    raise CheckpointFormatError(
+                        f"{source} does not fit this model: {name}.{key} has shape {tuple(found[key].shape)} "
+                        f"in the checkpoint, {tuple(tensor.shape)} in the model (another backbone?)"
+                    )
+            extra = sorted(set(found) - set(expected))
+            if extra:
+                raise CheckpointFormatError(
+                    f"{source} does not fit this model: unexpected {name}.{extra[0]} "
+                    f"(the checkpoint has more stages than --features_list {' '.join(map(str, self.stages))})"
+                )
+            module.load_state_dict({k: v.to(torch.float32) for k, v in found.items()})
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(state, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load an adapter checkpoint as data (`weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFormatError(f"adapter checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointFormatError(f"{path} is not a readable adapter checkpoint ({first_line[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path} holds a {type(state).__name__}, not an adapter checkpoint dict")
+    return state
