@@ -1,0 +1,172 @@
+"""Scoring, losses and adapters on small hand-made inputs with known answers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from CLIP import create_model
+from loss import BinaryDiceLoss, FocalLoss
+from mvfa import scoring
+from mvfa.errors import CheckpointFormatError
+from mvfa.losses import det_loss
+from mvfa.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.training import make_optimizers, train_step
+from utils import augment, cos_sim
+
+TEXT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # 2-d "text space": normal = e0, abnormal = e1
+
+
+def test_patch_abnormality_is_the_softmax_of_scaled_cosines():
+    tokens = torch.tensor([[[3.0, 0.0], [0.0, 0.5], [1.0, 1.0]]])  # normal, abnormal, halfway
+    prob = scoring.patch_abnormality(tokens, TEXT)
+    expected_normal = 1 / (1 + math.exp(100))
+    assert prob[0, 0].item() == pytest.approx(expected_normal, abs=1e-30)
+    assert prob[0, 1].item() == pytest.approx(1.0)
+    assert prob[0, 2].item() == pytest.approx(0.5)
+
+
+def test_zero_shot_image_score_sums_stage_means():
+    normal, abnormal = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    stage_a = torch.stack([normal, abnormal, abnormal, abnormal])[None]  # mean 0.75
+    stage_b = torch.stack([normal, normal, normal, abnormal])[None]  # mean 0.25
+    assert scoring.zero_shot_image_score([stage_a, stage_b], TEXT).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_zero_shot_map_upsamples_logits_then_softmax():
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])  # 2 x 2 grid
+    size = 5
+    result = scoring.zero_shot_map([tokens], TEXT, size)
+    logits = 100 * F.normalize(tokens, dim=-1) @ TEXT
+    grid = logits.transpose(1, 2).reshape(1, 2, 2, 2)
+    expected = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True).softmax(dim=1)[:, 1]
+    torch.testing.assert_close(result, expected)
+    assert result[0, 0, 0].item() == pytest.approx(0.0, abs=1e-6)  # corners keep grid values
+    assert result[0, 0, -1].item() == pytest.approx(1.0, abs=1e-6)
+    assert result[0, 2, 2].item() == pytest.approx(0.5, abs=1e-6)  # centre: logits tie
+
+
+def test_memory_map_is_one_minus_best_cosine_and_chunking_does_not_change_it():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    tokens = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+    grids = scoring.memory_distance_grids([tokens], [bank])
+    expected = torch.tensor([0.0, 0.0, 1 - 1 / math.sqrt(2), 1.0]).reshape(1, 1, 2, 2)
+    torch.testing.assert_close(grids[0], expected)
+    big_bank = torch.randn(1000, 8)
+    queries = torch.randn(37, 8)
+    reference = cos_sim(queries, big_bank).amax(dim=1)
+    torch.testing.assert_close(scoring.max_cosine_to_bank(queries, big_bank, max_elements=37 * 7), reference)
+
+
+def test_fuse_min_max_normalises_each_branch():
+    fused = scoring.fuse(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([10.0, 10.0, 20.0]))
+    torch.testing.assert_close(fused, torch.tensor([0.0, 0.25, 1.0]))
+    assert torch.equal(scoring.min_max(torch.ones(3)), torch.zeros(3))
+
+
+def test_focal_loss_known_values():
+    p_abnormal = torch.tensor([0.9, 0.2]).reshape(1, 1, 1, 2)
+    probabilities = torch.cat([1 - p_abnormal, p_abnormal], dim=1)
+    target = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    smooth = 1e-5
+    losses = []
+    for p_true in (0.9, 0.8):  # probability of the true class
+        pt = (1 - smooth) * p_true + smooth * (1 - p_true) + smooth
+        losses.append(-((1 - pt) ** 2) * math.log(pt))
+    assert FocalLoss()(probabilities, target).item() == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
+def test_dice_loss_known_values():
+    probabilities = torch.tensor([[[0.5, 0.5], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    first = 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1)
+    second = 1 - (2 * 1 + 1) / (1 + 1 + 1)
+    assert BinaryDiceLoss()(probabilities, target).item() == pytest.approx((first + second) / 2)
+
+
+def test_det_loss_forms():
+    probability, label = torch.tensor([0.7]), torch.tensor([1.0])
+    assert det_loss(probability, label).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.7))))
+    assert det_loss(probability, label, "bce").item() == pytest.approx(-math.log(0.7))
+    with pytest.raises(ValueError, match="release, bce"):
+        det_loss(probability, label, "hinge")
+
+
+def test_augment_order_and_shapes():
+    images = torch.rand(2, 3, 8, 8)
+    out, masks = augment(images)
+    assert out.shape == (22, 3, 8, 8) and masks.shape == (22, 1, 8, 8) and not masks.any()
+    torch.testing.assert_close(out[:2], images)
+    torch.testing.assert_close(out[18:20], images.flip(-1))  # horizontal flip, grouped by transform
+    torch.testing.assert_close(out[20:22], images.flip(-2))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return create_model("ViT-Tiny-14", 56)
+
+
+def test_adapters_for_any_backbone_and_stream_update(tiny_clip):
+    model = AdaptedViT(tiny_clip, [2, 5, 8])
+    assert len(model.seg_adapters) == 3
+    assert model.seg_adapters[0].fc1[0].weight.shape == (64, 128)  # embed x width of this config
+    images = torch.rand(3, 3, 56, 56)
+    tokens = model(images)
+    assert [t.shape for t in tokens.seg] == [(3, 17, 64)] * 3
+    # Stage 2 by hand: 0.8 x + 0.1 seg_out + 0.1 det_out.
+    x = model.encode_prefix(images)
+    seg_mid, seg_out = model.seg_adapters[0](x)
+    det_mid, det_out = model.det_adapters[0](x)
+    torch.testing.assert_close(tokens.seg[0], seg_mid)
+    x = STREAM_KEEP * x + ADAPTER_MIX * seg_out + ADAPTER_MIX * det_out
+    for block in tiny_clip.visual.transformer.resblocks[2:5]:
+        x = block(x)
+    torch.testing.assert_close(tokens.det[1], model.det_adapters[1](x)[0])
+    # Batched equals one by one.
+    single = model(images[1:2])
+    torch.testing.assert_close(single.seg[2][0], tokens.seg[2][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="between 1 and 8"):
+        AdaptedViT(tiny_clip, [6, 12, 18, 24])
+
+
+def test_training_step_changes_adapters_only(tiny_clip):
+    model = AdaptedViT(tiny_clip, [2, 4, 6, 8])
+    assert all(not p.requires_grad for p in model.visual.parameters())
+    assert model.encode_prefix(torch.rand(1, 3, 56, 56)).grad_fn is None  # no graph before stage 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    text = F.normalize(torch.randn(64, 2), dim=0)
+    masks = torch.zeros(2, 1, 56, 56)
+    masks[0, :, 10:30, 10:30] = 1
+    train_step(model, make_optimizers(model, 1e-3), torch.rand(2, 3, 56, 56), masks, torch.tensor([1.0, 0.0]), text,
+               torch.tensor([True, True]))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("adapters" in k for k in changed)
+    assert any(k.startswith("seg_adapters") for k in changed) and any(k.startswith("det_adapters") for k in changed)
+
+
+def test_checkpoint_round_trip_and_errors(tiny_clip, tmp_path):
+    model = AdaptedViT(tiny_clip, [2, 4, 6, 8])
+    path = tmp_path / "sub" / "adapters.pth"
+    save_checkpoint(model.adapter_state(), path)
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    state = read_checkpoint(path)
+    assert set(state) == {"seg_adapters", "det_adapters"} and "0.fc1.0.weight" in state["seg_adapters"]
+    other = AdaptedViT(tiny_clip, [2, 4, 6, 8])
+    other.load_adapter_state(state)
+    torch.testing.assert_close(other.seg_adapters[3].fc2[0].weight, model.seg_adapters[3].fc2[0].weight)
+    with pytest.raises(CheckpointFormatError, match="missing"):
+        AdaptedViT(tiny_clip, [2, 4, 6, 7, 8]).load_adapter_state(state)
+    with pytest.raises(CheckpointFormatError, match="unexpected"):
+        AdaptedViT(tiny_clip, [2, 4, 6]).load_adapter_state(state)
+    wide = {g: {k: torch.zeros(v.shape[0] * 2, *v.shape[1:]) for k, v in s.items()} for g, s in state.items()}
+    with pytest.raises(CheckpointFormatError, match="has shape"):
+        other.load_adapter_state(wide)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointFormatError, match="junk.pth is not a readable"):
+        read_checkpoint(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointFormatError, match="not found"):
+        read_checkpoint(tmp_path / "absent.pth")
