@@ -47,12 +47,14 @@ def create_model(
     The model is fp32 and in eval mode; autocast on CUDA is the caller's choice.
     """
     config = load_config(model_name).with_quick_gelu(quick_gelu)
-    model = CLIP(config, image_size=img_size)
-    if pretrained is not None:
+    state_dict = None
+    if pretrained is not None:  # read (and check) the weights before building: bad input fails fast
         path = resolve_pretrained(config, pretrained)
         state_dict = read_state_dict(path)
         if check_config:
             _check_trained_grid(config, state_dict, path)
+    model = CLIP(config, image_size=img_size)
+    if state_dict is not None:
         load_into(model, state_dict, source=str(path))
     return model.to(device).eval()
 

@@ -60,11 +60,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the weights-only unpickler also raises KeyError, IndexError, ... on junk
-        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-            reason = "not a weights-only torch checkpoint: it is not a torch.save file or holds non-tensor objects"
-        else:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable CLIP checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable CLIP checkpoint ({_load_failure(err)})") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not raw:
@@ -81,6 +77,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if required not in state_dict:
             raise CheckpointError(f"{path} is not an OpenAI-style CLIP ViT checkpoint: no {required!r} entry")
     return state_dict
+
+
+def _load_failure(err: Exception) -> str:
+    """A short reason for a failed load (torch's messages run to paragraphs of advice)."""
+    text = str(err).strip()
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in text.lower():
+        return "not a weights-only torch checkpoint: not a torch.save file, or it holds non-tensor objects"
+    if isinstance(err, EOFError):
+        return "the file ends early: truncated or empty"
+    if isinstance(err, (RuntimeError, OSError, ValueError)) and text:
+        return text.splitlines()[0].split(". ")[0][:200]
+    return f"corrupt data or not a torch checkpoint: {type(err).__name__}"
 
 
 def _count_blocks(state_dict: dict[str, torch.Tensor], visual: bool) -> int:

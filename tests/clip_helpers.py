@@ -1,0 +1,202 @@
+"""Shared helpers for the CLIP/ tests: a tiny OpenAI-style architecture, a randomised open_clip
+reference model with the same sizes, and its weights saved in every accepted checkpoint form.
+
+open_clip is only the independent reference; nothing here is copied from it.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The tiny architecture (OpenAI layout, small sizes): vision 2 heads of 64, text 2 heads of 32.
+EMBED_DIM = 64
+VISION = {"image_size": 56, "layers": 4, "width": 128, "patch_size": 14, "head_width": 64}
+TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+TRAIN_SIZE = VISION["image_size"]  # 4 x 4 patch grid
+OTHER_SIZE = 42  # 3 x 3 patch grid: the positional grid is resampled
+OPENAI_METADATA = {"input_resolution": TRAIN_SIZE, "context_length": TEXT["context_length"], "vocab_size": TEXT["vocab_size"]}
+
+PROMPTS = [
+    "a photo of a damaged brain.",
+    "flawless liver",
+    "there is the histopathological image in the scene.",
+    "a jpeg corrupted photo of a retinal OCT with defect.",
+]
+
+
+def one_torch_thread():
+    """Generator for an autouse module fixture: these tiny models run fastest on one thread, and several
+    OpenMP threads on a busy 2-core machine slow them down by 10x; the setting is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def config_dict(quick_gelu: bool | None = None, **vision_overrides) -> dict:
+    raw = {"embed_dim": EMBED_DIM, "vision_cfg": {**VISION, **vision_overrides}, "text_cfg": dict(TEXT)}
+    if quick_gelu is not None:
+        raw["quick_gelu"] = quick_gelu
+    return raw
+
+
+def write_config(path: Path, quick_gelu: bool | None = None, **vision_overrides) -> Path:
+    path.write_text(json.dumps(config_dict(quick_gelu, **vision_overrides), indent=2))
+    return path
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.double() - reference.double()).norm() / reference.double().norm())
+
+
+def make_open_clip(quick_gelu: bool, image_size: int = TRAIN_SIZE):
+    """open_clip's CLIP in the OpenAI layout: class-token pooling, no attentional pooler, pre-norm,
+    ln_pre, proj, argmax text pooling, causal mask. Its default init (weights are loaded over it)."""
+    import open_clip
+
+    vision_cfg = open_clip.model.CLIPVisionCfg(
+        layers=VISION["layers"],
+        width=VISION["width"],
+        head_width=VISION["head_width"],
+        patch_size=VISION["patch_size"],
+        image_size=image_size,
+        attentional_pool=False,
+        no_ln_pre=False,
+        pool_type="tok",
+        final_ln_after_pool=False,
+        pos_embed_type="learnable",
+    )
+    text_cfg = open_clip.model.CLIPTextCfg(
+        context_length=TEXT["context_length"],
+        vocab_size=TEXT["vocab_size"],
+        width=TEXT["width"],
+        heads=TEXT["heads"],
+        layers=TEXT["layers"],
+        pool_type="argmax",
+        no_causal_mask=False,
+        embed_cls=False,
+        proj_bias=False,
+        final_ln_after_pool=False,
+    )
+    model = open_clip.model.CLIP(EMBED_DIM, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu)
+    return model.eval()
+
+
+def random_openai_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under OpenAI's keys, every tensor perturbed (LayerNorm affine and all biases too)."""
+    from CLIP.config import config_from_dict
+    from CLIP.model import CLIP
+
+    torch.manual_seed(seed)
+    template = CLIP(config_from_dict(config_dict()))  # OpenAI's keys and shapes (open_clip loads them strictly)
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for key, tensor in template.state_dict().items():
+        noise = torch.randn(tensor.shape, generator=generator)
+        is_layer_norm = ".ln_" in key or key.startswith("ln_")
+        if is_layer_norm and key.endswith(".weight"):
+            value = 1.0 + 0.2 * noise
+        elif key.endswith("bias"):
+            value = 0.1 * noise
+        elif key == "logit_scale":
+            value = torch.tensor(4.0)
+        else:  # keep the init's scale, but make every entry differ from it
+            value = tensor + 0.02 * noise
+        state_dict[key] = value.float().contiguous()
+    return state_dict
+
+
+def open_clip_with(state_dict: dict[str, torch.Tensor], quick_gelu: bool, image_size: int = TRAIN_SIZE):
+    """The open_clip reference holding `state_dict` (resampled to `image_size` by open_clip itself)."""
+    import open_clip
+
+    model = make_open_clip(quick_gelu, image_size)
+    state_dict = {key: value.float().clone() for key, value in state_dict.items()}
+    open_clip.model.resize_pos_embed(state_dict, model)  # no-op at the training size
+    model.load_state_dict(state_dict)
+    return model
+
+
+class _Node(nn.Module):
+    """A namespace module: holds OpenAI-named parameters and children, computes nothing."""
+
+
+class _OpenAIArchive(nn.Module):
+    """Parameters under OpenAI's dotted names plus the three integer buffers OpenAI's archive holds."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, int]) -> None:
+        super().__init__()
+        for key, value in state_dict.items():
+            *path, leaf = key.split(".")
+            module: nn.Module = self
+            for part in path:
+                if part not in module._modules:
+                    module.add_module(part, _Node())
+                module = module._modules[part]
+            module.register_parameter(leaf, nn.Parameter(value.detach().half().clone(), requires_grad=False))
+        for name, number in metadata.items():
+            self.register_buffer(name, torch.tensor(number))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.logit_scale
+
+
+def save_torchscript_archive(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, int] | None = None) -> Path:
+    """A TorchScript archive in OpenAI's format: fp16 weights under OpenAI's keys + integer entries."""
+    module = _OpenAIArchive(state_dict, OPENAI_METADATA if metadata is None else metadata).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, torch.ones(1, dtype=torch.float16))
+        torch.jit.save(traced, str(path))  # deprecated in favour of torch.export, but OpenAI's format
+    return path
+
+
+@dataclass
+class Checkpoints:
+    """The same random weights in every accepted form, plus the config that describes them."""
+
+    directory: Path
+    state_dict: dict[str, torch.Tensor]  # fp32
+    config: Path  # tiny config, no quick_gelu key (exact GELU unless overridden)
+    plain: Path
+    nested: Path  # {"state_dict": sd}
+    prefixed: Path  # "module." prefix
+    archive: Path  # OpenAI TorchScript archive, fp16
+
+    def forms(self) -> dict[str, Path]:
+        return {"plain": self.plain, "nested": self.nested, "prefixed": self.prefixed, "archive": self.archive}
+
+
+_CACHE: dict[str, Checkpoints] = {}
+
+
+def tiny_checkpoints(tmp_path_factory) -> Checkpoints:
+    """Built once per test session (shared by the parity, loading and convert tests)."""
+    if "tiny" not in _CACHE:
+        directory = tmp_path_factory.mktemp("tiny_clip")
+        state_dict = random_openai_state_dict(seed=0)
+        torch.save(state_dict, directory / "plain.pt")
+        torch.save({"state_dict": state_dict, "epoch": 3}, directory / "nested.pt")
+        torch.save({f"module.{key}": value for key, value in state_dict.items()}, directory / "prefixed.pt")
+        _CACHE["tiny"] = Checkpoints(
+            directory=directory,
+            state_dict=state_dict,
+            config=write_config(directory / "tiny.json"),
+            plain=directory / "plain.pt",
+            nested=directory / "nested.pt",
+            prefixed=directory / "prefixed.pt",
+            archive=save_torchscript_archive(state_dict, directory / "archive.pt"),
+        )
+    return _CACHE["tiny"]
+
+
+def sample_images(size: int, count: int = 2, seed: int = 1) -> torch.Tensor:
+    """Zero-mean images (as after CLIP's normalisation), so the embeddings depend strongly on them."""
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))

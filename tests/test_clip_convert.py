@@ -1,0 +1,140 @@
+"""`python -m CLIP.convert`: OpenAI TorchScript archive -> plain state dict, sha256 check for OpenAI's
+file names, atomic write, no overwrite without --force, one-line errors."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip_helpers as helpers
+from CLIP import create_model, tokenize
+from CLIP.convert import main
+from CLIP.loading import OPENAI_METADATA_KEYS, read_state_dict, sha256_of
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from helpers.one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> helpers.Checkpoints:
+    return helpers.tiny_checkpoints(tmp_path_factory)
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.endswith(".tmp"))
+
+
+def test_convert_archive(checkpoints, tmp_path, capsys):
+    output = tmp_path / "out" / "tiny_state_dict.pt"  # the folder is created
+    assert main([str(checkpoints.archive), str(output)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    state_dict = torch.load(output, map_location="cpu", weights_only=True)
+    assert type(state_dict) is dict and set(state_dict) == set(checkpoints.state_dict)
+    assert not set(OPENAI_METADATA_KEYS) & set(state_dict)
+    for key, value in state_dict.items():  # original dtype, same values
+        assert value.dtype == torch.float16 and torch.equal(value, checkpoints.state_dict[key].half()), key
+    assert f"wrote {len(checkpoints.state_dict)} tensors" in captured.out
+    assert str(output) in captured.out and sha256_of(output) in captured.out
+    assert "vision width 128, 4 blocks, patch 14" in captured.out and "trained at 56 px" in captured.out
+    assert "registered config" not in captured.out
+    assert _leftovers(output.parent) == []
+
+    images, tokens = helpers.sample_images(helpers.TRAIN_SIZE), tokenize(helpers.PROMPTS)
+    direct = create_model(checkpoints.config, helpers.TRAIN_SIZE, pretrained=checkpoints.archive)
+    converted = create_model(checkpoints.config, helpers.TRAIN_SIZE, pretrained=output)
+    with torch.no_grad():
+        assert torch.equal(direct.encode_image(images), converted.encode_image(images))
+        assert torch.equal(direct.encode_text(tokens), converted.encode_text(tokens))
+
+
+def test_convert_golden_archive_equals_its_state_dict(golden_dir, tmp_path, capsys):
+    output = tmp_path / "golden.pt"
+    assert main([str(golden_dir / "clip_jit.pt"), str(output)]) == 0
+    converted = torch.load(output, weights_only=True)
+    expected = read_state_dict(golden_dir / "clip_state_dict.pt")
+    assert set(converted) == set(expected)
+    assert all(converted[key].dtype == expected[key].dtype and torch.equal(converted[key], expected[key]) for key in expected)
+    assert "trained at 112 px" in capsys.readouterr().out
+
+
+def test_convert_plain_forms_too(checkpoints, tmp_path, capsys):
+    """Any accepted form converts (e.g. a `module.`-prefixed fp32 dict becomes a clean one)."""
+    output = tmp_path / "clean.pt"
+    assert main([str(checkpoints.prefixed), str(output)]) == 0
+    converted = torch.load(output, weights_only=True)
+    assert set(converted) == set(checkpoints.state_dict)
+    assert all(torch.equal(converted[key], value) for key, value in checkpoints.state_dict.items())
+
+
+def test_sha256_mismatch_writes_nothing(checkpoints, tmp_path, capsys):
+    fake = tmp_path / "in" / "ViT-B-32.pt"  # OpenAI's file name for ViT-B-32, but not OpenAI's file
+    fake.parent.mkdir()
+    shutil.copy(checkpoints.archive, fake)
+    output = tmp_path / "out" / "ViT-B-32.state_dict.pt"
+    assert main([str(fake), str(output)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sha256 mismatch")
+    assert str(fake) in lines[0] and sha256_of(fake) in lines[0]
+    assert not output.exists() and (not output.parent.exists() or _leftovers(output.parent) == [])
+
+
+def test_missing_input(tmp_path, capsys):
+    missing = tmp_path / "ViT-L-14-336px.pt"
+    assert main([str(missing), str(tmp_path / "out.pt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: ") and str(missing) in captured.err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_unreadable_input(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint\n")
+    assert main([str(junk), str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(junk) in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["junk.pt"]
+
+
+def test_no_overwrite_without_force(checkpoints, tmp_path, capsys):
+    output = tmp_path / "existing.pt"
+    output.write_bytes(b"keep me")
+    assert main([str(checkpoints.archive), str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err and str(output) in err
+    assert output.read_bytes() == b"keep me"
+    assert main([str(checkpoints.archive), str(output), "--force"]) == 0
+    assert set(torch.load(output, weights_only=True)) == set(checkpoints.state_dict)
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_is_a_folder(checkpoints, tmp_path, capsys):
+    assert main([str(checkpoints.archive), str(tmp_path), "--force"]) == 2
+    assert "folder" in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_one_line(tmp_path):
+    """`python -m CLIP.convert` with a missing input: exit 2, one line on stderr, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "CLIP.convert", str(tmp_path / "absent.pt"), str(tmp_path / "out.pt")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
