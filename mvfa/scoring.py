@@ -100,6 +100,8 @@ def few_shot_map(
 def min_max(values: torch.Tensor) -> torch.Tensor:
     """(v - min) / (max - min) over the whole tensor (the release's global normalisation)."""
     low, high = values.min(), values.max()
+    if high == low:  # a constant input carries no ranking; avoid 0 / 0
+        return torch.zeros_like(values)
     return (values - low) / (high - low)
 
 

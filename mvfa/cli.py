@@ -1,0 +1,149 @@
+"""The four scripts' command lines: the release's flags (names, meanings, defaults) plus new ones.
+
+`main_train_few(argv)`, `main_test_few(argv)`, `main_train_zero(argv)`, `main_test_zero(argv)` return
+an exit code; bad input prints one line `error: ...` on stderr and returns 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from CLIP.errors import CLIPError
+from dataset.errors import DatasetError
+
+from .engine import DEFAULT_SEED_DIR, PRECISIONS, SELECTIONS, RunConfig, run
+from .errors import MVFAError
+from .losses import DET_LOSS_FORMS
+
+USER_ERRORS = (CLIPError, DatasetError, MVFAError)
+RELEASE_DEFAULTS = {
+    "few-shot": {"obj": "Brain", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
+    "zero-shot": {"obj": "Liver", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
+}
+
+
+def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
+    defaults = RELEASE_DEFAULTS[mode]
+    script = ("train" if train else "test") + ("_few" if mode == "few-shot" else "_zero") + ".py"
+    parser = argparse.ArgumentParser(
+        prog=script,
+        description=f"MVFA {mode} {'training' if train else 'testing'} (flags of the release, plus new ones).",
+    )
+    release = parser.add_argument_group("the release's flags")
+    release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
+    release.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
+    release.add_argument("--img_size", type=int, default=240)
+    release.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24], help="adapter stages (1-indexed blocks)")
+    release.add_argument("--seed", type=int, default=111)
+    release.add_argument("--batch_size", type=int, default=1, help="training batch size (the release: 1)")
+    release.add_argument("--save_path", default=defaults["save_path"], help="adapter checkpoints folder")
+    release.add_argument("--save_model", type=int, default=1, help="1: save the selected adapters (training)")
+    release.add_argument("--model_name", default="ViT-L-14-336", help="registered config name or a JSON config path")
+    release.add_argument("--pretrain", default="openai", help="openai: load --clip_ckpt; none: random CLIP weights")
+    release.add_argument("--epoch", type=int, default=50)
+    release.add_argument("--learning_rate", type=float, default=defaults["learning_rate"])
+    if mode == "few-shot":
+        release.add_argument("--shot", type=int, default=4, help="k abnormal and k normal support images")
+        release.add_argument("--iterate", type=int, default=0, help="seed-file line; -1: a random draw from --seed")
+
+    added = parser.add_argument_group("added flags")
+    added.add_argument("--clip_ckpt", default=None, help="CLIP weights (default: CLIP/ckpt/<OpenAI file of --model_name>)")
+    added.add_argument("--output_dir", default=None, help="where metrics.json, predictions.csv and logs go")
+    added.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    added.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast on CUDA (default fp16 there, fp32 on CPU)")
+    added.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
+    added.add_argument("--eval_batch_size", type=int, default=8)
+    added.add_argument("--select", choices=SELECTIONS, default="test",
+                       help="model selection: test (the release; uses test labels), valid (held-out), last")
+    added.add_argument("--prompt_name", default=None, help="object word for the prompts of a dataset not in the registry")
+    added.add_argument("--quick_gelu", action="store_true", default=None, help="OpenAI's QuickGELU (the release ran exact GELU)")
+    added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
+    if mode == "few-shot":
+        added.add_argument("--fewshot_seed_dir", action="append", default=None,
+                           help=f"folder of <obj>/<k>-shot.txt support lists (default {DEFAULT_SEED_DIR}); repeatable")
+    if not train:
+        added.add_argument("--checkpoint", default=None, help="adapter checkpoint to test (default: found in --save_path)")
+    return parser
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise MVFAError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MVFAError(f"--device {requested} was asked for, but no CUDA device is available: use --device cpu")
+    return device
+
+
+def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunConfig:
+    device = resolve_device(args.device)
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    shot = getattr(args, "shot", 0)
+    iterate = getattr(args, "iterate", -1)
+    config = RunConfig(
+        mode=mode,
+        train=train,
+        obj=args.obj,
+        data_path=Path(args.data_path),
+        save_path=Path(args.save_path),
+        output_dir=Path("."),  # set below, once the run tag is known
+        model_name=args.model_name,
+        clip_ckpt=Path(args.clip_ckpt) if args.clip_ckpt else None,
+        pretrain=args.pretrain,
+        img_size=args.img_size,
+        features_list=tuple(args.features_list),
+        shot=shot,
+        iterate=iterate,
+        seed=args.seed,
+        epoch=args.epoch,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        save_model=bool(args.save_model),
+        select=args.select,
+        prompt_name=args.prompt_name,
+        device=str(device),
+        precision=precision,
+        num_workers=args.num_workers,
+        quick_gelu=args.quick_gelu,
+        det_loss=args.det_loss,
+    )
+    if mode == "few-shot":
+        config.fewshot_seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))
+    if not train and args.checkpoint:
+        config.checkpoint = Path(args.checkpoint)
+    stage = "train" if train else "test"
+    config.output_dir = Path(args.output_dir) if args.output_dir else Path("results") / mode / args.obj / f"{stage}-{config.run_tag()}"
+    return config
+
+
+def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
+    args = build_parser(mode, train).parse_args(argv)
+    try:
+        run(config_from_args(args, mode, train))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_train_few(argv: list[str] | None = None) -> int:
+    return main("few-shot", True, argv)
+
+
+def main_test_few(argv: list[str] | None = None) -> int:
+    return main("few-shot", False, argv)
+
+
+def main_train_zero(argv: list[str] | None = None) -> int:
+    return main("zero-shot", True, argv)
+
+
+def main_test_zero(argv: list[str] | None = None) -> int:
+    return main("zero-shot", False, argv)

@@ -1,0 +1,526 @@
+"""The engine: one training loop and one evaluation path for few-shot and zero-shot runs.
+
+`run(config)` serves all four scripts: it builds the model, prepares the data of the mode
+(few-shot: the augmented k-shot support; zero-shot: the other datasets' test splits), trains with
+model selection (`--select test|valid|last`) or loads adapters, evaluates, and writes the results.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from CLIP import create_model
+from CLIP.clip import OPENAI
+from CLIP.config import load_config
+from dataset.errors import DatasetError
+from dataset.medical import (
+    ImageSet,
+    MedicalDataset,
+    Sample,
+    find_datasets,
+    open_dataset,
+    select_support,
+    source_datasets_for_zero_shot,
+    write_seed_file,
+)
+
+from .augment import augment
+from .errors import MVFAError
+from .evaluation import (
+    EvalResult,
+    MemoryBank,
+    TensorSet,
+    autocast_for,
+    build_memory_bank,
+    check_two_classes,
+    evaluate,
+    progress,
+)
+from .model import AdaptedViT, read_checkpoint, save_checkpoint
+from .prompts import object_word
+from .text import TextFeatureBank
+from .training import make_optimizers, train_step
+
+MODES = ("few-shot", "zero-shot")
+SELECTIONS = ("test", "valid", "last")
+PRECISIONS = ("fp32", "fp16", "bf16")
+ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release evaluates the target 5 times per zero-shot epoch
+DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
+TEST_LABEL_WARNING = (
+    "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
+    "produce the paper's tables; it uses test labels (use --select valid for a sound estimate)"
+)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the scripts fill it from their flags."""
+
+    mode: str  # "few-shot" or "zero-shot"
+    train: bool
+    obj: str
+    data_path: Path
+    save_path: Path
+    output_dir: Path
+    model_name: str = "ViT-L-14-336"
+    clip_ckpt: Path | None = None
+    pretrain: str = OPENAI
+    img_size: int = 240
+    features_list: tuple[int, ...] = (6, 12, 18, 24)
+    shot: int = 4
+    iterate: int = 0
+    seed: int = 111
+    epoch: int = 50
+    learning_rate: float = 1e-3
+    batch_size: int = 1
+    eval_batch_size: int = 8
+    save_model: bool = True
+    select: str = "test"
+    prompt_name: str | None = None
+    fewshot_seed_dirs: tuple[Path, ...] = (DEFAULT_SEED_DIR,)
+    device: str = "cpu"
+    precision: str = "fp32"
+    num_workers: int = 0
+    quick_gelu: bool | None = None
+    det_loss: str = "release"
+    checkpoint: Path | None = None  # test scripts: an explicit adapter checkpoint
+    extra: dict = field(default_factory=dict)
+
+    def run_tag(self) -> str:
+        if self.mode == "few-shot":
+            return f"{self.shot}shot-it{self.iterate}-seed{self.seed}"
+        return f"zero-seed{self.seed}"
+
+    def checkpoint_name(self) -> str:
+        return f"{self.obj}-{self.run_tag()}.pth"
+
+
+@dataclass
+class RunResult:
+    metrics: dict
+    checkpoint: Path | None
+    output_dir: Path
+    evaluation: EvalResult
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(config: RunConfig, device: torch.device) -> tuple[AdaptedViT, TextFeatureBank]:
+    """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP."""
+    pretrained = None
+    if config.pretrain == OPENAI:
+        pretrained = config.clip_ckpt if config.clip_ckpt is not None else OPENAI
+    elif config.pretrain != "none":
+        raise MVFAError(f"--pretrain {config.pretrain!r} is not known: choose openai (with --clip_ckpt) or none")
+    clip_model = create_model(
+        config.model_name, config.img_size, pretrained=pretrained, device=device, quick_gelu=config.quick_gelu
+    )
+    model = AdaptedViT(clip_model, list(config.features_list)).to(device)
+    return model, TextFeatureBank(clip_model)
+
+
+def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -> dict:
+    """Plain data stored beside the adapters, so the checkpoint says what it was trained for."""
+    return {
+        "format": "mvfa-adapters/1",
+        "mode": config.mode,
+        "obj": config.obj,
+        "object_word": word,
+        "has_masks": dataset.has_masks,
+        "model_name": str(config.model_name),
+        "img_size": config.img_size,
+        "features_list": list(config.features_list),
+        "quick_gelu": bool(load_config(config.model_name).with_quick_gelu(config.quick_gelu).quick_gelu),
+        "shot": config.shot if config.mode == "few-shot" else 0,
+        "iterate": config.iterate if config.mode == "few-shot" else -1,
+        "seed": config.seed,
+        "select": config.select,
+    }
+
+
+def find_checkpoint(config: RunConfig) -> Path:
+    """The adapters a test script reads: --checkpoint, else <save_path>/<our name>, else <save_path>/<obj>.pth."""
+    if config.checkpoint is not None:
+        if not config.checkpoint.is_file():
+            raise MVFAError(f"adapter checkpoint not found: {config.checkpoint} (from --checkpoint)")
+        return config.checkpoint
+    candidates = [config.save_path / config.checkpoint_name(), config.save_path / f"{config.obj}.pth"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise MVFAError(
+        f"no adapter checkpoint for {config.obj} in {config.save_path}: looked for "
+        f"{' and '.join(c.name for c in candidates)}; train first or pass --save_path"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Data of a run
+
+
+class TaggedImages(Dataset):
+    """An ImageSet whose items also carry the index of their source dataset (zero-shot training)."""
+
+    def __init__(self, samples: list[Sample], img_size: int, source: int) -> None:
+        self.images = ImageSet(samples, img_size)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.images[index], "source": self.source}
+
+
+@dataclass
+class FewShotData:
+    support_images: torch.Tensor  # augmented abnormal then augmented normal
+    support_masks: torch.Tensor
+    support_labels: torch.Tensor
+    normal_images: torch.Tensor  # augmented normal (the memory bank's images)
+    support_samples: list[Sample]
+
+
+def prepare_few_shot(config: RunConfig, dataset: MedicalDataset) -> tuple[FewShotData, object]:
+    support = select_support(dataset, config.shot, config.iterate, config.seed, list(config.fewshot_seed_dirs))
+    abnormal = TensorSet.load(support.abnormal, config.img_size, desc="support")
+    normal = TensorSet.load(support.normal, config.img_size, desc="support")
+    to_float = lambda images: images.float() / 255  # noqa: E731 - uint8 k/255 back to ToTensor's floats
+    abnormal_masks = abnormal.masks[:, None].float() if dataset.has_masks else None
+    aug_abnormal, aug_abnormal_masks = augment(to_float(abnormal.images), abnormal_masks)
+    aug_normal, aug_normal_masks = augment(to_float(normal.images))
+    data = FewShotData(
+        support_images=torch.cat([aug_abnormal, aug_normal]),
+        support_masks=torch.cat([aug_abnormal_masks, aug_normal_masks]),
+        support_labels=torch.cat([torch.ones(len(aug_abnormal)), torch.zeros(len(aug_normal))]),
+        normal_images=aug_normal,
+        support_samples=[*support.abnormal, *support.normal],
+    )
+    return data, support
+
+
+def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[Sample]) -> list[Sample]:
+    """--select valid for few-shot: the valid images that are not support images."""
+    used = {s.path for s in exclude}
+    samples = [s for s in dataset.samples("valid") if s.path not in used]
+    labels = {s.label for s in samples}
+    if labels != {0, 1}:
+        raise MVFAError(
+            f"--select valid needs normal and abnormal valid images of {dataset.name} besides the "
+            f"{config.shot}-shot support; {len(samples)} remain ({'none' if not labels else 'one class'}): "
+            "use --select last or a smaller --shot"
+        )
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def predictions_csv(result: EvalResult, data_root: Path) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "score"])
+    for path, label, score in zip(result.paths, result.labels, result.image_scores):
+        try:
+            shown = Path(path).resolve().relative_to(data_root.resolve())
+        except ValueError:
+            shown = Path(path)
+        writer.writerow([shown.as_posix(), int(label), f"{float(score):.8f}"])
+    return buffer.getvalue()
+
+
+def json_ready(config: RunConfig) -> dict:
+    raw = asdict(config)
+    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "fewshot_seed_dirs" else v) for k, v in raw.items()}
+
+
+def print_release_lines(obj: str, metrics: dict) -> None:
+    print(f"{obj} AUC : {round(metrics['image_auroc'], 4)}")
+    if "pixel_auroc" in metrics:
+        print(f"{obj} pAUC : {round(metrics['pixel_auroc'], 4)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config: RunConfig) -> RunResult:
+    """Train (with selection) or test, per config.mode and config.train; write the run's files."""
+    if config.mode not in MODES:
+        raise MVFAError(f"unknown mode {config.mode!r}: choose one of {', '.join(MODES)}")
+    if config.select not in SELECTIONS:
+        raise MVFAError(f"--select {config.select!r} is not known: choose one of {', '.join(SELECTIONS)}")
+    if config.precision not in PRECISIONS:
+        raise MVFAError(f"--precision {config.precision!r} is not known: choose one of {', '.join(PRECISIONS)}")
+    if config.batch_size < 1 or config.epoch < 0:
+        raise MVFAError(f"--batch_size must be >= 1 and --epoch >= 0 (got {config.batch_size}, {config.epoch})")
+    device = torch.device(config.device)
+    seed_everything(config.seed)
+    started = time.time()
+
+    if config.mode == "zero-shot" and config.train:
+        sources = source_datasets_for_zero_shot(config.data_path, config.obj)
+    target = open_dataset(config.data_path, config.obj)
+    try:
+        word = object_word(target.name, config.prompt_name)
+    except KeyError as err:
+        raise MVFAError(str(err.args[0])) from None
+
+    test_samples = target.samples("test")
+    check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
+    model, text_bank = build_model(config, device)
+    text_features = text_bank(word)
+    test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+
+    few_shot = None
+    if config.mode == "few-shot":
+        few_shot, support = prepare_few_shot(config, target)
+        print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
+        if config.iterate >= 0:
+            write_seed_file(config.output_dir / f"{config.shot}-shot.txt", support, config.iterate)
+
+    def memory_bank() -> MemoryBank | None:
+        if few_shot is None:
+            return None
+        return build_memory_bank(model, few_shot.normal_images, config.eval_batch_size, config.precision)
+
+    def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating") -> EvalResult:
+        return evaluate(
+            model, data, features, has_masks, memory_bank(), config.eval_batch_size, config.precision, full, desc=desc
+        )
+
+    checkpoint_path = None
+    log_rows: list[dict] = []
+    if config.train:
+        if config.select == "test":
+            print(TEST_LABEL_WARNING)
+        if config.mode == "few-shot":
+            selector = _few_shot_selector(config, target, few_shot, test_set, text_features, score)
+            batches = _few_shot_batches(config, few_shot, text_features, target.has_masks)
+        else:
+            selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score)
+            batches = _zero_shot_batches(config, sources, text_bank)
+        best_state = _train(config, model, batches, selector, log_rows, device)
+        model.load_adapter_state(best_state["adapters"])
+        if config.save_model:
+            checkpoint_path = config.save_path / config.checkpoint_name()
+            state = model.adapter_state()
+            state["meta"] = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
+            save_checkpoint(state, checkpoint_path)
+            print(f"saved adapters to {checkpoint_path}")
+    else:
+        checkpoint_path = find_checkpoint(config)
+        model.load_adapter_state(read_checkpoint(checkpoint_path), source=str(checkpoint_path))
+        print(f"loaded adapters from {checkpoint_path}")
+
+    result = score(test_set, text_features, target.has_masks, full=True, desc=f"{target.name} test")
+    metrics = {**result.metrics, "seconds": round(time.time() - started, 2)}
+    print_release_lines(config.obj, metrics)
+    payload = {
+        "obj": config.obj,
+        "mode": config.mode,
+        "script": ("train" if config.train else "test") + ("_few" if config.mode == "few-shot" else "_zero"),
+        "metrics": metrics,
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "config": json_ready(config),
+    }
+    write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
+    if log_rows:
+        write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))
+    write_atomic(config.output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    return RunResult(metrics, checkpoint_path, config.output_dir, result)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training internals
+
+
+def _log_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _train(config: RunConfig, model: AdaptedViT, batches, selector, log_rows: list[dict], device: torch.device) -> dict:
+    """The loop: epochs of batches; `selector(epoch, fraction)` scores the current adapters when due."""
+    optimizers = make_optimizers(model, config.learning_rate)
+    best = {"score": -float("inf"), "epoch": 0, "adapters": model.adapter_state()}
+    for epoch in range(1, config.epoch + 1):
+        losses = []
+        epoch_batches = batches(epoch)
+        total = len(epoch_batches)
+        checkpoints = selector.due(total)
+        bar = progress(epoch_batches, f"epoch {epoch}/{config.epoch}")
+        for step, (images, masks, labels, features, has_masks) in enumerate(bar, start=1):
+            with autocast_for(device, config.precision):
+                parts = train_step(
+                    model, optimizers, images.to(device), masks.to(device), labels.to(device),
+                    features.to(device), has_masks.to(device), config.det_loss,
+                )
+            losses.append(parts.total.item())
+            if step in checkpoints:
+                value, detail = selector.score()
+                row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), **detail}
+                log_rows.append(row)
+                if value is not None and value > best["score"]:
+                    best = {"score": value, "epoch": epoch, "adapters": model.adapter_state()}
+        summary = f"epoch {epoch}/{config.epoch}: loss {np.mean(losses) if losses else float('nan'):.4f}"
+        if log_rows and log_rows[-1]["epoch"] == epoch:
+            summary += "".join(f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss"))
+        print(summary, flush=True)
+    if config.select == "last" or config.epoch == 0:
+        best = {"score": None, "epoch": config.epoch, "adapters": model.adapter_state()}
+    else:
+        print(f"selected epoch {best['epoch']} ({config.select} {best['score']:.4f})")
+    return best
+
+
+class _Selector:
+    """When (which steps of an epoch) and how the current adapters are scored for model selection."""
+
+    def __init__(self, config: RunConfig, evals_per_epoch: int, scorer) -> None:
+        self.evals_per_epoch = evals_per_epoch if config.select != "last" else 0
+        self.scorer = scorer
+
+    def due(self, steps: int) -> set[int]:
+        if self.evals_per_epoch == 0 or steps == 0:
+            return set()
+        return {max(1, (steps * (i + 1)) // self.evals_per_epoch) for i in range(self.evals_per_epoch)}
+
+    def score(self) -> tuple[float | None, dict]:
+        return self.scorer()
+
+
+def _few_shot_selector(config, target, few_shot, test_set, text_features, score) -> _Selector:
+    if config.select == "valid":
+        valid = TensorSet.load(
+            selection_samples(config, target, few_shot.support_samples), config.img_size, config.num_workers, desc="valid"
+        )
+    data = test_set if config.select == "test" else valid if config.select == "valid" else None
+
+    def scorer():
+        result = score(data, text_features, target.has_masks, desc=f"{config.select} eval")
+        return result.selection_score, {f"{config.select}_{k}": v for k, v in result.metrics.items()}
+
+    return _Selector(config, 1, scorer)
+
+
+def _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score) -> _Selector:
+    valid_sets = []
+    if config.select == "valid":
+        for source in sources:
+            samples = source.samples("valid")
+            if {s.label for s in samples} == {0, 1}:
+                data = TensorSet.load(samples, config.img_size, config.num_workers, desc=f"{source.name} valid")
+                valid_sets.append((source, data, text_bank(_source_word(config, source))))
+        if not valid_sets:
+            raise MVFAError("--select valid needs a source dataset whose valid split has both classes")
+
+    def scorer():
+        if config.select == "test":
+            result = score(test_set, text_features, target.has_masks, desc=f"{target.name} test eval")
+            return result.selection_score, {f"test_{k}": v for k, v in result.metrics.items()}
+        values, detail = [], {}
+        for source, data, features in valid_sets:
+            result = score(data, features, source.has_masks, desc=f"{source.name} valid eval")
+            values.append(result.selection_score)
+            detail[f"valid_{source.name}"] = result.selection_score
+        return float(np.mean(values)), detail
+
+    return _Selector(config, ZERO_SHOT_EVALS_PER_EPOCH, scorer)
+
+
+def _source_word(config: RunConfig, source: MedicalDataset) -> str:
+    """The object word of a zero-shot source dataset (only registered names can be sources)."""
+    try:
+        return object_word(source.name, None)
+    except KeyError:
+        raise MVFAError(
+            f"zero-shot training uses {source.name} from {config.data_path}, which has no registered object "
+            "word: remove it from --data_path or add it to mvfa.prompts.REAL_NAME"
+        ) from None
+
+
+def _few_shot_batches(config: RunConfig, few_shot: FewShotData, text_features: torch.Tensor, has_masks: bool):
+    """Each epoch: the augmented support (abnormal label 1, normal label 0), shuffled, in batches."""
+    generator = torch.Generator().manual_seed(config.seed)
+    count = len(few_shot.support_labels)
+    mask_flags = torch.full((count,), has_masks, dtype=torch.bool)
+
+    def batches(epoch: int) -> list:
+        order = torch.randperm(count, generator=generator)
+        out = []
+        for start in range(0, count, config.batch_size):
+            index = order[start : start + config.batch_size]
+            out.append(
+                (few_shot.support_images[index], few_shot.support_masks[index], few_shot.support_labels[index],
+                 text_features, mask_flags[index])
+            )
+        return out
+
+    return batches
+
+
+def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_bank: TextFeatureBank):
+    """Each epoch: the source datasets' test splits, shuffled; each image with its own dataset's text."""
+    features, flags, parts = [], [], []
+    for index, source in enumerate(sources):
+        features.append(text_bank(_source_word(config, source)))
+        flags.append(source.has_masks)
+        parts.append(TaggedImages(source.samples("test"), config.img_size, index))
+    all_features = torch.stack(features)
+    all_flags = torch.tensor(flags)
+    generator = torch.Generator().manual_seed(config.seed)
+    dataset = ConcatDataset(parts)
+
+    class EpochBatches:
+        def __init__(self) -> None:
+            self.loader = DataLoader(
+                dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers
+            )
+
+        def __len__(self) -> int:
+            return len(self.loader)
+
+        def __iter__(self):
+            for batch in self.loader:
+                source = batch["source"]
+                yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source])
+
+    return lambda epoch: EpochBatches()

@@ -1,0 +1,247 @@
+"""The four scripts end to end on a tiny random CLIP and small synthetic data, and every bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dataset.synthetic import generate_benchmark
+from mvfa import cli
+from tests.scripts_helpers import TINY_SIZE, tiny_argv, write_tiny_clip
+
+N_VALID, N_TEST = (6, 6), (5, 5)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    generate_benchmark(root / "data", seed=1, image_size=64, n_valid=N_VALID, n_test=N_TEST)
+    return {"root": root, "data": root / "data", "clip": write_tiny_clip(root / "tiny.pt")}
+
+
+def run_script(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_train_few_then_test_few(bench, tmp_path, capsys):
+    save, out = tmp_path / "ckpt", tmp_path / "train"
+    argv = tiny_argv(bench["data"], bench["clip"], save, out, "Brain", "--shot", "2", "--epoch", "2")
+    code, printed, _ = run_script(cli.main_train_few, argv, capsys)
+    assert code == 0
+    assert "uses test labels" in printed  # --select test (the default) says so
+    checkpoint = save / "Brain-2shot-it0-seed111.pth"
+    assert checkpoint.is_file() and [p.name for p in save.iterdir()] == [checkpoint.name]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["meta"]["img_size"] == TINY_SIZE and state["meta"]["features_list"] == [2, 4, 6, 8]
+    assert state["meta"]["object_word"] == "Brain" and state["meta"]["shot"] == 2
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"):
+        assert 0.0 <= metrics["metrics"][key] <= 1.0
+    assert metrics["config"]["shot"] == 2 and metrics["script"] == "train_few"
+    predictions = read_csv(out / "predictions.csv")
+    assert len(predictions) == sum(N_TEST) and predictions[0]["path"].startswith("Brain_AD/test/good/img/")
+    log = read_csv(out / "train_log.csv")
+    assert [int(row["epoch"]) for row in log] == [1, 2] and "test_pixel_auroc" in log[0]
+    support = (out / "2-shot.txt").read_text().splitlines()
+    assert support[0].startswith("a-0: ") and support[1].startswith("n-0: ") and len(support[0].split()) == 3
+    assert f"Brain AUC : {round(metrics['metrics']['image_auroc'], 4)}" in printed
+
+    # test_few finds the checkpoint by its name and reproduces the selected epoch's numbers.
+    test_out = tmp_path / "test"
+    code, printed, _ = run_script(cli.main_test_few, tiny_argv(bench["data"], bench["clip"], save, test_out, "Brain", "--shot", "2"), capsys)
+    assert code == 0 and f"loaded adapters from {checkpoint}" in printed
+    tested = json.loads((test_out / "metrics.json").read_text())["metrics"]
+    assert tested["image_auroc"] == metrics["metrics"]["image_auroc"]
+    assert tested["pixel_auroc"] == pytest.approx(metrics["metrics"]["pixel_auroc"], abs=1e-12)
+    assert read_csv(test_out / "predictions.csv") == predictions
+
+    # The release's file name <obj>.pth is found too, and --seed 5 with a fresh draw writes its own name.
+    shutil.copy(checkpoint, save / "Brain.pth")
+    checkpoint.unlink()
+    code, printed, _ = run_script(cli.main_test_few, tiny_argv(bench["data"], bench["clip"], save, test_out, "Brain", "--shot", "2"), capsys)
+    assert code == 0 and "Brain.pth" in printed
+
+
+def test_no_mask_dataset_select_valid_and_last(bench, tmp_path, capsys):
+    for select in ("valid", "last"):
+        out = tmp_path / select
+        argv = tiny_argv(bench["data"], bench["clip"], tmp_path / "ckpt", out, "Chest", "--shot", "2", "--epoch", "1",
+                         "--select", select, "--batch_size", "4")
+        code, printed, _ = run_script(cli.main_train_few, argv, capsys)
+        assert code == 0 and "uses test labels" not in printed
+        assert "Chest AUC : " in printed and "pAUC" not in printed
+        metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+        assert "pixel_auroc" not in metrics
+        if select == "valid":
+            assert "valid_image_auroc" in read_csv(out / "train_log.csv")[0]
+        else:
+            assert not (out / "train_log.csv").exists()
+
+
+def test_train_zero_then_test_zero(bench, tmp_path, capsys):
+    save, out = tmp_path / "ckpt", tmp_path / "train"
+    argv = tiny_argv(bench["data"], bench["clip"], save, out, "Liver", "--epoch", "1", "--batch_size", "8")
+    code, printed, _ = run_script(cli.main_train_zero, argv, capsys)
+    assert code == 0 and (save / "Liver-zero-seed111.pth").is_file()
+    assert len(read_csv(out / "train_log.csv")) == 5  # the release evaluates 5 times per epoch
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert "pixel_auroc" in metrics and "Liver pAUC : " in printed
+
+    # test_zero needs only the target's own data.
+    alone = tmp_path / "alone"
+    shutil.copytree(bench["data"] / "Liver_AD", alone / "Liver_AD")
+    code, printed, _ = run_script(cli.main_test_zero, tiny_argv(alone, bench["clip"], save, tmp_path / "test", "Liver"), capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["metrics"]["image_auroc"] == metrics["image_auroc"]
+
+
+def test_own_dataset_needs_prompt_name(bench, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(bench["data"] / "Brain_AD", data / "Knee_AD")
+    argv = tiny_argv(data, bench["clip"], tmp_path / "ckpt", tmp_path / "out", "Knee", "--shot", "1", "--epoch", "0")
+    code, _, err = run_script(cli.main_train_few, argv, capsys)
+    assert code == 2 and "--prompt_name" in err
+    code, printed, _ = run_script(cli.main_train_few, argv + ["--prompt_name", "knee MRI"], capsys)
+    assert code == 0 and "Knee AUC : " in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr naming the path or flag, exit code 2, no results written.
+
+
+def copy_brain(bench, tmp_path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(bench["data"] / "Brain_AD", data / "Brain_AD")
+    return data
+
+
+def first_file(folder: Path) -> Path:
+    return sorted(folder.iterdir())[0]
+
+
+def break_missing_split(data: Path) -> str:
+    shutil.rmtree(data / "Brain_AD" / "test")
+    return "Brain_AD/test"
+
+
+def break_empty_split(data: Path) -> str:
+    for folder in ("good", "Ungood"):
+        for path in (data / "Brain_AD" / "test" / folder / "img").iterdir():
+            path.unlink()
+    shutil.rmtree(data / "Brain_AD" / "test" / "Ungood" / "anomaly_mask")
+    (data / "Brain_AD" / "test" / "Ungood" / "anomaly_mask").mkdir()
+    return "Brain_AD/test"
+
+
+def break_truncated_image(data: Path) -> str:
+    image = first_file(data / "Brain_AD" / "test" / "good" / "img")
+    image.write_bytes(image.read_bytes()[:100])
+    return image.name
+
+
+def break_mask_size(data: Path) -> str:
+    mask = first_file(data / "Brain_AD" / "test" / "Ungood" / "anomaly_mask")
+    Image.new("L", (32, 32)).save(mask)
+    return mask.name
+
+
+def break_missing_mask(data: Path) -> str:
+    mask = first_file(data / "Brain_AD" / "test" / "Ungood" / "anomaly_mask")
+    mask.unlink()
+    return mask.name
+
+
+def break_one_class(data: Path) -> str:
+    shutil.rmtree(data / "Brain_AD" / "test" / "Ungood")
+    (data / "Brain_AD" / "test" / "Ungood" / "img").mkdir(parents=True)
+    (data / "Brain_AD" / "test" / "Ungood" / "anomaly_mask").mkdir()
+    return "only normal"
+
+
+def break_seed_file(data: Path) -> str:
+    seeds = data.parent / "seeds" / "Brain"
+    seeds.mkdir(parents=True)
+    (seeds / "2-shot.txt").write_text("a-0: nope.png also.png\nn-0: x.png y.png\n")
+    return "nope.png"
+
+
+BREAKS = {
+    "missing split": (break_missing_split, []),
+    "empty split": (break_empty_split, []),
+    "truncated image": (break_truncated_image, []),
+    "mask size": (break_mask_size, []),
+    "missing mask": (break_missing_mask, []),
+    "one class": (break_one_class, []),
+    "seed file names absent images": (break_seed_file, ["SEEDS"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKS))
+def test_bad_data_gives_one_line(bench, tmp_path, capsys, case):
+    data = copy_brain(bench, tmp_path)
+    breaker, extra = BREAKS[case]
+    expected = breaker(data)
+    extra = ["--fewshot_seed_dir", str(tmp_path / "seeds")] if extra == ["SEEDS"] else []
+    out = tmp_path / "out"
+    argv = tiny_argv(data, bench["clip"], tmp_path / "ckpt", out, "Brain", "--shot", "2", "--epoch", "1", *extra)
+    code, _, err = run_script(cli.main_train_few, argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err
+    assert not (out / "metrics.json").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--data_path", "/nonexistent/data"], "/nonexistent/data"),
+        (["--obj", "Spleen"], "Spleen_AD"),
+        (["--shot", "50"], "--shot"),
+        (["--model_name", "ViT-Huge-99"], "ViT-L-14-336"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--select", "valid", "--shot", "6"], "--select valid"),
+    ],
+)
+def test_bad_flags_give_one_line(bench, tmp_path, capsys, flags, expected):
+    argv = tiny_argv(bench["data"], bench["clip"], tmp_path / "ckpt", tmp_path / "out", "Brain", "--shot", "2", "--epoch", "1")
+    code, _, err = run_script(cli.main_train_few, argv + flags, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_missing_clip_checkpoint_says_where_it_goes(bench, tmp_path, capsys):
+    argv = tiny_argv(bench["data"], tmp_path / "absent.pt", tmp_path / "ckpt", tmp_path / "out", "Brain")
+    code, _, err = run_script(cli.main_test_few, argv, capsys)
+    assert code == 2 and "absent.pt" in err and len(err.strip().splitlines()) == 1
+    argv = tiny_argv(bench["data"], tmp_path / "x.pt", tmp_path / "ckpt", tmp_path / "out", "Brain")
+    argv[argv.index("--model_name") + 1] = "ViT-L-14-336"
+    argv[argv.index("--clip_ckpt") : argv.index("--clip_ckpt") + 2] = []
+    code, _, err = run_script(cli.main_test_few, argv, capsys)
+    assert code == 2 and "CLIP/ckpt/ViT-L-14-336px.pt" in err
+
+
+def test_checkpoint_of_another_architecture(bench, tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    argv = tiny_argv(bench["data"], bench["clip"], save, tmp_path / "train", "Brain", "--shot", "2", "--epoch", "0")
+    assert cli.main_train_few(argv) == 0
+    capsys.readouterr()
+    argv = tiny_argv(bench["data"], bench["clip"], save, tmp_path / "test", "Brain", "--shot", "2")
+    argv[argv.index("--features_list") + 1 : argv.index("--features_list") + 5] = ["2", "4", "6"]
+    code, _, err = run_script(cli.main_test_few, argv, capsys)
+    assert code == 2 and "features_list" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_script(cli.main_test_few, argv + ["--checkpoint", str(tmp_path / "nope.pth")], capsys)
+    assert code == 2 and "nope.pth" in err
