@@ -1,0 +1,30 @@
+"""The paper's published tables (AUC %, METHOD.md section 7), for side-by-side reports."""
+from __future__ import annotations
+
+# Dataset -> the name of its row in the paper's tables, in the paper's row order.
+PAPER_ROWS: dict[str, str] = {
+    "Histopathology": "HIS",
+    "Chest": "ChestXray",
+    "Retina_OCT2017": "OCT17",
+    "Brain": "BrainMRI",
+    "Liver": "LiverCT",
+    "Retina_RESC": "RESC",
+}
+
+# (setting, metric) -> dataset -> AUC %; "loc" exists only for datasets with masks.
+PAPER_AUC: dict[tuple[str, str], dict[str, float]] = {
+    ("zero-shot", "det"): {"Histopathology": 77.90, "Chest": 71.11, "Retina_OCT2017": 95.40, "Brain": 78.63, "Liver": 76.24, "Retina_RESC": 83.31},
+    ("zero-shot", "loc"): {"Brain": 90.27, "Liver": 97.85, "Retina_RESC": 92.05},
+    ("4-shot", "det"): {"Histopathology": 82.71, "Chest": 81.95, "Retina_OCT2017": 99.38, "Brain": 92.44, "Liver": 81.18, "Retina_RESC": 96.18},
+    ("4-shot", "loc"): {"Brain": 97.30, "Liver": 99.73, "Retina_RESC": 98.97},
+}
+PAPER_AVERAGE: dict[tuple[str, str], float] = {
+    ("zero-shot", "det"): 80.43,
+    ("zero-shot", "loc"): 93.39,
+    ("4-shot", "det"): 88.97,
+    ("4-shot", "loc"): 98.67,
+}
+
+
+def format_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
