@@ -14,7 +14,7 @@ import torch
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 
-from .engine import DEFAULT_SEED_DIR, PRECISIONS, SELECTIONS, RunConfig, run
+from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, SELECTIONS, RunConfig, run
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
 
@@ -60,6 +60,8 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                        help="model selection: test (the release; uses test labels), valid (held-out), last")
     added.add_argument("--prompt_name", default=None, help="object word for the prompts of a dataset not in the registry")
     added.add_argument("--quick_gelu", action="store_true", default=None, help="OpenAI's QuickGELU (the release ran exact GELU)")
+    added.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto",
+                       help="keep the frozen blocks' outputs of repeatedly scored images (results are identical)")
     added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
     if mode == "few-shot":
         added.add_argument("--fewshot_seed_dir", action="append", default=None,
@@ -113,6 +115,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunCon
         num_workers=args.num_workers,
         quick_gelu=args.quick_gelu,
         det_loss=args.det_loss,
+        prefix_cache=args.prefix_cache,
     )
     if mode == "few-shot":
         config.fewshot_seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))

@@ -40,11 +40,14 @@ from .errors import MVFAError
 from .evaluation import (
     EvalResult,
     MemoryBank,
+    PrefixCache,
     TensorSet,
     autocast_for,
     build_memory_bank,
     check_two_classes,
+    compute_prefixes,
     evaluate,
+    prefix_bytes,
     progress,
 )
 from .model import AdaptedViT, read_checkpoint, save_checkpoint
@@ -54,6 +57,9 @@ from .training import make_optimizers, train_step
 
 MODES = ("few-shot", "zero-shot")
 SELECTIONS = ("test", "valid", "last")
+PREFIX_CACHE_MODES = ("auto", "on", "off")
+CUDA_CACHE_SHARE = 0.5  # auto: prefix caches may use this share of free GPU memory
+CPU_CACHE_SHARE = 0.25  # ... or of the machine's RAM
 PRECISIONS = ("fp32", "fp16", "bf16")
 ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release evaluates the target 5 times per zero-shot epoch
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
@@ -95,6 +101,7 @@ class RunConfig:
     quick_gelu: bool | None = None
     det_loss: str = "release"
     checkpoint: Path | None = None  # test scripts: an explicit adapter checkpoint
+    prefix_cache: str = "auto"  # cache the frozen blocks' outputs of repeatedly used images: auto, on, off
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -198,6 +205,42 @@ class FewShotData:
     support_labels: torch.Tensor
     normal_images: torch.Tensor  # augmented normal (the memory bank's images)
     support_samples: list[Sample]
+    support_prefixes: torch.Tensor | None = None  # frozen-block outputs of each support image (batch 1)
+    memory_cache: PrefixCache | None = None  # the same for the memory bank's evaluation batches
+
+
+class PrefixBudget:
+    """Decides which image sets get a prefix cache: all (on), none (off), or while memory allows (auto)."""
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        if mode not in PREFIX_CACHE_MODES:
+            raise MVFAError(f"--prefix_cache {mode!r} is not known: choose one of {', '.join(PREFIX_CACHE_MODES)}")
+        self.mode = mode
+        if device.type == "cuda":
+            self.remaining = int(CUDA_CACHE_SHARE * torch.cuda.mem_get_info(device)[0])
+        else:
+            self.remaining = int(CPU_CACHE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    def allow(self, nbytes: int) -> bool:
+        if self.mode != "auto":
+            return self.mode == "on"
+        if nbytes > self.remaining:
+            return False
+        self.remaining -= nbytes
+        return True
+
+
+def cache_support_prefixes(model: AdaptedViT, few_shot: FewShotData, config: RunConfig, budget: PrefixBudget) -> None:
+    """Frozen-block outputs of the augmented support: per image for training, per batch for the memory bank."""
+    device = next(model.parameters()).device
+    count = len(few_shot.support_labels)
+    if budget.allow(prefix_bytes(model, count)):
+        per_image = compute_prefixes(model, (few_shot.support_images[i : i + 1].to(device) for i in range(count)), config.precision)
+        few_shot.support_prefixes = torch.cat(per_image.batches)
+    if budget.allow(prefix_bytes(model, len(few_shot.normal_images))):
+        size = config.eval_batch_size
+        batches = (few_shot.normal_images[i : i + size].to(device) for i in range(0, len(few_shot.normal_images), size))
+        few_shot.memory_cache = compute_prefixes(model, batches, config.precision, size)
 
 
 def prepare_few_shot(config: RunConfig, dataset: MedicalDataset) -> tuple[FewShotData, object]:
@@ -315,12 +358,27 @@ def run(config: RunConfig) -> RunResult:
     def memory_bank() -> MemoryBank | None:
         if few_shot is None:
             return None
-        return build_memory_bank(model, few_shot.normal_images, config.eval_batch_size, config.precision)
+        return build_memory_bank(
+            model, few_shot.normal_images, config.eval_batch_size, config.precision, few_shot.memory_cache
+        )
 
     def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating") -> EvalResult:
         return evaluate(
             model, data, features, has_masks, memory_bank(), config.eval_batch_size, config.precision, full, desc=desc
         )
+
+    budget = PrefixBudget(config.prefix_cache, device)
+    if few_shot is not None and (config.train or config.prefix_cache == "on"):
+        cache_support_prefixes(model, few_shot, config, budget)
+
+    def cache(data: TensorSet) -> TensorSet:
+        """Sets evaluated after every epoch keep their frozen-block outputs, while the budget allows."""
+        if budget.allow(prefix_bytes(model, len(data))):
+            data.cache_prefixes(model, config.eval_batch_size, config.precision)
+        return data
+
+    if config.train and config.select == "test":
+        cache(test_set)
 
     checkpoint_path = None
     log_rows: list[dict] = []
@@ -328,10 +386,10 @@ def run(config: RunConfig) -> RunResult:
         if config.select == "test":
             print(TEST_LABEL_WARNING)
         if config.mode == "few-shot":
-            selector = _few_shot_selector(config, target, few_shot, test_set, text_features, score)
+            selector = _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache)
             batches = _few_shot_batches(config, few_shot, text_features, target.has_masks)
         else:
-            selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score)
+            selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache)
             batches = _zero_shot_batches(config, sources, text_bank)
         best_state = _train(config, model, batches, selector, log_rows, device)
         model.load_adapter_state(best_state["adapters"])
@@ -387,11 +445,11 @@ def _train(config: RunConfig, model: AdaptedViT, batches, selector, log_rows: li
         total = len(epoch_batches)
         checkpoints = selector.due(total)
         bar = progress(epoch_batches, f"epoch {epoch}/{config.epoch}")
-        for step, (images, masks, labels, features, has_masks) in enumerate(bar, start=1):
+        for step, (images, masks, labels, features, has_masks, prefix) in enumerate(bar, start=1):
             with autocast_for(device, config.precision):
                 parts = train_step(
                     model, optimizers, images.to(device), masks.to(device), labels.to(device),
-                    features.to(device), has_masks.to(device), config.det_loss,
+                    features.to(device), has_masks.to(device), config.det_loss, prefix,
                 )
             losses.append(parts.total.item())
             if step in checkpoints:
@@ -427,11 +485,11 @@ class _Selector:
         return self.scorer()
 
 
-def _few_shot_selector(config, target, few_shot, test_set, text_features, score) -> _Selector:
+def _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache) -> _Selector:
     if config.select == "valid":
-        valid = TensorSet.load(
+        valid = cache(TensorSet.load(
             selection_samples(config, target, few_shot.support_samples), config.img_size, config.num_workers, desc="valid"
-        )
+        ))
     data = test_set if config.select == "test" else valid if config.select == "valid" else None
 
     def scorer():
@@ -441,13 +499,13 @@ def _few_shot_selector(config, target, few_shot, test_set, text_features, score)
     return _Selector(config, 1, scorer)
 
 
-def _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score) -> _Selector:
+def _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache) -> _Selector:
     valid_sets = []
     if config.select == "valid":
         for source in sources:
             samples = source.samples("valid")
             if {s.label for s in samples} == {0, 1}:
-                data = TensorSet.load(samples, config.img_size, config.num_workers, desc=f"{source.name} valid")
+                data = cache(TensorSet.load(samples, config.img_size, config.num_workers, desc=f"{source.name} valid"))
                 valid_sets.append((source, data, text_bank(_source_word(config, source))))
         if not valid_sets:
             raise MVFAError("--select valid needs a source dataset whose valid split has both classes")
@@ -488,9 +546,10 @@ def _few_shot_batches(config: RunConfig, few_shot: FewShotData, text_features: t
         out = []
         for start in range(0, count, config.batch_size):
             index = order[start : start + config.batch_size]
+            prefix = few_shot.support_prefixes[index] if few_shot.support_prefixes is not None else None
             out.append(
                 (few_shot.support_images[index], few_shot.support_masks[index], few_shot.support_labels[index],
-                 text_features, mask_flags[index])
+                 text_features, mask_flags[index], prefix)
             )
         return out
 
@@ -521,6 +580,6 @@ def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_ba
         def __iter__(self):
             for batch in self.loader:
                 source = batch["source"]
-                yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source])
+                yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source], None)
 
     return lambda epoch: EpochBatches()

@@ -42,6 +42,46 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 @dataclass
+class PrefixCache:
+    """Outputs of the frozen blocks before the first adapter stage, per batch of a fixed image set.
+
+    They do not depend on the adapters, so one pass serves every evaluation of the set. Batches have
+    the boundaries the evaluation uses (`batch_size`), so cached and plain paths compute the same.
+    """
+
+    batch_size: int
+    batches: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.batches)
+
+
+def prefix_bytes(model: AdaptedViT, count: int) -> int:
+    """Size of a prefix cache of `count` images (fp32 stream: tokens x width per image)."""
+    tokens = model.grid_size**2 + 1
+    return count * tokens * model.visual.conv1.out_channels * 4
+
+
+@torch.no_grad()
+def compute_prefixes(model: AdaptedViT, batches, precision: str = "fp32", batch_size: int = 1) -> PrefixCache:
+    """Run the frozen prefix over an iterable of image batches (already on the model's device)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for images in batches:
+        with autocast_for(device, precision):
+            outputs.append(model.encode_prefix(images))
+    return PrefixCache(batch_size, outputs)
+
+
+def _adapted_tokens(model: AdaptedViT, images: torch.Tensor | None, cache: PrefixCache | None, index: int):
+    """Stage tokens of a batch: from the cached prefix when there is one, else from the images."""
+    if cache is not None:
+        return model.forward_from_prefix(cache.batches[index])
+    return model(images)
+
+
+@dataclass
 class TensorSet:
     """A set of images decoded once (uint8 images, bool masks) and reused by every evaluation."""
 
@@ -49,6 +89,7 @@ class TensorSet:
     masks: torch.Tensor  # [N, S, S] bool
     labels: torch.Tensor  # [N] int64
     paths: list[str]
+    prefix_cache: PrefixCache | None = None
 
     @classmethod
     def load(cls, samples: list[Sample], img_size: int, num_workers: int = 0, desc: str = "loading") -> "TensorSet":
@@ -69,6 +110,15 @@ class TensorSet:
     def image_batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         return self.images[start:stop].to(device).float() / PIXEL_LEVELS
 
+    def cache_prefixes(self, model: AdaptedViT, batch_size: int, precision: str = "fp32") -> None:
+        """Compute the frozen prefix of every evaluation batch once (see PrefixCache)."""
+        if self.prefix_cache is not None and self.prefix_cache.batch_size == batch_size:
+            return
+        device = next(model.parameters()).device
+        starts = range(0, len(self), batch_size)
+        batches = (self.image_batch(start, start + batch_size, device) for start in starts)
+        self.prefix_cache = compute_prefixes(model, progress(batches, "caching frozen blocks"), precision, batch_size)
+
 
 @dataclass
 class MemoryBank:
@@ -80,13 +130,14 @@ class MemoryBank:
 
 @torch.no_grad()
 def build_memory_bank(
-    model: AdaptedViT, images: torch.Tensor, batch_size: int, precision: str = "fp32"
+    model: AdaptedViT, images: torch.Tensor, batch_size: int, precision: str = "fp32", cache: PrefixCache | None = None
 ) -> MemoryBank:
     device = next(model.parameters()).device
     seg, det = [], []
-    for start in range(0, images.shape[0], batch_size):
+    for index, start in enumerate(range(0, images.shape[0], batch_size)):
         with autocast_for(device, precision):
-            tokens = model(images[start : start + batch_size].to(device))
+            batch = None if cache is not None else images[start : start + batch_size].to(device)
+            tokens = _adapted_tokens(model, batch, cache, index)
         seg.append([t.float().flatten(0, 1) for t in tokens.seg])
         det.append([t.float().flatten(0, 1) for t in tokens.det])
     return MemoryBank([torch.cat(s) for s in zip(*seg)], [torch.cat(d) for d in zip(*det)])
@@ -135,10 +186,12 @@ def evaluate(
     maps = torch.empty(count, size, size, device=device) if has_masks else None
     few_min, few_max = torch.tensor(torch.inf, device=device), torch.tensor(-torch.inf, device=device)
     few_grids = [] if memory_bank is not None and has_masks else None
-    for start in progress(range(0, count, batch_size), desc):
+    cache = data.prefix_cache if data.prefix_cache is not None and data.prefix_cache.batch_size == batch_size else None
+    for index, start in enumerate(progress(range(0, count, batch_size), desc)):
         stop = min(start + batch_size, count)
         with autocast_for(device, precision):
-            tokens = model(data.image_batch(start, stop, device))
+            images = None if cache is not None else data.image_batch(start, stop, device)
+            tokens = _adapted_tokens(model, images, cache, index)
         tokens = tokens.patches()
         zero_scores[start:stop] = scoring.zero_shot_image_score(tokens.det, text_features)
         if has_masks:

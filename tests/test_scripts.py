@@ -245,3 +245,22 @@ def test_checkpoint_of_another_architecture(bench, tmp_path, capsys):
     assert code == 2 and "features_list" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_script(cli.main_test_few, argv + ["--checkpoint", str(tmp_path / "nope.pth")], capsys)
     assert code == 2 and "nope.pth" in err
+
+
+@pytest.mark.parametrize("obj, select", [("Brain", "test"), ("Chest", "valid")])
+def test_prefix_cache_changes_no_result(bench, tmp_path, capsys, obj, select):
+    """Training and evaluating from cached frozen-block outputs equals the plain path bit for bit."""
+    outputs = {}
+    for mode in ("off", "on"):
+        save, out = tmp_path / mode / "ckpt", tmp_path / mode / "out"
+        argv = tiny_argv(bench["data"], bench["clip"], save, out, obj, "--shot", "2", "--epoch", "2",
+                         "--select", select, "--prefix_cache", mode, "--eval_batch_size", "3")
+        assert cli.main_train_few(argv) == 0
+        outputs[mode] = (torch.load(next(save.iterdir()), weights_only=True), out)
+    capsys.readouterr()
+    (plain, plain_out), (cached, cached_out) = outputs["off"], outputs["on"]
+    for group in ("seg_adapters", "det_adapters"):
+        for key, value in plain[group].items():
+            assert torch.equal(value, cached[group][key]), f"{group}.{key}"
+    assert read_csv(plain_out / "predictions.csv") == read_csv(cached_out / "predictions.csv")
+    assert read_csv(plain_out / "train_log.csv") == read_csv(cached_out / "train_log.csv")
