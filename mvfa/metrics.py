@@ -66,6 +66,8 @@ _CHUNK = 1 << 20
 # The larger class is sorted in up to this many blocks in parallel, each of at least _MIN_BLOCK.
 _MAX_THREADS = 8
 _MIN_BLOCK = 1 << 21
+# Queries per binary-search call on the CPU (see _narrowed_search).
+_QUERY_CHUNK = 1 << 16
 # torch (GPU): bigger chunks, one thread, sorted in blocks of at most _TORCH_SORT_BLOCK.
 _CHUNK_TORCH = 1 << 24
 _TORCH_SORT_BLOCK = 1 << 24
@@ -464,34 +466,51 @@ def _sorted_split(scores: ArrayLike, labels: ArrayLike, what: str) -> _Split:
     return sp
 
 
+def _narrowed_search(blk: np.ndarray, q: np.ndarray, side: str) -> tuple[int, np.ndarray]:
+    """``(lo, r)`` with ``searchsorted(blk, q, side) == lo + r`` for sorted queries ``q``.
+
+    All of ``blk`` below ``lo = #{x < q[0]}`` lies below every query and all from
+    ``hi = #{x <= q[-1]}`` on lies above, so the search runs in ``blk[lo:hi]`` alone: a short,
+    cache-resident range for a short run of sorted queries (about 3x faster than searching all of
+    ``blk`` for each query).
+    """
+    lo = int(np.searchsorted(blk, q[0], side="left"))
+    hi = int(np.searchsorted(blk, q[-1], side="right"))
+    return lo, np.searchsorted(blk[lo:hi], q, side=side)
+
+
 def _count_below(blocks: list, q, side: str) -> int:
-    """Sum over the queries ``q`` of #{x < q} (side 'left') or #{x <= q} ('right') in ``blocks``."""
+    """Sum over the sorted queries ``q`` of #{x < q} (side 'left') or #{x <= q} ('right') in
+    ``blocks``."""
     total = 0
     for blk in blocks:
         if isinstance(blk, np.ndarray):
-            total += int(np.searchsorted(blk, q, side=side).sum(dtype=np.int64))
+            if q.shape[0] == 0:
+                continue
+            lo, r = _narrowed_search(blk, q, side)
+            total += lo * int(q.shape[0]) + int(r.sum(dtype=np.int64))
         else:
             total += int(torch.searchsorted(blk, q, side=side).sum().item())
     return total
 
 
 def _rank_below(blocks: list, q, side: str):
-    """Per query: #{x < q} (side 'left') or #{x <= q} ('right') in ``blocks`` (int64 array)."""
+    """Per sorted query: #{x < q} (side 'left') or #{x <= q} ('right') in ``blocks`` (int64)."""
     out = None
     for blk in blocks:
-        r = (np.searchsorted(blk, q, side=side) if isinstance(blk, np.ndarray)
-             else torch.searchsorted(blk, q, side=side))
+        if isinstance(blk, np.ndarray):
+            lo, r = _narrowed_search(blk, q, side)
+            r += lo
+        else:
+            r = torch.searchsorted(blk, q, side=side)
         out = r if out is None else out + r
     return out
 
 
 def _query_chunks(blocks: list) -> list:
-    """The queries cut into chunks of at most _CHUNK, and into at least one chunk per thread."""
-    total = sum(int(blk.shape[0]) for blk in blocks)
-    if blocks and _is_tensor(blocks[0]):
-        size = _CHUNK_TORCH
-    else:
-        size = max(1, min(_CHUNK, max(1 << 16, -(-total // _n_threads()))))
+    """Runs of sorted queries: chunks of the (sorted) blocks, short on the CPU so that each
+    chunk's range in the searched blocks stays in cache (and the threads share the chunks)."""
+    size = _CHUNK_TORCH if blocks and _is_tensor(blocks[0]) else min(_CHUNK, _QUERY_CHUNK)
     return [blk[i:i + size] for blk in blocks for i in range(0, int(blk.shape[0]), size)]
 
 
