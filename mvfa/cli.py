@@ -17,6 +17,7 @@ from dataset.errors import DatasetError
 from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, SELECTIONS, RunConfig, run
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
+from .text import default_cache_dir
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 RELEASE_DEFAULTS = {
@@ -62,6 +63,8 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
     added.add_argument("--quick_gelu", action="store_true", default=None, help="OpenAI's QuickGELU (the release ran exact GELU)")
     added.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto",
                        help="keep the frozen blocks' outputs of repeatedly scored images (results are identical)")
+    added.add_argument("--cache_dir", default=None,
+                       help="on-disk cache of text features (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
     added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
     if mode == "few-shot":
         added.add_argument("--fewshot_seed_dir", action="append", default=None,
@@ -116,6 +119,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunCon
         quick_gelu=args.quick_gelu,
         det_loss=args.det_loss,
         prefix_cache=args.prefix_cache,
+        cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
     )
     if mode == "few-shot":
         config.fewshot_seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))

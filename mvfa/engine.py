@@ -102,6 +102,7 @@ class RunConfig:
     det_loss: str = "release"
     checkpoint: Path | None = None  # test scripts: an explicit adapter checkpoint
     prefix_cache: str = "auto"  # cache the frozen blocks' outputs of repeatedly used images: auto, on, off
+    cache_dir: Path | None = None  # on-disk cache of text features; None: no disk cache
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -142,7 +143,7 @@ def build_model(config: RunConfig, device: torch.device) -> tuple[AdaptedViT, Te
         config.model_name, config.img_size, pretrained=pretrained, device=device, quick_gelu=config.quick_gelu
     )
     model = AdaptedViT(clip_model, list(config.features_list)).to(device)
-    return model, TextFeatureBank(clip_model)
+    return model, TextFeatureBank(clip_model, config.cache_dir)
 
 
 def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -> dict:

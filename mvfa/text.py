@@ -1,5 +1,15 @@
-"""Text features of the prompt ensemble: T = [t_normal, t_abnormal], shape [embed_dim, 2]."""
+"""Text features of the prompt ensemble: T = [t_normal, t_abnormal], shape [embed_dim, 2].
+
+They depend only on the text tower's weights, the activation and the prompts, so they are cached on
+disk (`<cache_dir>/text/<key>.pt`), keyed by a fingerprint of exactly those.
+"""
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -7,7 +17,15 @@ import torch.nn.functional as F
 from CLIP.model import CLIP
 from CLIP.tokenizer import tokenize
 
-from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
+from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
+
+CACHE_ENV = "MVFA_CACHE_DIR"
+CACHE_FORMAT = "mvfa-text-features/1"
+
+
+def default_cache_dir() -> Path:
+    """$MVFA_CACHE_DIR, else ~/.cache/mvfa."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mvfa")
 
 
 @torch.no_grad()
@@ -22,14 +40,62 @@ def encode_prompt_ensemble(clip_model: CLIP, object_word: str, device: torch.dev
     return torch.stack(columns, dim=1)
 
 
-class TextFeatureBank:
-    """Text features per object word, computed once per word and reused."""
+def text_tower_fingerprint(clip_model: CLIP) -> str:
+    """sha256 of the text tower's weights (every parameter outside `visual.`) and its activation."""
+    digest = hashlib.sha256(json.dumps({"quick_gelu": clip_model.config.quick_gelu}).encode())
+    for name, tensor in clip_model.state_dict().items():
+        if name.startswith("visual."):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, clip_model: CLIP) -> None:
+
+class TextFeatureBank:
+    """Text features per object word: computed once per word, and cached on disk across runs.
+
+    cache_dir None disables the disk cache (features are still computed once per word and process).
+    """
+
+    def __init__(self, clip_model: CLIP, cache_dir: Path | None = None) -> None:
         self.clip_model = clip_model
+        self.cache_dir = cache_dir
         self._features: dict[str, torch.Tensor] = {}
+        self._fingerprint: str | None = None
+
+    def cache_path(self, object_word: str) -> Path:
+        if self._fingerprint is None:
+            self._fingerprint = text_tower_fingerprint(self.clip_model)
+        prompts = [CACHE_FORMAT, self._fingerprint, object_word, NORMAL_STATES, ABNORMAL_STATES, TEMPLATES]
+        key = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:32]
+        return self.cache_dir / "text" / f"{key}.pt"
 
     def __call__(self, object_word: str) -> torch.Tensor:
-        if object_word not in self._features:
-            self._features[object_word] = encode_prompt_ensemble(self.clip_model, object_word)
+        if object_word in self._features:
+            return self._features[object_word]
+        device = next(self.clip_model.parameters()).device
+        features = None
+        path = self.cache_path(object_word) if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                features = torch.load(path, map_location="cpu", weights_only=True)["features"]
+            except Exception:  # an unreadable cache entry is recomputed and rewritten
+                features = None
+        if features is None:
+            features = encode_prompt_ensemble(self.clip_model, object_word).cpu()
+            if path is not None:
+                _save_atomic({"features": features, "object_word": object_word}, path)
+        self._features[object_word] = features.to(device)
         return self._features[object_word]
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

@@ -19,3 +19,9 @@ def golden_dir() -> Path:
     if not (GOLDEN_DIR / "expected.json").is_file():
         pytest.skip(f"golden parity fixture not found at {GOLDEN_DIR} (it lives in ../shared, which CI provides)")
     return GOLDEN_DIR
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Text-feature caches of the tests go to a temporary folder, never to ~/.cache."""
+    monkeypatch.setenv("MVFA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mvfa-cache"))

@@ -170,3 +170,26 @@ def test_checkpoint_round_trip_and_errors(tiny_clip, tmp_path):
         read_checkpoint(tmp_path / "junk.pth")
     with pytest.raises(CheckpointFormatError, match="not found"):
         read_checkpoint(tmp_path / "absent.pth")
+
+
+def test_text_features_are_cached_on_disk_by_weights_and_prompts(tiny_clip, tmp_path, monkeypatch):
+    from mvfa import text
+
+    bank = text.TextFeatureBank(tiny_clip, tmp_path)
+    first = bank("Brain")
+    files = list((tmp_path / "text").glob("*.pt"))
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(text, "encode_prompt_ensemble", lambda *a, **k: calls.append(a) or torch.zeros(64, 2))
+    again = text.TextFeatureBank(tiny_clip, tmp_path)("Brain")
+    assert torch.equal(first, again) and not calls  # read from disk, not encoded
+    text.TextFeatureBank(tiny_clip, tmp_path)("Liver")
+    assert len(calls) == 1 and len(list((tmp_path / "text").glob("*.pt"))) == 2
+    other_weights = create_model("ViT-Tiny-14", 56)  # another text tower: another key
+    text.TextFeatureBank(other_weights, tmp_path)("Brain")
+    assert len(calls) == 2
+    files[0].write_bytes(b"garbage")  # a corrupt entry is recomputed
+    text.TextFeatureBank(tiny_clip, tmp_path)("Brain")
+    assert len(calls) == 3
+    text.TextFeatureBank(tiny_clip, None)("Brain")  # no disk cache
+    assert len(calls) == 4
