@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from CLIP.model import CLIP
 from CLIP.tokenizer import tokenize
 
+from .model import save_checkpoint
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
 
 CACHE_ENV = "MVFA_CACHE_DIR"
@@ -84,18 +84,7 @@ class TextFeatureBank:
         if features is None:
             features = encode_prompt_ensemble(self.clip_model, object_word).cpu()
             if path is not None:
-                _save_atomic({"features": features, "object_word": object_word}, path)
+                save_checkpoint({"features": features, "object_word": object_word}, path)
         self._features[object_word] = features.to(device)
         return self._features[object_word]
 
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
