@@ -14,7 +14,16 @@ import torch
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 
-from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, SELECTIONS, RunConfig, run
+from .engine import (
+    CALIBRATION_RULES,
+    DEFAULT_SEED_DIR,
+    NORMALIZATIONS,
+    PRECISIONS,
+    PREFIX_CACHE_MODES,
+    SELECTIONS,
+    RunConfig,
+    run,
+)
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
 from .text import default_cache_dir
@@ -69,8 +78,19 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
     if mode == "few-shot":
         added.add_argument("--fewshot_seed_dir", action="append", default=None,
                            help=f"folder of <obj>/<k>-shot.txt support lists (default {DEFAULT_SEED_DIR}); repeatable")
-    if not train:
+    if train:
+        added.add_argument("--threshold_rule", choices=CALIBRATION_RULES, default="f1",
+                           help="after training, fit normalisation statistics on valid normal images (not the support) "
+                                "and choose a threshold on valid data: f1 (best F1), fpr (--target_fpr of valid normal "
+                                "images flagged), none (no calibration); stored in the checkpoint")
+        added.add_argument("--target_fpr", type=float, default=0.05, help="--threshold_rule fpr: the flagged share of normal images")
+    else:
         added.add_argument("--checkpoint", default=None, help="adapter checkpoint to test (default: found in --save_path)")
+        added.add_argument("--normalize", choices=NORMALIZATIONS, default="test",
+                           help="test: min-max over the test set (the release); valid: fitted on valid normal images "
+                                "(not the support); checkpoint: the statistics stored at training")
+        added.add_argument("--save_maps", type=int, nargs="?", const=0, default=None, metavar="N",
+                           help="write anomaly-map overlays to <output_dir>/maps: every test image, or the N highest- and N lowest-scoring")
     return parser
 
 
@@ -125,6 +145,10 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunCon
         config.fewshot_seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))
     if not train and args.checkpoint:
         config.checkpoint = Path(args.checkpoint)
+    if train:
+        config.threshold_rule, config.target_fpr = args.threshold_rule, args.target_fpr
+    else:
+        config.normalize, config.save_maps = args.normalize, args.save_maps
     stage = "train" if train else "test"
     config.output_dir = Path(args.output_dir) if args.output_dir else Path("results") / mode / args.obj / f"{stage}-{config.run_tag()}"
     return config

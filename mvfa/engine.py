@@ -3,6 +3,10 @@
 `run(config)` serves all four scripts: it builds the model, prepares the data of the mode
 (few-shot: the augmented k-shot support; zero-shot: the other datasets' test splits), trains with
 model selection (`--select test|valid|last`) or loads adapters, evaluates, and writes the results.
+
+After training, `calibrate` fits fixed normalisation statistics on valid normal images (not the
+support) and chooses a decision threshold on valid data; both go into the checkpoint's `meta`
+(plain data), so that mvfa.predict can score new images one at a time.
 """
 from __future__ import annotations
 
@@ -38,22 +42,28 @@ from dataset.medical import (
 from .augment import augment
 from .errors import MVFAError
 from .evaluation import (
+    THRESHOLD_RULES,
     EvalResult,
     MemoryBank,
+    Normalization,
     PrefixCache,
     TensorSet,
     autocast_for,
     build_memory_bank,
     check_two_classes,
+    choose_threshold,
     compute_prefixes,
     evaluate,
+    fit_normalization,
     prefix_bytes,
     progress,
+    threshold_metrics,
 )
 from .model import AdaptedViT, read_checkpoint, save_checkpoint
 from .prompts import object_word
 from .text import TextFeatureBank
 from .training import make_optimizers, train_step
+from .visualize import overlay, save_png
 
 MODES = ("few-shot", "zero-shot")
 SELECTIONS = ("test", "valid", "last")
@@ -61,6 +71,8 @@ PREFIX_CACHE_MODES = ("auto", "on", "off")
 CUDA_CACHE_SHARE = 0.5  # auto: prefix caches may use this share of free GPU memory
 CPU_CACHE_SHARE = 0.25  # ... or of the machine's RAM
 PRECISIONS = ("fp32", "fp16", "bf16")
+NORMALIZATIONS = ("test", "valid", "checkpoint")
+CALIBRATION_RULES = (*THRESHOLD_RULES, "none")
 ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release evaluates the target 5 times per zero-shot epoch
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
 TEST_LABEL_WARNING = (
@@ -103,6 +115,10 @@ class RunConfig:
     checkpoint: Path | None = None  # test scripts: an explicit adapter checkpoint
     prefix_cache: str = "auto"  # cache the frozen blocks' outputs of repeatedly used images: auto, on, off
     cache_dir: Path | None = None  # on-disk cache of text features; None: no disk cache
+    normalize: str = "test"  # test scripts: test (the release's min-max over the test set), valid, checkpoint
+    save_maps: int | None = None  # test scripts: None no overlays, 0 every test image, N the N highest and lowest
+    threshold_rule: str = "f1"  # training: calibration's threshold rule (f1, fpr) or none (no calibration)
+    target_fpr: float = 0.05  # training, threshold_rule fpr: the valid normal images' flagged share
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -134,16 +150,30 @@ def seed_everything(seed: int) -> None:
 
 def build_model(config: RunConfig, device: torch.device) -> tuple[AdaptedViT, TextFeatureBank]:
     """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP."""
-    pretrained = None
-    if config.pretrain == OPENAI:
-        pretrained = config.clip_ckpt if config.clip_ckpt is not None else OPENAI
-    elif config.pretrain != "none":
-        raise MVFAError(f"--pretrain {config.pretrain!r} is not known: choose openai (with --clip_ckpt) or none")
-    clip_model = create_model(
-        config.model_name, config.img_size, pretrained=pretrained, device=device, quick_gelu=config.quick_gelu
+    return build_adapted_model(
+        config.model_name, config.img_size, config.features_list, config.clip_ckpt, config.pretrain,
+        config.quick_gelu, device, config.cache_dir,
     )
-    model = AdaptedViT(clip_model, list(config.features_list)).to(device)
-    return model, TextFeatureBank(clip_model, config.cache_dir)
+
+
+def build_adapted_model(
+    model_name: str, img_size: int, features_list, clip_ckpt: Path | None, pretrain: str, quick_gelu: bool | None,
+    device: torch.device, cache_dir: Path | None,
+) -> tuple[AdaptedViT, TextFeatureBank]:
+    """build_model's work from plain settings (mvfa.predict and mvfa.export_onnx use it too)."""
+    pretrained = None
+    if pretrain == OPENAI:
+        pretrained = clip_ckpt if clip_ckpt is not None else OPENAI
+    elif pretrain != "none":
+        raise MVFAError(f"--pretrain {pretrain!r} is not known: choose openai (with --clip_ckpt) or none")
+    if img_size < 1:
+        raise MVFAError(f"--img_size {img_size} is invalid: use a positive number of pixels")
+    clip_model = create_model(model_name, img_size, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
+    try:
+        model = AdaptedViT(clip_model, list(features_list)).to(device)
+    except ValueError as err:
+        raise MVFAError(f"--features_list {' '.join(map(str, features_list))}: {err}") from None
+    return model, TextFeatureBank(clip_model, cache_dir)
 
 
 def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -> dict:
@@ -277,6 +307,107 @@ def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[
 
 
 # ------------------------------------------------------------------------------------------------
+# Calibration: fixed normalisation statistics and a decision threshold from valid data
+
+
+def reference_samples(config: RunConfig, dataset: MedicalDataset, support: list[Sample]) -> tuple[list[Sample], str]:
+    """The valid images that calibrate a model, and their description.
+
+    Few-shot: the valid split minus the support images. Zero-shot: the target's own valid split
+    (never seen in zero-shot training; its labels are used for the threshold only).
+    """
+    used = {s.path for s in support}
+    samples = [s for s in dataset.samples("valid") if s.path not in used]
+    if config.mode == "few-shot":
+        return samples, f"{dataset.name} valid minus the {len(used)} support images"
+    return samples, f"{dataset.name} valid (the zero-shot target's own valid split, unseen in training)"
+
+
+def fit_reference(
+    config: RunConfig, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
+    bank: MemoryBank | None, support: list[Sample],
+) -> tuple[TensorSet, Normalization, str]:
+    """Fit the normalisation on the normal reference images; returns (all reference images, statistics, description)."""
+    samples, what = reference_samples(config, dataset, support)
+    normal = [i for i, s in enumerate(samples) if s.label == 0]
+    if not normal:
+        raise MVFAError(f"{what} holds no normal image to fit the normalisation on")
+    data = TensorSet.load(samples, config.img_size, config.num_workers, desc="reference")
+    norm = fit_normalization(
+        model, data.subset(normal), text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
+        source=f"{len(normal)} normal images of {what}",
+    )
+    return data, norm, what
+
+
+def calibrate(
+    config: RunConfig, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
+    bank: MemoryBank | None, support: list[Sample],
+) -> dict:
+    """Checkpoint metadata of the calibration: normalisation statistics, threshold, rule, valid counts.
+
+    Without usable valid data (no valid split, no normal image left) it prints a note and records
+    why; the checkpoint then has no statistics (predict uses raw scores and needs --threshold).
+    """
+    try:
+        data, norm, what = fit_reference(config, model, dataset, text_features, bank, support)
+    except (DatasetError, MVFAError) as err:
+        print(f"note: no calibration: {err}")
+        return {"normalization": None, "threshold": None, "calibration": {"skipped": str(err)}}
+    result = evaluate(
+        model, data, text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
+        desc="calibration", normalization=norm, metrics=False,
+    )
+    rule = config.threshold_rule
+    abnormal = int(result.labels.sum())
+    if rule == "f1" and abnormal == 0:
+        print(f"note: {what} holds no abnormal image: threshold by the FPR rule (target {config.target_fpr}) instead of F1")
+        rule = "fpr"
+    choice = choose_threshold(result.image_scores, result.labels, rule, config.target_fpr)
+    reference = choice["reference"]
+    how = "best F1" if rule == "f1" else f"at most {config.target_fpr:g} of normal images flagged"
+    print(
+        f"calibration: normalisation fitted on {norm.source}; threshold {choice['threshold']:.4f} ({how} on "
+        f"{len(result.labels)} valid images: precision {reference['precision']:.4f}, recall {reference['recall']:.4f}, "
+        f"F1 {reference['f1']:.4f}, FPR {reference['fpr']:.4f})"
+    )
+    return {
+        "normalization": norm.to_dict(),
+        "threshold": float(choice["threshold"]),
+        "threshold_rule": rule,
+        "target_fpr": float(config.target_fpr) if rule == "fpr" else None,
+        "calibration": {
+            "data": what,
+            "n_normal": len(result.labels) - abnormal,
+            "n_abnormal": abnormal,
+            **{f"valid_{k}": v for k, v in reference.items()},
+        },
+    }
+
+
+def stored_normalization(meta: dict, source: str) -> Normalization | None:
+    """The checkpoint's normalisation statistics, or None when it has none."""
+    entry = meta.get("normalization") if isinstance(meta, dict) else None
+    return None if entry is None else Normalization.from_dict(entry, f"the normalisation stored in {source}")
+
+
+def stored_threshold(meta: dict, source: str, mode: str, has_masks: bool) -> tuple[float, Normalization] | None:
+    """(threshold, its statistics) when the checkpoint has a threshold that applies to this scoring mode.
+
+    Malformed statistics only give a note here (the release's protocol does not need them).
+    """
+    try:
+        norm = stored_normalization(meta, source)
+    except MVFAError as err:
+        print(f"note: threshold not reported: {err}")
+        return None
+    threshold = meta.get("threshold") if isinstance(meta, dict) else None
+    if norm is None or threshold is None or meta.get("mode") != mode or norm.missing(mode == "few-shot", has_masks):
+        return None
+    return float(threshold), norm
+
+
+# ------------------------------------------------------------------------------------------------
 # Files
 
 
@@ -297,12 +428,16 @@ def predictions_csv(result: EvalResult, data_root: Path) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "score"])
     for path, label, score in zip(result.paths, result.labels, result.image_scores):
-        try:
-            shown = Path(path).resolve().relative_to(data_root.resolve())
-        except ValueError:
-            shown = Path(path)
-        writer.writerow([shown.as_posix(), int(label), f"{float(score):.8f}"])
+        writer.writerow([_shown(path, data_root), int(label), f"{float(score):.8f}"])
     return buffer.getvalue()
+
+
+def _shown(path, data_root: Path) -> str:
+    """A path relative to the data folder when it lies inside it."""
+    try:
+        return Path(path).resolve().relative_to(data_root.resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
 
 
 def json_ready(config: RunConfig) -> dict:
@@ -314,6 +449,44 @@ def print_release_lines(obj: str, metrics: dict) -> None:
     print(f"{obj} AUC : {round(metrics['image_auroc'], 4)}")
     if "pixel_auroc" in metrics:
         print(f"{obj} pAUC : {round(metrics['pixel_auroc'], 4)}")
+
+
+def map_overlays(
+    config: RunConfig, result: EvalResult, data: TensorSet, maps_of, folder: Path
+) -> list[Path]:
+    """Overlays of the test images (every one, or the --save_maps N highest and N lowest) and an index.csv.
+
+    `maps_of(indices)` gives the maps of the chosen images ([n, S, S], on the run's normalised scale).
+    """
+    scores = np.asarray(result.image_scores)
+    count = len(scores)
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(count, dtype=int)
+    rank[order] = np.arange(1, count + 1)
+    n = config.save_maps or 0
+    if n <= 0 or 2 * n >= count:
+        chosen = [(int(i), "") for i in range(count)]
+    else:
+        chosen = [(int(i), f"high{r + 1:02d}_") for r, i in enumerate(order[:n])]
+        chosen += [(int(i), f"low{r + 1:02d}_") for r, i in enumerate(order[::-1][:n])]
+    maps = maps_of([i for i, _ in chosen])
+    used: set[str] = set()
+    rows = [["file", "path", "label", "score", "rank"]]
+    written = []
+    for (index, prefix), image_map in zip(chosen, maps):
+        path = Path(result.paths[index])
+        kind = "abnormal" if int(result.labels[index]) else "normal"
+        name = f"{prefix}{kind}_{path.stem}.png"
+        if name in used:
+            name = f"{prefix}{kind}_{path.stem}_{path.suffix.lstrip('.')}.png"
+        used.add(name)
+        mask = result.masks[index] if result.masks is not None and int(result.labels[index]) else None
+        written.append(save_png(overlay(data.images[index], image_map, mask, (0.0, 1.0)), folder / name))
+        rows.append([name, _shown(path, config.data_path), int(result.labels[index]), f"{float(scores[index]):.8f}", int(rank[index])])
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    write_atomic(folder / "index.csv", buffer.getvalue())
+    return written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,6 +503,14 @@ def run(config: RunConfig) -> RunResult:
         raise MVFAError(f"--precision {config.precision!r} is not known: choose one of {', '.join(PRECISIONS)}")
     if config.batch_size < 1 or config.epoch < 0:
         raise MVFAError(f"--batch_size must be >= 1 and --epoch >= 0 (got {config.batch_size}, {config.epoch})")
+    if config.normalize not in NORMALIZATIONS:
+        raise MVFAError(f"--normalize {config.normalize!r} is not known: choose one of {', '.join(NORMALIZATIONS)}")
+    if config.threshold_rule not in CALIBRATION_RULES:
+        raise MVFAError(f"--threshold_rule {config.threshold_rule!r} is not known: choose one of {', '.join(CALIBRATION_RULES)}")
+    if config.threshold_rule == "fpr" and not 0.0 < config.target_fpr < 1.0:
+        raise MVFAError(f"--target_fpr {config.target_fpr} is invalid: use a rate between 0 and 1 (e.g. 0.05)")
+    if config.save_maps is not None and config.save_maps < 0:
+        raise MVFAError(f"--save_maps {config.save_maps} is invalid: give no number (every image) or N >= 1")
     device = torch.device(config.device)
     seed_everything(config.seed)
     started = time.time()
@@ -383,6 +564,7 @@ def run(config: RunConfig) -> RunResult:
 
     checkpoint_path = None
     log_rows: list[dict] = []
+    support_samples = few_shot.support_samples if few_shot is not None else []
     if config.train:
         if config.select == "test":
             print(TEST_LABEL_WARNING)
@@ -394,18 +576,44 @@ def run(config: RunConfig) -> RunResult:
             batches = _zero_shot_batches(config, sources, text_bank)
         best_state = _train(config, model, batches, selector, log_rows, device)
         model.load_adapter_state(best_state["adapters"])
+        meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
+        if few_shot is not None:
+            meta["support"] = {"abnormal": [s.path.name for s in support.abnormal], "normal": [s.path.name for s in support.normal]}
+        if config.threshold_rule != "none":
+            meta.update(calibrate(config, model, target, text_features, memory_bank(), support_samples))
         if config.save_model:
             checkpoint_path = config.save_path / config.checkpoint_name()
             state = model.adapter_state()
-            state["meta"] = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
+            state["meta"] = meta
             save_checkpoint(state, checkpoint_path)
             print(f"saved adapters to {checkpoint_path}")
     else:
         checkpoint_path = find_checkpoint(config)
-        model.load_adapter_state(read_checkpoint(checkpoint_path), source=str(checkpoint_path))
+        state = read_checkpoint(checkpoint_path)
+        model.load_adapter_state(state, source=str(checkpoint_path))
+        meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
         print(f"loaded adapters from {checkpoint_path}")
 
-    result = score(test_set, text_features, target.has_masks, full=True, desc=f"{target.name} test")
+    source = str(checkpoint_path) if checkpoint_path else "the trained adapters"
+    normalization = None  # --normalize test: the release's min-max over the test set
+    if config.normalize == "valid":
+        _, normalization, _ = fit_reference(config, model, target, text_features, memory_bank(), support_samples)
+        print(f"normalisation: fitted on {normalization.source}")
+    elif config.normalize == "checkpoint":
+        normalization = stored_normalization(meta, source)
+        if normalization is None:
+            raise MVFAError(
+                f"{source} holds no normalisation statistics (a release checkpoint, or trained with "
+                "--threshold_rule none or without valid data): use --normalize valid or test"
+            )
+        print(f"normalisation: stored in the checkpoint ({normalization.source})")
+    threshold = stored_threshold(meta, source, config.mode, target.has_masks)
+    score_under = threshold[1] if threshold is not None and normalization != threshold[1] else None
+
+    result = evaluate(
+        model, test_set, text_features, target.has_masks, memory_bank(), config.eval_batch_size, config.precision,
+        True, desc=f"{target.name} test", normalization=normalization, score_under=score_under,
+    )
     metrics = {**result.metrics, "seconds": round(time.time() - started, 2)}
     print_release_lines(config.obj, metrics)
     payload = {
@@ -414,8 +622,32 @@ def run(config: RunConfig) -> RunResult:
         "script": ("train" if config.train else "test") + ("_few" if config.mode == "few-shot" else "_zero"),
         "metrics": metrics,
         "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "normalization": {"mode": config.normalize, **result.normalization.to_dict()},
         "config": json_ready(config),
     }
+    if threshold is not None:
+        value, _ = threshold
+        scores = result.fixed_scores if score_under is not None else result.image_scores
+        test = threshold_metrics(scores, result.labels, value)
+        payload["threshold"] = {
+            "value": value, "rule": meta.get("threshold_rule"), "target_fpr": meta.get("target_fpr"),
+            "normalization": "checkpoint", "test": test,
+        }
+        print(
+            f"threshold {value:.4f} ({meta.get('threshold_rule')} on valid, checkpoint normalisation): test precision "
+            f"{test['precision']:.4f} recall {test['recall']:.4f} F1 {test['f1']:.4f} FPR {test['fpr']:.4f}"
+        )
+    if config.save_maps is not None:
+        def maps_of(indices: list[int]) -> torch.Tensor:
+            if result.maps is not None:
+                return result.maps[indices]
+            return evaluate(
+                model, test_set.subset(indices), text_features, False, memory_bank(), config.eval_batch_size,
+                config.precision, desc="maps", normalization=result.normalization, keep_maps=True, metrics=False,
+            ).maps
+
+        written = map_overlays(config, result, test_set, maps_of, config.output_dir / "maps")
+        print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
     write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
     if log_rows:
         write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))

@@ -7,11 +7,16 @@ One evaluation path serves zero-shot and few-shot, training-time selection and t
 - few-shot, no masks: score = 0.5 mm(zero-shot score) + 0.5 mm(mean of the det memory map).
 mm is min-max over the whole set, as the release. Maps are held once at full size; the memory
 branch keeps only its per-stage patch grids and is upsampled again when fused (bitwise the same).
+
+A fixed `Normalization` (per-branch low/high fitted once, e.g. on valid normal images, by
+`fit_normalization`) replaces the set-wide min-max when given to `evaluate`: every image's score
+then depends only on that image (and the support), so one image can be scored alone (mvfa.predict).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -107,6 +112,11 @@ class TensorSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, indices) -> "TensorSet":
+        """The images at `indices` (in that order), without a prefix cache."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return TensorSet(self.images[index], self.masks[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+
     def image_batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         return self.images[start:stop].to(device).float() / PIXEL_LEVELS
 
@@ -143,14 +153,117 @@ def build_memory_bank(
     return MemoryBank([torch.cat(s) for s in zip(*seg)], [torch.cat(d) for d in zip(*det)])
 
 
+# ------------------------------------------------------------------------------------------------
+# Normalisation of the branches
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Fixed min-max statistics of each scoring branch (plain floats, so checkpoints keep them as data).
+
+    Each branch value v becomes (v - low) / (high - low) (or v - low when high == low). Branches:
+    - zero_score: the zero-shot image score (det tokens); zero-shot scores, few-shot without masks;
+    - zero_map: the zero-shot map's pixels (seg tokens; datasets with masks);
+    - few_map: the memory map's pixels (seg tokens; few-shot, datasets with masks);
+    - few_score: the memory map's image mean (det tokens; few-shot, datasets without masks).
+    Fitted on normal images (`fit_normalization`), normal images then score about 0..1 and
+    anomalies above. `count` and `source` say what the statistics were fitted on.
+    """
+
+    zero_score_low: float
+    zero_score_high: float
+    zero_map_low: float | None = None
+    zero_map_high: float | None = None
+    few_map_low: float | None = None
+    few_map_high: float | None = None
+    few_score_low: float | None = None
+    few_score_high: float | None = None
+    count: int = 0
+    source: str = ""
+
+    BRANCHES = ("zero_score", "zero_map", "few_map", "few_score")
+
+    @classmethod
+    def identity(cls, source: str = "none: raw branch values") -> "Normalization":
+        """Low 0 and high 1 everywhere: the raw branch values (used when no statistics exist)."""
+        return cls(0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0, source)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, where: str = "normalization") -> "Normalization":
+        """Read `to_dict`'s output back; a malformed entry raises MVFAError naming `where`."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or "zero_score_low" not in data or set(data) - names:
+            raise MVFAError(f"{where} is malformed (expected the keys {', '.join(sorted(names))})")
+        values = {}
+        for key, value in data.items():
+            if key == "source":
+                values[key] = str(value)
+            elif key == "count":
+                values[key] = int(value)
+            elif value is None:
+                values[key] = None
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                values[key] = float(value)
+            else:
+                raise MVFAError(f"{where}: {key} is {value!r}, not a finite number")
+        return cls(**values)
+
+    def bounds(self, branch: str) -> tuple[float, float] | None:
+        low, high = getattr(self, f"{branch}_low"), getattr(self, f"{branch}_high")
+        return None if low is None or high is None else (low, high)
+
+    @staticmethod
+    def needed(few_shot: bool, has_masks: bool) -> tuple[str, ...]:
+        """The branches a scoring mode uses."""
+        if not few_shot:
+            return ("zero_score", "zero_map") if has_masks else ("zero_score",)
+        return ("zero_map", "few_map") if has_masks else ("zero_score", "few_score")
+
+    def missing(self, few_shot: bool, has_masks: bool) -> list[str]:
+        return [b for b in self.needed(few_shot, has_masks) if self.bounds(b) is None]
+
+
+def _affine(values: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    return scoring.rescale_(values.clone(), *bounds)
+
+
+class _MinMax:
+    """Running min and max of several branches over batches."""
+
+    def __init__(self) -> None:
+        self.low: dict[str, float] = {}
+        self.high: dict[str, float] = {}
+
+    def update(self, branch: str, values: torch.Tensor) -> None:
+        low, high = float(values.min()), float(values.max())
+        self.low[branch] = min(low, self.low.get(branch, math.inf))
+        self.high[branch] = max(high, self.high.get(branch, -math.inf))
+
+    def result(self, count: int, source: str) -> Normalization:
+        out = {}
+        for branch in Normalization.BRANCHES:
+            out[f"{branch}_low"] = self.low.get(branch)
+            out[f"{branch}_high"] = self.high.get(branch)
+        return Normalization(**out, count=count, source=source)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+
+
 @dataclass
 class EvalResult:
     image_scores: np.ndarray  # [N] the score image AUROC uses
     labels: np.ndarray  # [N]
     paths: list[str]
-    maps: torch.Tensor | None = None  # [N, S, S] the maps pixel AUROC uses (datasets with masks)
+    maps: torch.Tensor | None = None  # [N, S, S] the maps pixel AUROC uses (datasets with masks), or kept maps
     masks: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
+    normalization: Normalization | None = None  # the statistics used (the set's own min-max by default)
+    fixed_scores: np.ndarray | None = None  # image scores under `score_under`, when asked
 
     @property
     def selection_score(self) -> float:
@@ -162,6 +275,120 @@ def check_two_classes(labels: torch.Tensor, what: str) -> None:
     if labels.unique().numel() < 2:
         kind = "abnormal" if int(labels[0]) == 1 else "normal"
         raise MVFAError(f"{what} holds only {kind} images ({len(labels)}): AUROC is undefined; it needs both classes")
+
+
+@dataclass
+class _Branches:
+    """Raw branch values of one batch (images start..stop of the set)."""
+
+    start: int
+    stop: int
+    zero_score: torch.Tensor  # [b] zero-shot image score (det)
+    zero_map: torch.Tensor | None  # [b, S, S] zero-shot map: seg with masks, det when asked for without
+    few_grids: list[torch.Tensor] | None  # memory distance grids per stage (few-shot)
+    few_map: torch.Tensor | None  # [b, S, S] memory map (few-shot)
+    few_mean: torch.Tensor | None  # [b] memory map's mean (few-shot, datasets without masks)
+
+
+@torch.no_grad()
+def _branches(
+    model: AdaptedViT, data: TensorSet, text_features: torch.Tensor, has_masks: bool, memory_bank: MemoryBank | None,
+    batch_size: int, precision: str, memory_chunk_elements: int, desc: str, det_maps: bool = False,
+):
+    """Yield the raw branches batch by batch (the one forward pass every scoring path shares)."""
+    device = next(model.parameters()).device
+    size = model.image_size
+    count = len(data)
+    cache = data.prefix_cache if data.prefix_cache is not None and data.prefix_cache.batch_size == batch_size else None
+    for index, start in enumerate(progress(range(0, count, batch_size), desc)):
+        stop = min(start + batch_size, count)
+        with autocast_for(device, precision):
+            images = None if cache is not None else data.image_batch(start, stop, device)
+            tokens = _adapted_tokens(model, images, cache, index)
+        tokens = tokens.patches()
+        zero_score = scoring.zero_shot_image_score(tokens.det, text_features)
+        zero_map = None
+        if has_masks:
+            zero_map = scoring.zero_shot_map(tokens.seg, text_features, size)
+        elif det_maps:
+            zero_map = scoring.zero_shot_map(tokens.det, text_features, size)
+        few_grids = few_map = few_mean = None
+        if memory_bank is not None:
+            stage_tokens, bank = (tokens.seg, memory_bank.seg) if has_masks else (tokens.det, memory_bank.det)
+            few_grids = scoring.memory_distance_grids(stage_tokens, bank, memory_chunk_elements)
+            few_map = scoring.upsample_and_sum(few_grids, size)
+            if not has_masks:
+                few_mean = few_map.mean(dim=(1, 2))
+        yield _Branches(start, stop, zero_score, zero_map, few_grids, few_map, few_mean)
+
+
+def _fixed_batch(
+    batch: _Branches, norm: Normalization, has_masks: bool, few_shot: bool, want_map: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image scores, map or None) of one batch under fixed statistics."""
+    weight = scoring.FUSION_WEIGHT
+    if not few_shot:
+        score = _affine(batch.zero_score, norm.bounds("zero_score"))
+        if has_masks:
+            return score, _affine(batch.zero_map, norm.bounds("zero_map"))
+        return score, (_affine(batch.zero_map, norm.bounds("zero_score")) if want_map else None)
+    if has_masks:
+        fused = weight * _affine(batch.zero_map, norm.bounds("zero_map")) + (1 - weight) * _affine(
+            batch.few_map, norm.bounds("few_map")
+        )
+        return fused.flatten(1).amax(dim=1), fused
+    score = weight * _affine(batch.zero_score, norm.bounds("zero_score")) + (1 - weight) * _affine(
+        batch.few_mean, norm.bounds("few_score")
+    )
+    if not want_map:
+        return score, None
+    fused = weight * _affine(batch.zero_map, norm.bounds("zero_score")) + (1 - weight) * _affine(
+        batch.few_map, norm.bounds("few_score")
+    )
+    return score, fused
+
+
+def _check_covers(norm: Normalization, few_shot: bool, has_masks: bool, what: str) -> None:
+    missing = norm.missing(few_shot, has_masks)
+    if missing:
+        mode = "few-shot" if few_shot else "zero-shot"
+        raise MVFAError(
+            f"{what} ({norm.source or 'no source'}) lack the {', '.join(missing)} branch statistics that "
+            f"{mode} scoring {'with' if has_masks else 'without'} masks needs"
+        )
+
+
+@torch.no_grad()
+def fit_normalization(
+    model: AdaptedViT,
+    data: TensorSet,
+    text_features: torch.Tensor,
+    has_masks: bool,
+    memory_bank: MemoryBank | None = None,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    source: str = "",
+    memory_chunk_elements: int = 1 << 24,
+) -> Normalization:
+    """Min and max of every branch over `data` (meant for normal images not in the support).
+
+    The zero-shot branches are always fitted; the memory branch when a memory bank is given.
+    Training (calibration), the test scripts' --normalize valid and so predict use this one function.
+    """
+    if len(data) == 0:
+        raise MVFAError("cannot fit the normalisation on an empty image set")
+    stats = _MinMax()
+    for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
+                           memory_chunk_elements, "fitting normalisation"):
+        stats.update("zero_score", batch.zero_score)
+        if has_masks:
+            stats.update("zero_map", batch.zero_map)
+        if memory_bank is not None:
+            if has_masks:
+                stats.update("few_map", batch.few_map)
+            else:
+                stats.update("few_score", batch.few_mean)
+    return stats.result(len(data), source)
 
 
 @torch.no_grad()
@@ -176,42 +403,66 @@ def evaluate(
     full_metrics: bool = False,
     memory_chunk_elements: int = 1 << 24,
     desc: str = "evaluating",
+    normalization: Normalization | None = None,
+    keep_maps: bool = False,
+    score_under: Normalization | None = None,
+    metrics: bool = True,
 ) -> EvalResult:
-    """Score every image of `data`; memory_bank None -> zero-shot, else few-shot (the release's fusion)."""
+    """Score every image of `data`; memory_bank None -> zero-shot, else few-shot (the release's fusion).
+
+    normalization None: the release's min-max over the whole set (`result.normalization` records the
+    set's statistics). Otherwise the fixed statistics: each image is scored on its own.
+    keep_maps: also keep maps for datasets without masks (fixed normalisation only): the det
+    branches' maps, normalised like the image scores (their image mean is about the score).
+    score_under: additionally report the image scores under these statistics (`fixed_scores`).
+    metrics False: no metrics (e.g. a set of one class).
+    """
+    if normalization is not None:
+        return _evaluate_fixed(model, data, text_features, has_masks, memory_bank, batch_size, precision, full_metrics,
+                               memory_chunk_elements, desc, normalization, keep_maps, score_under, metrics)
+    if keep_maps and not has_masks:
+        raise ValueError("maps of a dataset without masks need a fixed normalization")
     device = next(model.parameters()).device
     size = model.image_size
     count = len(data)
+    few_shot = memory_bank is not None
+    if score_under is not None:
+        _check_covers(score_under, few_shot, has_masks, "the statistics to score under")
     zero_scores = torch.empty(count, device=device)
-    few_means = torch.empty(count, device=device) if memory_bank is not None and not has_masks else None
+    few_means = torch.empty(count, device=device) if few_shot and not has_masks else None
+    fixed_scores = torch.empty(count, device=device) if score_under is not None else None
     maps = torch.empty(count, size, size, device=device) if has_masks else None
     few_min, few_max = torch.tensor(torch.inf, device=device), torch.tensor(-torch.inf, device=device)
-    few_grids = [] if memory_bank is not None and has_masks else None
-    cache = data.prefix_cache if data.prefix_cache is not None and data.prefix_cache.batch_size == batch_size else None
-    for index, start in enumerate(progress(range(0, count, batch_size), desc)):
-        stop = min(start + batch_size, count)
-        with autocast_for(device, precision):
-            images = None if cache is not None else data.image_batch(start, stop, device)
-            tokens = _adapted_tokens(model, images, cache, index)
-        tokens = tokens.patches()
-        zero_scores[start:stop] = scoring.zero_shot_image_score(tokens.det, text_features)
+    few_grids = [] if few_shot and has_masks else None
+    for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
+                           memory_chunk_elements, desc):
+        start, stop = batch.start, batch.stop
+        zero_scores[start:stop] = batch.zero_score
         if has_masks:
-            maps[start:stop] = scoring.zero_shot_map(tokens.seg, text_features, size)
-        if memory_bank is not None:
-            stage_tokens, bank = (tokens.seg, memory_bank.seg) if has_masks else (tokens.det, memory_bank.det)
-            grids = scoring.memory_distance_grids(stage_tokens, bank, memory_chunk_elements)
-            few_map = scoring.upsample_and_sum(grids, size)
+            maps[start:stop] = batch.zero_map
+        if few_shot:
             if has_masks:
-                few_grids.append(grids)
-                few_min, few_max = torch.minimum(few_min, few_map.min()), torch.maximum(few_max, few_map.max())
+                few_grids.append(batch.few_grids)
+                few_min, few_max = torch.minimum(few_min, batch.few_map.min()), torch.maximum(few_max, batch.few_map.max())
             else:
-                few_means[start:stop] = few_map.mean(dim=(1, 2))
+                few_means[start:stop] = batch.few_mean
+        if fixed_scores is not None:
+            fixed_scores[start:stop] = _fixed_batch(batch, score_under, has_masks, few_shot, want_map=False)[0]
+
+    used = _MinMax()  # the set's own statistics, recorded before the maps are normalised in place
+    used.update("zero_score", zero_scores)
+    if has_masks:
+        used.update("zero_map", maps)
+        if few_shot:
+            used.low["few_map"], used.high["few_map"] = float(few_min), float(few_max)
+    elif few_shot:
+        used.update("few_score", few_means)
 
     labels = data.labels
     if memory_bank is None:  # the release min-max normalises the zero-shot scores and maps too
         image_scores = scoring.min_max(zero_scores)
         if has_masks:
-            low, high = maps.min(), maps.max()
-            maps.sub_(low).div_(high - low)
+            scoring.rescale_(maps, maps.min(), maps.max())
     elif has_masks:
         _fuse_in_place(maps, few_grids, few_min, few_max, size)
         image_scores = maps.flatten(1).amax(dim=1)
@@ -219,17 +470,60 @@ def evaluate(
         image_scores = scoring.fuse(zero_scores, few_means)
 
     result = EvalResult(image_scores.cpu().numpy(), labels.numpy(), list(data.paths))
+    result.normalization = used.result(count, "min-max over this set (the release)")
+    if fixed_scores is not None:
+        result.fixed_scores = fixed_scores.cpu().numpy()
     if has_masks:
         result.maps, result.masks = maps, data.masks
+    if metrics:
+        result.metrics = _metrics(result, maps, data, has_masks, full_metrics)
+    return result
+
+
+def _metrics(result: EvalResult, maps: torch.Tensor | None, data: TensorSet, has_masks: bool, full_metrics: bool) -> dict:
     if full_metrics:
-        result.metrics = compute_metrics(
+        return compute_metrics(
             result.image_scores, result.labels,
             maps.cpu() if has_masks else None, data.masks if has_masks else None,
         )
-    else:
-        result.metrics = {"image_auroc": auroc(result.image_scores, result.labels)}
-        if has_masks:
-            result.metrics["pixel_auroc"] = pixel_auroc(maps.flatten(), data.masks.to(maps.device).flatten())
+    out = {"image_auroc": auroc(result.image_scores, result.labels)}
+    if has_masks:
+        out["pixel_auroc"] = pixel_auroc(maps.flatten(), data.masks.to(maps.device).flatten())
+    return out
+
+
+def _evaluate_fixed(
+    model, data, text_features, has_masks, memory_bank, batch_size, precision, full_metrics, memory_chunk_elements,
+    desc, normalization: Normalization, keep_maps: bool, score_under: Normalization | None, metrics: bool,
+) -> EvalResult:
+    """evaluate() under fixed statistics: batch by batch, nothing depends on the other images."""
+    device = next(model.parameters()).device
+    size = model.image_size
+    count = len(data)
+    few_shot = memory_bank is not None
+    _check_covers(normalization, few_shot, has_masks, "the normalisation statistics")
+    if score_under is not None:
+        _check_covers(score_under, few_shot, has_masks, "the statistics to score under")
+    want_maps = has_masks or keep_maps
+    image_scores = torch.empty(count, device=device)
+    fixed_scores = torch.empty(count, device=device) if score_under is not None else None
+    maps = torch.empty(count, size, size, device=device) if want_maps else None
+    for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
+                           memory_chunk_elements, desc, det_maps=want_maps and not has_masks):
+        start, stop = batch.start, batch.stop
+        scores, batch_map = _fixed_batch(batch, normalization, has_masks, few_shot, want_maps)
+        image_scores[start:stop] = scores
+        if want_maps:
+            maps[start:stop] = batch_map
+        if fixed_scores is not None:
+            fixed_scores[start:stop] = _fixed_batch(batch, score_under, has_masks, few_shot, want_map=False)[0]
+    result = EvalResult(image_scores.cpu().numpy(), data.labels.numpy(), list(data.paths), normalization=normalization)
+    if fixed_scores is not None:
+        result.fixed_scores = fixed_scores.cpu().numpy()
+    if want_maps:
+        result.maps, result.masks = maps, data.masks
+    if metrics:
+        result.metrics = _metrics(result, maps, data, has_masks, full_metrics)
     return result
 
 
@@ -237,11 +531,83 @@ def _fuse_in_place(
     maps: torch.Tensor, few_grids: list[list[torch.Tensor]], few_min: torch.Tensor, few_max: torch.Tensor, size: int
 ) -> None:
     """maps <- 0.5 mm(maps) + 0.5 mm(memory maps), one batch of memory maps re-upsampled at a time."""
-    zero_min, zero_max = maps.min(), maps.max()
-    maps.sub_(zero_min).div_(zero_max - zero_min).mul_(scoring.FUSION_WEIGHT)
+    scoring.rescale_(maps, maps.min(), maps.max()).mul_(scoring.FUSION_WEIGHT)
     start = 0
     for grids in few_grids:
         few_map = scoring.upsample_and_sum(grids, size)
         stop = start + few_map.shape[0]
-        maps[start:stop] += (1 - scoring.FUSION_WEIGHT) * ((few_map - few_min) / (few_max - few_min))
+        maps[start:stop] += (1 - scoring.FUSION_WEIGHT) * scoring.rescale_(few_map, few_min, few_max)
         start = stop
+
+
+# ------------------------------------------------------------------------------------------------
+# Thresholds
+
+THRESHOLD_RULES = ("f1", "fpr")
+
+
+def threshold_metrics(scores, labels, threshold: float) -> dict:
+    """Counts and rates of the decision `score >= threshold` (abnormal) against labels (1 abnormal)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    predicted = scores >= threshold
+    tp, fp = int((predicted & labels).sum()), int((predicted & ~labels).sum())
+    fn, tn = int((~predicted & labels).sum()), int((~predicted & ~labels).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        "fpr": fp / (fp + tn) if fp + tn else 0.0,
+    }
+
+
+def _between(upper: float, lower: float) -> float:
+    """A value in (lower, upper]: their midpoint, or `upper` when no float lies strictly between."""
+    middle = (upper + lower) / 2
+    return middle if lower < middle <= upper else upper
+
+
+def choose_threshold(scores, labels, rule: str = "f1", target_fpr: float = 0.05) -> dict:
+    """A decision threshold (abnormal when score >= threshold) from scored reference images.
+
+    f1: the threshold of the best F1 (ties: the highest), placed midway to the next lower score so
+        that the reference decisions stay the same; needs normal and abnormal images.
+    fpr: the lowest threshold at which at most `target_fpr` of the normal images are flagged
+        (midway to the next normal score; just above the highest one when none may be flagged).
+    Returns {"threshold", "rule", "target_fpr" (fpr), "reference": threshold_metrics on the images}.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if rule not in THRESHOLD_RULES:
+        raise MVFAError(f"--threshold_rule {rule!r} is not known: choose one of {', '.join(THRESHOLD_RULES)}")
+    normal = np.sort(scores[~labels])
+    if rule == "f1":
+        positives = np.sort(scores[labels])
+        if len(positives) == 0 or len(normal) == 0:
+            raise MVFAError("the F1 threshold needs normal and abnormal reference images")
+        candidates = np.unique(scores)[::-1]  # descending
+        tp = len(positives) - np.searchsorted(positives, candidates, side="left")
+        fp = len(normal) - np.searchsorted(normal, candidates, side="left")
+        f1 = 2 * tp / (tp + fp + len(positives))
+        best = int(np.argmax(f1))  # the first maximum: the highest threshold among ties
+        threshold = float(candidates[best])
+        if best + 1 < len(candidates):
+            threshold = _between(threshold, float(candidates[best + 1]))
+        detail = {"threshold": threshold, "rule": "f1"}
+    else:
+        if not 0.0 < target_fpr < 1.0:
+            raise MVFAError(f"--target_fpr {target_fpr} is invalid: use a rate between 0 and 1 (e.g. 0.05)")
+        if len(normal) == 0:
+            raise MVFAError("the FPR threshold needs normal reference images")
+        allowed = int(math.floor(target_fpr * len(normal) + 1e-9))  # normal images that may be flagged
+        cut = float(normal[len(normal) - allowed - 1])  # the highest normal score that must stay below
+        above = normal[normal > cut]
+        threshold = _between(float(above[0]), cut) if len(above) else float(np.nextafter(cut, np.inf))
+        if threshold <= cut:
+            threshold = float(np.nextafter(cut, np.inf))
+        detail = {"threshold": threshold, "rule": "fpr", "target_fpr": float(target_fpr)}
+    detail["reference"] = threshold_metrics(scores, labels, threshold)
+    return detail

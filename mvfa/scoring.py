@@ -97,12 +97,17 @@ def few_shot_map(
     return upsample_and_sum(memory_distance_grids(stage_tokens, memory_bank, max_elements), image_size)
 
 
+def rescale_(values: torch.Tensor, low, high) -> torch.Tensor:
+    """In place: (v - low) / (high - low); only v - low where high == low (a constant has no ranking: no 0 / 0)."""
+    values.sub_(low)
+    if high > low:
+        values.div_(high - low)
+    return values
+
+
 def min_max(values: torch.Tensor) -> torch.Tensor:
     """(v - min) / (max - min) over the whole tensor (the release's global normalisation)."""
-    low, high = values.min(), values.max()
-    if high == low:  # a constant input carries no ranking; avoid 0 / 0
-        return torch.zeros_like(values)
-    return (values - low) / (high - low)
+    return rescale_(values.clone(), values.min(), values.max())
 
 
 def fuse(zero_shot: torch.Tensor, few_shot: torch.Tensor) -> torch.Tensor:

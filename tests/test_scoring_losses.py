@@ -193,3 +193,10 @@ def test_text_features_are_cached_on_disk_by_weights_and_prompts(tiny_clip, tmp_
     assert len(calls) == 3
     text.TextFeatureBank(tiny_clip, None)("Brain")  # no disk cache
     assert len(calls) == 4
+
+
+def test_constant_maps_normalise_to_zeros_not_nan():
+    """Saturated maps (e.g. fp16 probabilities flushed to 0) are constant: min-max must not divide 0 by 0."""
+    values = torch.full((2, 3), 4.0)
+    assert torch.equal(scoring.min_max(values), torch.zeros(2, 3))
+    assert torch.equal(scoring.rescale_(values.clone(), 4.0, 4.0), torch.zeros(2, 3))

@@ -1,0 +1,344 @@
+"""python -m dataset.prepare: your own images -> the release's folder layout, split into valid and test.
+
+    python -m dataset.prepare --normal DIR --abnormal DIR [--masks DIR] --out data/Knee_AD
+                              [--valid_fraction 0.3] [--seed 0] [--link] [--mask_suffix _mask]
+
+Takes a flat folder of normal images and one of abnormal images (and optionally a folder of pixel
+masks for the abnormal ones) and writes ``<out>/{valid,test}/{good,Ungood}/img`` (plus
+``Ungood/anomaly_mask`` with masks), which :func:`dataset.medical.open_dataset` reads.
+
+Decisions:
+
+* The split is deterministic and per class: files are ordered by sha256 of ``"<seed>:<class>:<file
+  name>"`` and the first ``round(valid_fraction * n)`` go to valid (at least one to each split
+  when a class has two or more images). It depends only on the file names and the seed, not on the
+  listing order, and adding images moves few of the others.
+* Only files directly in each folder are used; files whose suffix is not an image suffix and
+  sub-folders are reported and skipped; hidden files are ignored. Every image's header is read
+  (an unreadable image stops the run, naming it).
+* Masks are matched to abnormal images by file name, else by stem (``0001.jpg`` -> ``0001.png``;
+  ``--mask_suffix _mask`` also matches ``0001_mask.png``); every abnormal image needs one of its
+  image's size. Masks are written as ``anomaly_mask/<image stem><mask suffix>``.
+* Files are copied (``--link``: hard-linked). The output must not exist or be empty; it is written
+  to a temporary folder beside it and renamed into place when complete. ``split.csv`` in it records
+  where every file came from.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from dataset.errors import DatasetError
+from dataset.medical import (
+    ABNORMAL_DIR,
+    DATASET_SUFFIX,
+    IMAGE_DIR,
+    IMAGE_SUFFIXES,
+    MASK_FOLDERS,
+    NORMAL_DIR,
+    SPLITS,
+)
+
+CLASSES = (("normal", NORMAL_DIR), ("abnormal", ABNORMAL_DIR))
+MASK_DIR = MASK_FOLDERS[0]
+
+
+@dataclass
+class Item:
+    source: Path
+    label: str  # "normal" or "abnormal"
+    split: str = ""
+    mask: Path | None = None
+    matched_by: str = ""  # "name" or "stem"
+
+
+@dataclass
+class Report:
+    """What prepare found and wrote."""
+
+    out: Path
+    items: list[Item]
+    has_masks: bool
+    skipped: list[str] = field(default_factory=list)
+    unused_masks: int = 0
+    linked: bool = False
+
+    def count(self, split: str, label: str) -> int:
+        return sum(1 for i in self.items if i.split == split and i.label == label)
+
+    def masks(self, split: str) -> int:
+        return sum(1 for i in self.items if i.split == split and i.mask is not None)
+
+    def warnings(self) -> list[str]:
+        out = []
+        for split in SPLITS:
+            for label, _ in CLASSES:
+                if self.count(split, label) == 0:
+                    use = "the test scripts need both classes" if split == "test" else "few-shot training needs k of each class"
+                    out.append(f"warning: {split} holds no {label} image ({use})")
+        valid_min = min(self.count("valid", label) for label, _ in CLASSES)
+        if valid_min:
+            out.append(f"note: few-shot --shot can be at most {valid_min} (valid's smaller class); "
+                       f"--select valid needs more than --shot of each")
+        return out
+
+    def table(self) -> str:
+        rows = [("split", "normal", "abnormal", "masks")]
+        for split in SPLITS:
+            masks = str(self.masks(split)) if self.has_masks else "-"
+            rows.append((split, str(self.count(split, "normal")), str(self.count(split, "abnormal")), masks))
+        total_masks = str(sum(self.masks(s) for s in SPLITS)) if self.has_masks else "-"
+        rows.append(("total", str(sum(self.count(s, "normal") for s in SPLITS)),
+                     str(sum(self.count(s, "abnormal") for s in SPLITS)), total_masks))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join(
+            "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        )
+
+    def text(self) -> str:
+        name = self.out.name[: -len(DATASET_SUFFIX)]
+        abnormal = [i for i in self.items if i.label == "abnormal"]
+        if self.has_masks:
+            by_name = sum(1 for i in abnormal if i.matched_by == "name")
+            masks = f"yes, all {len(abnormal)} abnormal images ({by_name} by file name, {len(abnormal) - by_name} by stem)"
+            if self.unused_masks:
+                masks += f"; {self.unused_masks} mask files matched no abnormal image"
+        else:
+            masks = "no (image-level labels only: no pixel metrics, seg adapters not trained)"
+        lines = [f"dataset {name}: masks {masks}", self.table()]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}: " + "; ".join(self.skipped))
+        lines += self.warnings()
+        lines.append(f"-> {self.out.resolve()} ({'hard-linked' if self.linked else 'copied'}; split.csv lists every file)")
+        lines.append(f"next: python train_few.py --obj {name} --data_path {self.out.parent} "
+                     f"--prompt_name \"<object word, e.g. knee MRI>\" --shot 4 --select valid")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding files
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_folder(folder: Path, what: str, skipped: list[str]) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; others are added to `skipped`."""
+    if not folder.is_dir():
+        raise DatasetError(f"{what} {folder} is not a folder")
+    images = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            skipped.append(f"{path} (a folder, not searched)")
+        elif _is_image(path):
+            images.append(path)
+        else:
+            skipped.append(f"{path} (not an image)")
+    return images
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"cannot read image {path}: {str(err) or type(err).__name__}; fix or remove it") from None
+
+
+def split_order(names: list[str], seed: int, label: str) -> list[str]:
+    """`names` in the split's order: by sha256 of '<seed>:<label>:<name>' (independent of listing order)."""
+    return sorted(names, key=lambda name: (hashlib.sha256(f"{seed}:{label}:{name}".encode()).hexdigest(), name))
+
+
+def valid_count(n: int, fraction: float) -> int:
+    """round(fraction * n), half up; at least one image in each split when n >= 2."""
+    count = int(math.floor(fraction * n + 0.5))
+    if n >= 2:
+        count = min(max(count, 1), n - 1)
+    return count
+
+
+def assign_splits(items: list[Item], fraction: float, seed: int) -> None:
+    for label, _ in CLASSES:
+        of_class = {i.source.name: i for i in items if i.label == label}
+        order = split_order(list(of_class), seed, label)
+        cut = valid_count(len(order), fraction)
+        for rank, name in enumerate(order):
+            of_class[name].split = "valid" if rank < cut else "test"
+
+
+def match_masks(abnormal: list[Item], masks_dir: Path, mask_suffix: str, skipped: list[str]) -> int:
+    """Set each abnormal item's mask (by name, else stem); returns the number of unused mask files."""
+    masks = list_folder(masks_dir, "--masks", skipped)
+    by_name = {p.name: p for p in masks}
+    by_stem: dict[str, list[Path]] = {}
+    for path in masks:
+        stem = path.stem[: -len(mask_suffix)] if mask_suffix and path.stem.endswith(mask_suffix) else path.stem
+        by_stem.setdefault(stem, []).append(path)
+    missing = []
+    for item in abnormal:
+        if item.source.name in by_name:
+            item.mask, item.matched_by = by_name[item.source.name], "name"
+            continue
+        candidates = by_stem.get(item.source.stem, [])
+        if len(candidates) > 1:
+            raise DatasetError(
+                f"several masks in {masks_dir} match {item.source.name} by stem "
+                f"({', '.join(p.name for p in candidates)}): keep one"
+            )
+        if candidates:
+            item.mask, item.matched_by = candidates[0], "stem"
+        else:
+            missing.append(item.source.name)
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} abnormal images have no mask in {masks_dir} (first: {missing[0]}): masks are matched by "
+            f"file name or stem{' after removing ' + repr(mask_suffix) if mask_suffix else ' (--mask_suffix strips e.g. _mask)'}"
+        )
+    stems = {}
+    for item in abnormal:
+        if item.source.stem in stems:
+            raise DatasetError(
+                f"abnormal images {stems[item.source.stem]} and {item.source.name} share a stem, so their masks "
+                "would share a name: rename one"
+            )
+        stems[item.source.stem] = item.source.name
+    used = {item.mask for item in abnormal}
+    return sum(1 for path in masks if path not in used)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _place(source: Path, target: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+        except OSError as err:
+            raise DatasetError(
+                f"cannot hard-link {source} to {target} ({err.strerror or err}): another file system? drop --link to copy"
+            ) from None
+    else:
+        shutil.copy2(source, target)
+
+
+def _write(root: Path, items: list[Item], has_masks: bool, link: bool) -> None:
+    for split in SPLITS:
+        for _, folder in CLASSES:
+            (root / split / folder / IMAGE_DIR).mkdir(parents=True)
+        if has_masks:
+            (root / split / ABNORMAL_DIR / MASK_DIR).mkdir()
+    rows = [["split", "class", "file", "source", "mask", "mask_source"]]
+    for item in sorted(items, key=lambda i: (i.split, i.label, i.source.name)):
+        folder = dict(CLASSES)[item.label]
+        target = root / item.split / folder / IMAGE_DIR / item.source.name
+        _place(item.source, target, link)
+        mask_name = ""
+        if item.mask is not None:
+            mask_name = item.source.stem + item.mask.suffix
+            _place(item.mask, root / item.split / ABNORMAL_DIR / MASK_DIR / mask_name, link)
+        rows.append([item.split, item.label, item.source.name, str(item.source), mask_name, str(item.mask or "")])
+    with open(root / "split.csv", "w", newline="") as stream:
+        csv.writer(stream, lineterminator="\n").writerows(rows)
+
+
+def prepare(
+    normal: Path, abnormal: Path, out: Path, masks: Path | None = None, valid_fraction: float = 0.3, seed: int = 0,
+    link: bool = False, mask_suffix: str = "",
+) -> Report:
+    """Build the dataset folder `out` (named <Name>_AD); returns the report. Bad input raises DatasetError."""
+    normal, abnormal, out = Path(normal), Path(abnormal), Path(out)
+    if not out.name.endswith(DATASET_SUFFIX) or len(out.name) <= len(DATASET_SUFFIX):
+        raise DatasetError(f"--out {out} must be a folder named <Name>{DATASET_SUFFIX} (e.g. data/Knee{DATASET_SUFFIX})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"--out {out} exists and is not empty: choose a new folder (nothing is overwritten)")
+    if not 0.0 < valid_fraction < 1.0:
+        raise DatasetError(f"--valid_fraction {valid_fraction} is invalid: use a share between 0 and 1 (e.g. 0.3)")
+    if seed < 0:
+        raise DatasetError(f"--seed {seed} is invalid: use a non-negative integer")
+    if normal.is_dir() and abnormal.is_dir() and normal.resolve() == abnormal.resolve():
+        raise DatasetError(f"--normal and --abnormal are the same folder ({normal}): put each class in its own folder")
+
+    skipped: list[str] = []
+    items = [Item(p, "normal") for p in list_folder(normal, "--normal", skipped)]
+    items += [Item(p, "abnormal") for p in list_folder(abnormal, "--abnormal", skipped)]
+    if not items:
+        raise DatasetError(f"{normal} and {abnormal} hold no image ({'/'.join(IMAGE_SUFFIXES)} files)")
+    sizes = {item.source: _image_size(item.source) for item in items}
+    unused = 0
+    if masks is not None:
+        abnormal_items = [i for i in items if i.label == "abnormal"]
+        unused = match_masks(abnormal_items, Path(masks), mask_suffix, skipped)
+        for item in abnormal_items:
+            size = _image_size(item.mask)
+            if size != sizes[item.source]:
+                raise DatasetError(
+                    f"mask {item.mask} is {size[0]}x{size[1]} but its image {item.source} is "
+                    f"{sizes[item.source][0]}x{sizes[item.source][1]}: a mask must have its image's size"
+                )
+    assign_splits(items, valid_fraction, seed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write(tmp, items, masks is not None, link)
+        tmp.chmod(0o777 & ~_umask())
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Report(out, items, masks is not None, skipped, unused, link)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dataset.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--normal", required=True, help="folder of normal images")
+    parser.add_argument("--abnormal", required=True, help="folder of abnormal images")
+    parser.add_argument("--masks", default=None, help="folder of masks of the abnormal images (0/255, the image's size)")
+    parser.add_argument("--out", required=True, help="the dataset folder to create, named <Name>_AD (e.g. data/Knee_AD)")
+    parser.add_argument("--valid_fraction", type=float, default=0.3, help="share of each class put in valid (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    parser.add_argument("--link", action="store_true", help="hard-link instead of copying (same file system)")
+    parser.add_argument("--mask_suffix", default="", help="mask stems end with this (e.g. _mask: 0001_mask.png is 0001's mask)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = prepare(
+            Path(args.normal), Path(args.abnormal), Path(args.out), Path(args.masks) if args.masks else None,
+            args.valid_fraction, args.seed, args.link, args.mask_suffix,
+        )
+    except DatasetError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

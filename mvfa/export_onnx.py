@@ -1,0 +1,166 @@
+"""python -m mvfa.export_onnx: the adapted visual model (frozen CLIP ViT + seg/det adapters) as ONNX.
+
+    python -m mvfa.export_onnx --ckpt ADAPTERS --output model.onnx [--clip_ckpt CLIP_WEIGHTS] [--check]
+
+The exported graph maps `images` (float32 [B, 3, S, S], RGB in [0, 1] after the release's bicubic
+resize to S x S; no mean/std normalisation) to `seg_tokens` and `det_tokens`, each
+[stages, B, 1 + grid^2, embed] (class token first), with a dynamic batch axis. Scoring (text
+alignment, memory bank, normalisation, threshold) stays outside the graph: `<output>.json` holds
+what it needs, namely the checkpoint's metadata (normalisation statistics, threshold, ...), the
+input and output layout and, when the object word is known, the text features T [embed, 2].
+
+It uses torch.onnx's TorchScript exporter (dynamo=False), which needs the `onnx` package
+(requirements-optional.txt). Attention (scaled_dot_product_attention) exports as its explicit
+MatMul/Softmax form, numerically the same. `--check` runs the file in onnxruntime and compares its
+tokens with PyTorch's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .engine import build_adapted_model, write_atomic
+from .errors import MVFAError
+from .model import AdaptedViT
+from .predict import USER_ERRORS, _one_line, add_model_flags, read_adapters, resolve_settings
+from .text import default_cache_dir
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("seg_tokens", "det_tokens")
+
+
+class TokenGraph(nn.Module):
+    """images -> (seg tokens, det tokens), each stacked over stages: [stages, B, 1 + N, embed]."""
+
+    def __init__(self, model: AdaptedViT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model(images)
+        return torch.stack(tokens.seg), torch.stack(tokens.det)
+
+
+def export(model: AdaptedViT, path: Path, opset: int = DEFAULT_OPSET, metadata: dict | None = None) -> Path:
+    """Write the ONNX graph of `model` (on the CPU, fp32) to `path` through a temporary file."""
+    if importlib.util.find_spec("onnx") is None:
+        raise MVFAError("the ONNX export needs the onnx package: pip install -r requirements-optional.txt")
+    import onnx
+
+    graph = TokenGraph(model).to("cpu").float().eval()
+    example = torch.rand(2, 3, model.image_size, model.image_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        with warnings.catch_warnings():  # the tracer's notes on Python-level shape checks, the exporter's deprecation
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph, (example,), tmp_name, dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {1: "batch"} for name in OUTPUT_NAMES}},
+            )
+        if metadata:
+            proto = onnx.load(tmp_name)
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+            onnx.save(proto, tmp_name)
+        _readable(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _readable(path) -> None:
+    """Give a file made by mkstemp (mode 0600) the usual permissions under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported graph's tokens in onnxruntime (CPU)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise MVFAError("--check needs onnxruntime: pip install -r requirements-optional.txt")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    seg, det = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.cpu().float().numpy()})
+    return torch.from_numpy(seg), torch.from_numpy(det)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mvfa.export_onnx", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="adapter checkpoint")
+    parser.add_argument("--output", required=True, help="the .onnx file to write (its description goes to <output>.json)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--check", action="store_true", help="compare onnxruntime's tokens with PyTorch's on random images")
+    add_model_flags(parser, runtime=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = Path(args.ckpt)
+        state, meta = read_adapters(ckpt)
+        settings = resolve_settings(args, meta, str(ckpt), ("model_name", "img_size", "features_list"))
+        cache_dir = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        model, text_bank = build_adapted_model(
+            settings.model_name, settings.img_size, settings.features_list,
+            Path(args.clip_ckpt) if args.clip_ckpt else None, "openai", settings.quick_gelu, torch.device("cpu"), cache_dir,
+        )
+        model.load_adapter_state(state, source=str(ckpt))
+        model.eval()
+        description = {
+            "format": "mvfa-onnx/1",
+            "checkpoint": str(ckpt),
+            "model_name": settings.model_name,
+            "img_size": settings.img_size,
+            "features_list": list(settings.features_list),
+            "quick_gelu": settings.quick_gelu,
+            "object_word": settings.object_word,
+            "has_masks": settings.has_masks,
+            "input": f"{INPUT_NAME}: float32 [batch, 3, {settings.img_size}, {settings.img_size}], RGB in [0, 1], "
+                     "bicubic resize, no mean/std normalisation",
+            "outputs": f"{', '.join(OUTPUT_NAMES)}: float32 [stages, batch, 1 + grid^2, embed], class token first",
+            "checkpoint_meta": meta,
+        }
+        output = Path(args.output)
+        export(model, output, args.opset, {"mvfa": {k: v for k, v in description.items() if k != "checkpoint_meta"}})
+        if settings.object_word:
+            description["text_features"] = text_bank(settings.object_word).cpu().tolist()  # [embed, 2]: normal, abnormal
+        sidecar = output.with_name(output.name + ".json")
+        write_atomic(sidecar, json.dumps(description, indent=2) + "\n")
+        _readable(sidecar)
+        print(f"wrote {output} and {output.name}.json ({len(settings.features_list)} stages, input {settings.img_size} px)")
+        if args.check:
+            images = torch.rand(2, 3, settings.img_size, settings.img_size, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                expected = TokenGraph(model)(images)
+            found = run_onnx(output, images)
+            error = max(float((a - b).abs().max()) for a, b in zip(found, expected))
+            scale = max(float(t.abs().max()) for t in expected)
+            print(f"check: onnxruntime tokens differ from PyTorch's by at most {error:.2e} (largest token value {scale:.2e})")
+    except USER_ERRORS as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
