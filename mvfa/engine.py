@@ -15,7 +15,6 @@ import io
 import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from dataset.medical import (
     ImageSet,
     MedicalDataset,
     Sample,
-    find_datasets,
     open_dataset,
     select_support,
     source_datasets_for_zero_shot,
@@ -41,6 +39,7 @@ from dataset.medical import (
 
 from .augment import augment
 from .errors import MVFAError
+from .files import write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
@@ -412,15 +411,7 @@ def stored_threshold(meta: dict, source: str, mode: str, has_masks: bool) -> tup
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def predictions_csv(result: EvalResult, data_root: Path) -> str:

@@ -7,8 +7,6 @@ The `mid` outputs live in the text embedding space and are the stage's seg and d
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import nn
 from CLIP.model import CLIP
 
 from .errors import CheckpointFormatError
+from .files import save_torch_atomic
 
 STREAM_KEEP = 0.8  # weight of the backbone stream after an adapter stage
 ADAPTER_MIX = 0.1  # weight of each adapter's output (seg and det) added to the stream
@@ -145,16 +144,7 @@ class AdaptedViT(nn.Module):
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(state, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    save_torch_atomic(state, path)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -1,13 +1,13 @@
 """Anomaly-map overlays: a heatmap blended over the image, the ground-truth contour drawn on top."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from .files import atomic_target
 
 HEATMAP_WEIGHT = 0.5  # share of the heatmap in the blend
 CONTOUR_COLOUR = (0, 255, 0)  # RGB: green ground-truth outline
@@ -55,14 +55,6 @@ def overlay(image, anomaly_map, mask=None, value_range: tuple[float, float] = (0
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     """Write an RGB uint8 array as PNG through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(array).save(tmp_name, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_target(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return Path(path)

@@ -200,3 +200,20 @@ def test_constant_maps_normalise_to_zeros_not_nan():
     values = torch.full((2, 3), 4.0)
     assert torch.equal(scoring.min_max(values), torch.zeros(2, 3))
     assert torch.equal(scoring.rescale_(values.clone(), 4.0, 4.0), torch.zeros(2, 3))
+
+
+def test_atomic_writes_leave_no_temporary_file_and_normal_permissions(tmp_path):
+    import os
+
+    from mvfa.files import atomic_target, write_text_atomic
+
+    write_text_atomic(tmp_path / "a" / "out.txt", "done\n")
+    assert (tmp_path / "a" / "out.txt").read_text() == "done\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "out.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_target(tmp_path / "a" / "broken.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out.txt"]

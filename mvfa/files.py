@@ -1,0 +1,43 @@
+"""Writing files whole or not at all: a temporary file beside the target, renamed onto it at the end."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask: what a plainly created file would get (mkstemp gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(tmp_name)
+        os.chmod(tmp_name, _default_file_mode())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, newline="")
+
+
+def save_torch_atomic(obj, path: str | Path) -> None:
+    with atomic_target(path) as tmp:
+        torch.save(obj, tmp)
