@@ -91,6 +91,11 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                                 "(not the support); checkpoint: the statistics stored at training")
         added.add_argument("--save_maps", type=int, nargs="?", const=0, default=None, metavar="N",
                            help="write anomaly-map overlays to <output_dir>/maps: every test image, or the N highest- and N lowest-scoring")
+        if mode == "few-shot":
+            added.add_argument("--only_normal", action="store_true",
+                               help="normal-only few-shot: the k normal support images as memory bank, the adapters of "
+                                    "--zero_shot_ckpt, no abnormal image and no training")
+            added.add_argument("--zero_shot_ckpt", default=None, help="--only_normal: the zero-shot adapter checkpoint of --obj")
     return parser
 
 
@@ -149,6 +154,12 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunCon
         config.threshold_rule, config.target_fpr = args.threshold_rule, args.target_fpr
     else:
         config.normalize, config.save_maps = args.normalize, args.save_maps
+        if getattr(args, "only_normal", False):
+            if not args.zero_shot_ckpt or args.checkpoint:
+                raise MVFAError("--only_normal needs --zero_shot_ckpt PATH (a zero-shot checkpoint of --obj), and no --checkpoint")
+            config.only_normal, config.checkpoint = True, Path(args.zero_shot_ckpt)
+        elif getattr(args, "zero_shot_ckpt", None):
+            raise MVFAError("--zero_shot_ckpt is used with --only_normal only")
     stage = "train" if train else "test"
     config.output_dir = Path(args.output_dir) if args.output_dir else Path("results") / mode / args.obj / f"{stage}-{config.run_tag()}"
     return config

@@ -118,6 +118,7 @@ class RunConfig:
     save_maps: int | None = None  # test scripts: None no overlays, 0 every test image, N the N highest and lowest
     threshold_rule: str = "f1"  # training: calibration's threshold rule (f1, fpr) or none (no calibration)
     target_fpr: float = 0.05  # training, threshold_rule fpr: the valid normal images' flagged share
+    only_normal: bool = False  # few-shot test: k normal images as memory bank, zero-shot adapters (checkpoint), no abnormal image
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -275,9 +276,13 @@ def cache_support_prefixes(model: AdaptedViT, few_shot: FewShotData, config: Run
 
 def prepare_few_shot(config: RunConfig, dataset: MedicalDataset) -> tuple[FewShotData, object]:
     support = select_support(dataset, config.shot, config.iterate, config.seed, list(config.fewshot_seed_dirs))
+    to_float = lambda images: images.float() / 255  # noqa: E731 - uint8 k/255 back to ToTensor's floats
+    if config.only_normal:  # the memory bank only: the drawn abnormal images are never loaded
+        aug_normal, aug_normal_masks = augment(to_float(TensorSet.load(support.normal, config.img_size, desc="support").images))
+        data = FewShotData(aug_normal, aug_normal_masks, torch.zeros(len(aug_normal)), aug_normal, list(support.normal))
+        return data, support
     abnormal = TensorSet.load(support.abnormal, config.img_size, desc="support")
     normal = TensorSet.load(support.normal, config.img_size, desc="support")
-    to_float = lambda images: images.float() / 255  # noqa: E731 - uint8 k/255 back to ToTensor's floats
     abnormal_masks = abnormal.masks[:, None].float() if dataset.has_masks else None
     aug_abnormal, aug_abnormal_masks = augment(to_float(abnormal.images), abnormal_masks)
     aug_normal, aug_normal_masks = augment(to_float(normal.images))
@@ -502,6 +507,8 @@ def run(config: RunConfig) -> RunResult:
         raise MVFAError(f"--target_fpr {config.target_fpr} is invalid: use a rate between 0 and 1 (e.g. 0.05)")
     if config.save_maps is not None and config.save_maps < 0:
         raise MVFAError(f"--save_maps {config.save_maps} is invalid: give no number (every image) or N >= 1")
+    if config.only_normal and (config.train or config.mode != "few-shot" or config.checkpoint is None):
+        raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
     device = torch.device(config.device)
     seed_everything(config.seed)
     started = time.time()
@@ -524,7 +531,10 @@ def run(config: RunConfig) -> RunResult:
     few_shot = None
     if config.mode == "few-shot":
         few_shot, support = prepare_few_shot(config, target)
-        print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
+        if config.only_normal:
+            print(f"support: {config.shot} normal valid images, no abnormal image ({support.source})")
+        else:
+            print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
         if config.iterate >= 0:
             write_seed_file(config.output_dir / f"{config.shot}-shot.txt", support, config.iterate)
 

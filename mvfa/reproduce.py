@@ -1,0 +1,367 @@
+"""python -m mvfa.reproduce: the paper's tables in one command, under the release's protocol and a leak-free one.
+
+For every benchmark dataset under --data_path (HIS, ChestXray, OCT17, BrainMRI, LiverCT, RESC) it runs
+zero-shot (leave-one-out) and k-shot (each --shots k, over --splits support splits; optionally the
+normal-only k-shot mode) under two protocols:
+
+- release: model selection on test labels (--select test) and min-max over the test set (--normalize test),
+  as the release produced the paper's tables;
+- leakfree: selection on valid data (--select valid) and normalisation statistics fitted on valid normal
+  images (--normalize valid): no test label is read before the final evaluation, and each test image
+  is scored on its own.
+
+Each run writes <output_dir>/runs/<dataset>/<setting>/<protocol>/split<i>/ (metrics.json last: a run
+with it is finished and skipped when the command is run again). results.csv (one row per finished
+run) and results.md (the paper's layout: paper / release mean±std / leak-free mean±std (n=test
+images)) are rewritten atomically from every finished run after each run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dataset.medical import find_datasets, select_support
+
+from .cli import USER_ERRORS, resolve_device
+from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, RunConfig, json_ready, run, write_atomic
+from .errors import MVFAError
+from .losses import DET_LOSS_FORMS
+from .paper import PAPER_AUC, PAPER_ROWS, format_cell
+from .text import default_cache_dir
+
+PROTOCOLS = {"release": ("test", "test"), "leakfree": ("valid", "valid")}  # protocol -> (select, normalize)
+METRICS = {"det": "image_auroc", "loc": "pixel_auroc"}
+# Settings whose training/selection must match for a finished run to be reused.
+FINGERPRINT = ("model_name", "clip_ckpt", "pretrain", "img_size", "features_list", "epoch", "learning_rate", "seed",
+               "batch_size", "det_loss", "quick_gelu", "precision", "select", "normalize", "shot", "iterate", "only_normal")
+CSV_FIELDS = (
+    "dataset", "paper_row", "setting", "shot", "only_normal", "split", "protocol", "select", "normalize", "support",
+    "image_auroc", "pixel_auroc", "image_ap", "pixel_ap", "pixel_aupro", "n_images", "n_normal", "n_abnormal",
+    "seconds", "run_dir",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One run: a dataset, a setting (zero-shot, k-shot, k-shot normal-only), a split and a protocol."""
+
+    dataset: str
+    mode: str  # "zero-shot" or "few-shot"
+    shot: int  # 0 for zero-shot
+    only_normal: bool
+    split: int
+    protocol: str
+
+    @property
+    def setting(self) -> str:
+        if self.mode == "zero-shot":
+            return "zero-shot"
+        return f"{self.shot}-shot" + ("-normal" if self.only_normal else "")
+
+    def run_dir(self, root: Path) -> Path:
+        return root / "runs" / self.dataset / self.setting / self.protocol / f"split{self.split}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mvfa.reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
+    parser.add_argument("--output_dir", default="results/reproduce", help="runs, results.csv and results.md go here")
+    parser.add_argument("--datasets", nargs="+", default=None, choices=list(PAPER_ROWS),
+                        help="restrict to these benchmark datasets (default: every one present)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[4], help="k of the k-shot runs (the paper: 4)")
+    parser.add_argument("--splits", type=int, default=5,
+                        help="support splits per k: split 0 is the seed file's line 0 where present, the rest deterministic draws")
+    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
+    parser.add_argument("--only_normal", action="store_true",
+                        help="also run normal-only k-shot: k normal images as memory bank with the zero-shot adapters")
+    parser.add_argument("--model_name", default="ViT-L-14-336")
+    parser.add_argument("--clip_ckpt", default=None)
+    parser.add_argument("--pretrain", default="openai")
+    parser.add_argument("--img_size", type=int, default=240)
+    parser.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24])
+    parser.add_argument("--epoch", type=int, default=50, help="training epochs of every zero-shot and k-shot run")
+    parser.add_argument("--few_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--zero_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", choices=PRECISIONS, default=None)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--quick_gelu", action="store_true", default=None)
+    parser.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release")
+    parser.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--fewshot_seed_dir", action="append", default=None,
+                        help=f"folder(s) of <obj>/<k>-shot.txt support lists for split 0 (default {DEFAULT_SEED_DIR})")
+    args = parser.parse_args(argv)
+    if args.splits < 1 or any(k < 1 for k in args.shots):
+        parser.error("--splits and every --shots value must be >= 1")
+    return args
+
+
+def base_config(args: argparse.Namespace) -> RunConfig:
+    device = resolve_device(args.device)
+    return RunConfig(
+        mode="few-shot", train=True, obj="", data_path=Path(args.data_path), save_path=Path("."), output_dir=Path("."),
+        model_name=args.model_name, clip_ckpt=Path(args.clip_ckpt) if args.clip_ckpt else None, pretrain=args.pretrain,
+        img_size=args.img_size, features_list=tuple(args.features_list), seed=args.seed, epoch=args.epoch,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=str(device),
+        precision=args.precision or ("fp16" if device.type == "cuda" else "fp32"), num_workers=args.num_workers,
+        quick_gelu=args.quick_gelu, det_loss=args.det_loss, prefix_cache=args.prefix_cache,
+        cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+    )
+
+
+def plan_runs(datasets: list[str], args: argparse.Namespace) -> list[Plan]:
+    """Per dataset: zero-shot (one run per protocol; it has no support), then per k the splits, then normal-only."""
+    plans = []
+    for name in datasets:
+        zero = len(datasets) > 1
+        if zero:
+            plans += [Plan(name, "zero-shot", 0, False, 0, p) for p in args.protocols]
+        for shot in args.shots:
+            plans += [Plan(name, "few-shot", shot, False, s, p) for s in range(args.splits) for p in args.protocols]
+            if args.only_normal and zero:
+                plans += [Plan(name, "few-shot", shot, True, s, p) for s in range(args.splits) for p in args.protocols]
+    return plans
+
+
+def config_for(plan: Plan, base: RunConfig, args: argparse.Namespace, root: Path) -> RunConfig:
+    select, normalize = PROTOCOLS[plan.protocol]
+    folder = plan.run_dir(root)
+    few = plan.mode == "few-shot"
+    seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))
+    config = replace(
+        base, mode=plan.mode, train=not plan.only_normal, obj=plan.dataset, save_path=folder, output_dir=folder,
+        shot=plan.shot if few else 4, iterate=plan.split if few else 0,
+        learning_rate=args.few_learning_rate if few else args.zero_learning_rate,
+        select=select, normalize=normalize, only_normal=plan.only_normal,
+        fewshot_seed_dirs=seed_dirs if plan.split == 0 else (),  # later splits: deterministic draws
+    )
+    if plan.only_normal:
+        zero = Plan(plan.dataset, "zero-shot", 0, False, 0, plan.protocol)
+        config.checkpoint = zero.run_dir(root) / replace(config, mode="zero-shot").checkpoint_name()
+    return config
+
+
+def fingerprint(config: dict) -> dict:
+    return {k: config.get(k) for k in FINGERPRINT}
+
+
+def check_finished(plan: Plan, config: RunConfig, root: Path) -> bool:
+    """True when the run has results made with the same settings; an error when made with others."""
+    path = plan.run_dir(root) / "metrics.json"
+    if not path.is_file():
+        return False
+    stored = fingerprint({"only_normal": False, **json.loads(path.read_text()).get("config", {})})
+    wanted = fingerprint(json.loads(json.dumps(json_ready(config))))  # as stored: tuples become lists
+    differ = [k for k in FINGERPRINT if stored[k] != wanted[k]]
+    if differ:
+        raise MVFAError(
+            f"{path} was made with other settings ({', '.join(f'{k} {stored[k]} vs {wanted[k]}' for k in differ)}): "
+            "use another --output_dir or delete that run"
+        )
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Collecting finished runs
+
+
+def support_of(payload: dict, data_path: Path) -> str:
+    """Where a run's support came from (seed file line or deterministic draw), from its stored settings."""
+    config = payload.get("config", {})
+    if payload.get("mode") != "few-shot":
+        return "none (zero-shot)"
+    try:
+        dataset = find_datasets(data_path)[payload["obj"]]
+        support = select_support(dataset, config["shot"], config["iterate"], config["seed"],
+                                 [Path(p) for p in config.get("fewshot_seed_dirs", [])])
+    except Exception as err:  # noqa: BLE001 - provenance only; never fail the table for it
+        return f"unknown ({err})"
+    kinds = "normal only" if config.get("only_normal") else "abnormal + normal"
+    return f"{support.source}; {kinds}"
+
+
+def collect(root: Path, data_path: Path) -> list[dict]:
+    """One row per finished run under <root>/runs, in the paper's dataset order."""
+    rows = []
+    for path in sorted((root / "runs").glob("*/*/*/split*/metrics.json")):
+        split_dir = path.parent
+        protocol, setting, dataset = split_dir.parent.name, split_dir.parent.parent.name, split_dir.parent.parent.parent.name
+        if dataset not in PAPER_ROWS or protocol not in PROTOCOLS:
+            continue
+        payload = json.loads(path.read_text())
+        metrics, config = payload["metrics"], payload.get("config", {})
+        only_normal = bool(config.get("only_normal", False))
+        row = {
+            "dataset": dataset, "paper_row": PAPER_ROWS[dataset], "setting": setting,
+            "shot": config.get("shot") if payload.get("mode") == "few-shot" else 0, "only_normal": int(only_normal),
+            "split": int(split_dir.name[len("split"):]), "protocol": protocol,
+            "select": "none (zero-shot adapters)" if only_normal else config.get("select"),
+            "normalize": config.get("normalize"), "support": support_of(payload, data_path),
+            "run_dir": split_dir.relative_to(root).as_posix(),
+        }
+        for key in CSV_FIELDS:
+            if key not in row:
+                row[key] = metrics.get(key, "")
+        rows.append(row)
+    order = list(PAPER_ROWS)
+    protocols = list(PROTOCOLS)
+    rows.sort(key=lambda r: (order.index(r["dataset"]), r["shot"], r["only_normal"], protocols.index(r["protocol"]), r["split"]))
+    return rows
+
+
+def rows_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+
+
+def stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for a single run) of AUCs in %."""
+    array = 100 * np.asarray(values, dtype=float)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
+
+
+def format_stats(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = stats(values)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
+
+
+def column_values(rows: list[dict], setting: str, metric: str, protocol: str) -> dict[str, dict[int, float]]:
+    """dataset -> split -> AUC (fraction) of the finished runs of one column and protocol."""
+    out: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if row["setting"] == setting and row["protocol"] == protocol and row[METRICS[metric]] != "":
+            out.setdefault(row["dataset"], {})[row["split"]] = float(row[METRICS[metric]])
+    return out
+
+
+def average_values(per_dataset: dict[str, dict[int, float]]) -> list[float]:
+    """Per split, the mean over datasets (splits every dataset of the column has); the average row's values."""
+    if not per_dataset:
+        return []
+    common = sorted(set.intersection(*(set(v) for v in per_dataset.values())))
+    return [float(np.mean([v[s] for v in per_dataset.values()])) for s in common]
+
+
+def paper_value(setting: str, metric: str, dataset: str) -> float | None:
+    key = ("zero-shot" if setting == "zero-shot" else setting, metric)
+    return PAPER_AUC.get(key, {}).get(dataset)
+
+
+def results_table(rows: list[dict], datasets: list[str]) -> str:
+    """Markdown: per cell 'paper / release mean±std / leak-free mean±std (n=test images)', AUC %."""
+    settings = ["zero-shot"] + sorted({r["setting"] for r in rows if r["setting"] != "zero-shot"},
+                                      key=lambda s: (int(s.split("-")[0]), s.endswith("normal")))
+    columns = [(s, m) for s in settings for m in METRICS]
+    n_images = {r["dataset"]: int(r["n_images"]) for r in rows if r["n_images"] != ""}
+    header = "| AUC (%): paper / release / leak-free | " + " | ".join(
+        f"{s.replace('-normal', ' normal-only')} {m}" for s, m in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    values = {(c, p): column_values(rows, *c, p) for c in columns for p in PROTOCOLS}
+    for name in [d for d in PAPER_ROWS if d in datasets]:
+        cells = []
+        for column in columns:
+            ours = [values[(column, p)].get(name, {}) for p in PROTOCOLS]
+            if not any(ours) and paper_value(*column, name) is None:
+                cells.append("-")
+                continue
+            parts = [format_cell(paper_value(*column, name))] + [format_stats(list(v.values())) for v in ours]
+            cells.append(" / ".join(parts) + (f" (n={n_images[name]})" if name in n_images and any(ours) else ""))
+        lines.append(f"| {PAPER_ROWS[name]} | " + " | ".join(cells) + " |")
+    averages = []
+    for column in columns:
+        papers = [paper_value(*column, d) for d in datasets if paper_value(*column, d) is not None]
+        ours = [average_values(values[(column, p)]) for p in PROTOCOLS]
+        used = sorted({d for p in PROTOCOLS for d in values[(column, p)]})
+        if not papers and not any(ours):
+            averages.append("-")
+            continue
+        paper = float(np.mean(papers)) if papers else None
+        cell = " / ".join([format_cell(paper)] + [format_stats(v) for v in ours])
+        averages.append(cell + (f" (n={sum(n_images.get(d, 0) for d in used)})" if used else ""))
+    lines.append("| average | " + " | ".join(averages) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], datasets: list[str], args: argparse.Namespace) -> str:
+    runs = {(r["setting"], r["protocol"]): 0 for r in rows}
+    for r in rows:
+        runs[(r["setting"], r["protocol"])] += 1
+    counts = ", ".join(f"{s} {p}: {n}" for (s, p), n in sorted(runs.items()))
+    return (
+        "# MVFA: the paper's tables reproduced\n\n"
+        "Each cell: the paper's AUC (%) / ours under the release's protocol (selection on test labels, min-max over "
+        "the test set) / ours leak-free (selection on valid data, normalisation fitted on valid normal images), as "
+        f"mean±std (sample std) over support splits; (n=…) is the number of test images. k-shot uses k normal and k "
+        f"abnormal labelled valid images per split (split 0: the release's seed file where present, then "
+        f"deterministic draws); normal-only k-shot uses the k normal images as memory bank with the zero-shot "
+        f"adapters and no abnormal image. Zero-shot has no support and one run per protocol (seed {args.seed}). "
+        f"The paper reports 4-shot only ('-' elsewhere). The average row: the mean over the datasets present "
+        f"(the paper's column likewise), its std over the splits every dataset has.\n\n"
+        f"{results_table(rows, datasets)}\n\n"
+        f"Finished runs: {counts or 'none'}. One row per run in results.csv.\n"
+    )
+
+
+def write_results(root: Path, data_path: Path, datasets: list[str], args: argparse.Namespace) -> list[dict]:
+    rows = collect(root, data_path)
+    write_atomic(root / "results.csv", rows_csv(rows))
+    write_atomic(root / "results.md", report(rows, datasets, args))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.output_dir)
+    try:
+        present = find_datasets(args.data_path)
+        datasets = [d for d in PAPER_ROWS if d in present and (args.datasets is None or d in args.datasets)]
+        if not datasets:
+            raise MVFAError(
+                f"{args.data_path} holds none of the benchmark datasets ({', '.join(f'{d}_AD' for d in PAPER_ROWS)})"
+            )
+        if len(datasets) < 2:
+            print("note: zero-shot (and normal-only) runs need at least two datasets (leave-one-out): skipped")
+        base = base_config(args)
+        plans = plan_runs(datasets, args)
+        done = 0
+        for index, plan in enumerate(plans, start=1):
+            config = config_for(plan, base, args, root)
+            what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
+            if check_finished(plan, config, root):
+                print(f"{what}: finished before, skipped", flush=True)
+                continue
+            print(f"\n== {what} ==", flush=True)
+            run(config)
+            done += 1
+            write_results(root, Path(args.data_path), datasets, args)
+        rows = write_results(root, Path(args.data_path), datasets, args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{results_table(rows, datasets)}\n")
+    print(f"{done} runs made, {len(plans) - done} reused; {root / 'results.csv'} and {root / 'results.md'} written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

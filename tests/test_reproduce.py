@@ -1,0 +1,222 @@
+"""python -m mvfa.reproduce on the synthetic benchmark with the tiny backbone: files, table, resume, no test-label leak."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.medical import MedicalDataset, Sample
+from dataset.synthetic import generate_benchmark
+from mvfa import cli, reproduce
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+
+DATASETS = ("Chest", "Brain")  # the paper's order: ChestXray before BrainMRI; Brain has masks
+ROWS = {"Chest": "ChestXray", "Brain": "BrainMRI"}
+SPLITS = 2
+SETTINGS = ("zero-shot", "1-shot", "1-shot-normal")
+COLUMNS = [(s, m) for s in SETTINGS for m in ("det", "loc")]
+CELL = re.compile(r"^(?P<paper>-|[\d.]+) / (?P<release>[^/]+) / (?P<leakfree>[^/(]+?)(?: \(n=(?P<n>\d+)\))?$")
+
+
+def reproduce_argv(data: Path, clip: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data_path", str(data), "--output_dir", str(out), "--model_name", TINY_MODEL, "--clip_ckpt", str(clip),
+        "--img_size", str(TINY_SIZE), "--features_list", *TINY_STAGES, "--device", "cpu",
+        "--shots", "1", "--splits", str(SPLITS), "--epoch", "2", "--batch_size", "8", "--only_normal", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("reproduce")
+        generate_benchmark(root / "data", seed=1, image_size=64, n_valid=(5, 5), n_test=(5, 5), datasets=list(DATASETS))
+        clip = write_tiny_clip(root / "tiny.pt")
+        out = root / "out"
+        assert reproduce.main(reproduce_argv(root / "data", clip, out)) == 0
+        yield {"root": root, "data": root / "data", "clip": clip, "out": out}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def table_cells(markdown: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in markdown.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if parts and parts[0] in (*ROWS.values(), "average"):
+            rows[parts[0]] = parts[1:]
+    return rows
+
+
+def expected_stats(values: list[float]) -> tuple[float, float | None]:
+    array = 100 * np.asarray(values)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
+
+
+def check_stats(text: str, values: list[float]) -> None:
+    mean, std = expected_stats(values)
+    shown = [float(x) for x in text.split("±")]
+    assert shown[0] == pytest.approx(mean, abs=0.0051)
+    if std is None:
+        assert len(shown) == 1, text
+    else:
+        assert len(shown) == 2 and shown[1] == pytest.approx(std, abs=0.0051), text
+
+
+def test_every_run_every_cell(done):
+    rows = read_csv(done["out"] / "results.csv")
+    # per dataset: zero-shot x 2 protocols, then 1-shot and 1-shot normal-only x 2 splits x 2 protocols
+    assert len(rows) == len(DATASETS) * (2 + 2 * 2 * SPLITS)
+    assert [r["dataset"] for r in rows] == sorted((r["dataset"] for r in rows), key=DATASETS.index)
+    for row in rows:
+        assert (done["out"] / row["run_dir"] / "metrics.json").is_file()
+        assert row["n_images"] == "10" and 0 <= float(row["image_auroc"]) <= 1
+        payload = json.loads((done["out"] / row["run_dir"] / "metrics.json").read_text())
+        assert payload["normalization"]["mode"] == row["normalize"] == {"release": "test", "leakfree": "valid"}[row["protocol"]]
+        if row["protocol"] == "leakfree":
+            assert "valid" in payload["normalization"]["source"] and "test" not in payload["normalization"]["source"]
+        assert (row["pixel_auroc"] != "") == (row["dataset"] == "Brain")
+        assert (row["select"], row["normalize"]) == {
+            "release": ("test", "test"), "leakfree": ("valid", "valid")}[row["protocol"]] or row["only_normal"] == "1"
+        if row["setting"] == "zero-shot":
+            assert row["split"] == "0" and row["support"] == "none (zero-shot)"
+        else:
+            assert ("iterate 0" if row["split"] == "0" else "iterate 1") in row["support"]
+            assert ("normal only" in row["support"]) == (row["only_normal"] == "1")
+
+    cells = table_cells((done["out"] / "results.md").read_text())
+    assert list(cells) == ["ChestXray", "BrainMRI", "average"]
+    metric_key = {"det": "image_auroc", "loc": "pixel_auroc"}
+    for label, row_cells in cells.items():
+        assert len(row_cells) == len(COLUMNS)
+        for (setting, metric), cell in zip(COLUMNS, row_cells):
+            names = [d for d in DATASETS if label in (ROWS[d], "average") and (metric == "det" or d == "Brain")]
+            if not names:  # Chest has no masks: no localisation cell, as in the paper
+                assert cell == "-"
+                continue
+            match = CELL.match(cell)
+            assert match, cell
+            assert match["n"] == str(10 * len(names))
+            paper = {("zero-shot", "det"): {"Chest": 71.11, "Brain": 78.63}, ("zero-shot", "loc"): {"Brain": 90.27}}
+            want_paper = [paper.get((setting, metric), {}).get(d) for d in names]
+            assert match["paper"] == ("-" if None in want_paper else f"{np.mean(want_paper):.2f}")
+            for protocol in ("release", "leakfree"):
+                per_split = {}
+                for d in names:
+                    for r in rows:
+                        if (r["dataset"], r["setting"], r["protocol"]) == (d, setting, protocol):
+                            per_split.setdefault(int(r["split"]), []).append(float(r[metric_key[metric]]))
+                values = [float(np.mean(v)) for _, v in sorted(per_split.items())]
+                assert len(values) == (1 if setting == "zero-shot" else SPLITS)
+                check_stats(match[protocol], values)
+
+
+def test_resume_skips_finished_runs(done, capsys):
+    out = done["out"]
+    victim = out / "runs" / "Brain" / "1-shot" / "leakfree" / "split1" / "metrics.json"
+    kept = out / "runs" / "Chest" / "zero-shot" / "release" / "split0" / "metrics.json"
+    before_csv = (out / "results.csv").read_text()
+    kept_time = kept.stat().st_mtime_ns
+    victim.unlink()
+    capsys.readouterr()
+    assert reproduce.main(reproduce_argv(done["data"], done["clip"], out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, skipped") == len(read_csv(out / "results.csv")) - 1
+    assert "1 runs made" in printed and victim.is_file() and kept.stat().st_mtime_ns == kept_time
+    assert len((out / "results.csv").read_text()) > 0 and read_csv(out / "results.csv")[0] == read_csv_text(before_csv)[0]
+
+    # Results made with other settings are not mixed in silently.
+    code = reproduce.main(reproduce_argv(done["data"], done["clip"], out)[:-1] + ["--epoch", "3", "--only_normal"])
+    assert code == 2 and "other settings" in capsys.readouterr().err
+
+
+def read_csv_text(text: str) -> list[dict]:
+    return list(csv.DictReader(text.splitlines()))
+
+
+
+
+def test_leak_free_never_reads_test_labels(done, tmp_path, monkeypatch):
+    """The leak-free protocol again, with the target's test labels and masks swapped until the end: same adapters."""
+    current = {}
+    real_run, real_samples = reproduce.run, MedicalDataset.samples
+
+    def tracking_run(config):
+        current["target"] = config.obj
+        return real_run(config)
+
+    def poisoned_samples(self, split):
+        samples = real_samples(self, split)
+        if split != "test" or self.name != current.get("target"):
+            return samples
+        masks = [s.mask_path for s in samples if s.label == 1]
+        return [Sample(s.path, 1 - s.label, None if s.label else (masks[i % len(masks)] if masks else None))
+                for i, s in enumerate(samples)]
+
+    monkeypatch.setattr(reproduce, "run", tracking_run)
+    monkeypatch.setattr(MedicalDataset, "samples", poisoned_samples)
+    out = tmp_path / "poisoned"
+    assert reproduce.main(reproduce_argv(done["data"], done["clip"], out, "--protocols", "leakfree")) == 0
+    monkeypatch.undo()
+
+    clean_root, poisoned_root = done["out"] / "runs", out / "runs"
+    checkpoints = sorted(p.relative_to(poisoned_root) for p in poisoned_root.rglob("*.pth"))
+    assert len(checkpoints) == len(DATASETS) * (1 + SPLITS)  # zero-shot and every 1-shot split
+    for relative in checkpoints:
+        clean, poisoned = torch.load(clean_root / relative, weights_only=True), torch.load(poisoned_root / relative, weights_only=True)
+        assert clean.keys() == poisoned.keys()
+        for key in clean:
+            if key == "meta":
+                assert clean[key] == poisoned[key]  # selected epoch, calibration statistics and threshold
+                continue
+            for name, tensor in clean[key].items():
+                assert torch.equal(tensor, poisoned[key][name]), (relative, key, name)
+    for path in poisoned_root.rglob("metrics.json"):
+        clean = json.loads((clean_root / path.relative_to(poisoned_root)).read_text())
+        poisoned = json.loads(path.read_text())
+        assert clean["normalization"] == poisoned["normalization"]  # fitted on valid normal images only
+        # the poison reached the final evaluation: swapped labels turn the image AUROC over exactly
+        assert poisoned["metrics"]["image_auroc"] == pytest.approx(1 - clean["metrics"]["image_auroc"], abs=1e-12)
+
+
+def test_test_few_only_normal(done, tmp_path, capsys):
+    zero = done["out"] / "runs" / "Brain" / "zero-shot" / "leakfree" / "split0" / "Brain-zero-seed111.pth"
+    base = [
+        "--obj", "Brain", "--data_path", str(done["data"]), "--model_name", TINY_MODEL, "--clip_ckpt", str(done["clip"]),
+        "--img_size", str(TINY_SIZE), "--features_list", *TINY_STAGES, "--device", "cpu", "--shot", "1",
+        "--output_dir", str(tmp_path / "out"), "--save_path", str(tmp_path / "none"),
+    ]
+    assert cli.main_test_few(base + ["--only_normal"]) == 2
+    assert "--zero_shot_ckpt" in capsys.readouterr().err
+    assert cli.main_test_few(base + ["--only_normal", "--zero_shot_ckpt", str(zero), "--normalize", "valid"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 normal valid images, no abnormal image" in printed and "Brain pAUC : " in printed
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    reference = json.loads((done["out"] / "runs" / "Brain" / "1-shot-normal" / "leakfree" / "split0" / "metrics.json").read_text())
+    assert metrics["metrics"]["image_auroc"] == reference["metrics"]["image_auroc"]
+    assert metrics["config"]["only_normal"] is True
+
+
+def test_release_protocol_is_the_scripts_run(done, tmp_path):
+    """A release-protocol run of reproduce is train_few.py with the same flags, to the bit."""
+    argv = tiny_argv(done["data"], done["clip"], tmp_path / "ckpt", tmp_path / "out", "Brain",
+                     "--shot", "1", "--epoch", "2", "--batch_size", "8")
+    assert cli.main_train_few(argv) == 0
+    ours = json.loads((done["out"] / "runs" / "Brain" / "1-shot" / "release" / "split0" / "metrics.json").read_text())
+    script = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "image_ap", "pixel_aupro"):
+        assert ours["metrics"][key] == script["metrics"][key]
+    assert (tmp_path / "out" / "predictions.csv").read_text() == (
+        done["out"] / "runs" / "Brain" / "1-shot" / "release" / "split0" / "predictions.csv").read_text()
