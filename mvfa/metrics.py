@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -59,6 +59,7 @@ __all__ = [
     "pixel_metrics",
     "aupro",
     "compute_metrics",
+    "sharded_pixel_metrics",
 ]
 
 # Elements per chunk in the pixel-level loops: bounds the temporary buffers (~50 MB at most).
@@ -538,7 +539,8 @@ def _mann_whitney_auroc(sp: _Split, what: str = "AUROC") -> float:
     return _exact_ratio(twice_u, 2 * n_pos * n_neg)
 
 
-def _ap_f1_sorted(sp: _Split) -> tuple[float, float]:
+def _ap_f1_sorted(sp: _Split, neg_below: np.ndarray | None = None,
+                  n_neg: int | None = None) -> tuple[float, float]:
     """AP and F1-max from the sorted positives and negatives.
 
     Both only need the curve points at distinct positive scores v: recall changes only there, and
@@ -546,18 +548,27 @@ def _ap_f1_sorted(sp: _Split) -> tuple[float, float]:
     tp(v) = #{pos >= v} and fp(v) = #{neg >= v}, each positive of score v adds
     (1 / P) * tp / (tp + fp) to AP (a run of c tied positives adds c / P = R_n - R_{n-1} times
     P_n), and F1 at v is 2 tp / (P + tp + fp).
+
+    ``neg_below`` (numpy, with ``n_neg``): #{negatives < v} for each sorted positive, counted
+    elsewhere (:func:`sharded_pixel_metrics`); ``sp.neg`` is then not read.
     """
-    n_pos, n_neg = sp.n_pos, sp.n_neg
+    n_pos = sp.n_pos
+    n_neg = sp.n_neg if n_neg is None else int(n_neg)
     _require_positives(n_pos, n_neg, "Average precision / F1-max")
 
-    def part(q) -> tuple[float, float]:
+    def part(q, below) -> tuple[float, float]:
         tp = n_pos - _rank_below(sp.pos, q, "left")
-        fp = n_neg - _rank_below(sp.neg, q, "left")
+        fp = n_neg - below
         tp_f = _f64(tp)
         denom = _f64(tp + fp)
         return float((tp_f / denom).sum()), float((2.0 * tp_f / (denom + n_pos)).max())
 
-    parts = _map(part, _query_chunks(sp.pos))
+    chunks = _query_chunks(sp.pos)
+    if neg_below is None:
+        parts = _map(lambda q: part(q, _rank_below(sp.neg, q, "left")), chunks)
+    else:
+        edges = np.cumsum([0] + [int(q.shape[0]) for q in chunks]).tolist()
+        parts = _map(lambda i: part(chunks[i], neg_below[edges[i]:edges[i + 1]]), list(range(len(chunks))))
     prec_sum = math.fsum(p for p, _ in parts)
     f1 = max(0.0, max(f for _, f in parts))
     return prec_sum / n_pos, f1
@@ -621,12 +632,11 @@ def _as_image_stack(x: ArrayLike, what: str, name: str) -> np.ndarray:
     return a
 
 
-def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
-    """PRO weight of each anomalous pixel, in C order of the stack, and the number of regions.
+def _region_sizes(g: np.ndarray) -> tuple[np.ndarray, int]:
+    """Size of the region of each anomalous pixel, in C order of the stack, and the number of regions.
 
     Regions: connected components of each image's mask with 8-connectivity (3 x 3 structure of
-    ones), labelled image by image so that no region spans two images. A pixel of a region of
-    size s adds 1 / (s * number of regions) to PRO.
+    ones), labelled image by image so that no region spans two images.
     """
     from scipy import ndimage
 
@@ -639,14 +649,27 @@ def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
         ids_per_image.append(lab[gi].astype(np.int64) + (n_regions - 1))
         n_regions += int(k)
     if n_regions == 0:
-        return np.zeros(0, dtype=np.float64), 0
+        return np.zeros(0, dtype=np.int64), 0
     ids = np.concatenate(ids_per_image)
     sizes = np.bincount(ids, minlength=n_regions)
-    return 1.0 / (sizes[ids].astype(np.float64) * n_regions), n_regions
+    return sizes[ids], n_regions
+
+
+def _pro_weights(pixel_region_sizes: np.ndarray, n_regions: int) -> np.ndarray:
+    """A pixel of a region of size s adds 1 / (s * number of regions) to PRO."""
+    return 1.0 / (pixel_region_sizes.astype(np.float64) * n_regions)
+
+
+def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
+    """PRO weight of each anomalous pixel, in C order of the stack, and the number of regions."""
+    sizes, n_regions = _region_sizes(g)
+    if n_regions == 0:
+        return np.zeros(0, dtype=np.float64), 0
+    return _pro_weights(sizes, n_regions), n_regions
 
 
 def _aupro_core(pos_sorted: np.ndarray, w_sorted: np.ndarray, neg_sorted: np.ndarray,
-                fpr_limit: float) -> float:
+                fpr_limit: float, n_neg: int | None = None) -> float:
     """Exact AUPRO from anomalous scores (ascending) with their PRO weights, and normal scores.
 
     The PRO/FPR curve passes through (0, 0) and one point per distinct threshold t:
@@ -657,15 +680,20 @@ def _aupro_core(pos_sorted: np.ndarray, w_sorted: np.ndarray, neg_sorted: np.nda
     So the trapezoid area is a sum over the distinct normal scores v (descending) of
     c / N * (PRO(> v) + PRO(>= v)) / 2, with the segment that crosses ``fpr_limit`` cut there
     (linear interpolation).
+
+    With ``n_neg`` (the number of normal pixels), ``neg_sorted`` may be the top of the sorted
+    normal scores only, as long as it holds every score >= the ``ceil(fpr_limit * n_neg) + 1``-th
+    largest (the same area: nothing below is read).
     """
-    n_neg = int(neg_sorted.shape[0])
+    held = int(neg_sorted.shape[0])
+    n_neg = held if n_neg is None else int(n_neg)
     # suffix sums: cw[i] = sum of w_sorted[i:], cw[-1] = 0, so PRO(>= v) = cw[searchsorted(v, left)]
     cw = np.zeros(pos_sorted.shape[0] + 1, dtype=np.float64)
     cw[:-1] = np.cumsum(w_sorted[::-1])[::-1]
     # Only the normal scores up to FPR = fpr_limit matter: the top ceil(limit * N) of them (one
     # more against rounding) and the rest of the last run of ties.
     need = min(n_neg, int(math.ceil(fpr_limit * n_neg)) + 1)
-    start = int(np.searchsorted(neg_sorted, neg_sorted[n_neg - need], side="left"))
+    start = int(np.searchsorted(neg_sorted, neg_sorted[held - need], side="left"))
     top = neg_sorted[start:][::-1]  # descending (a view)
     # runs of equal scores in `top`: [a_k, b_k), in decreasing order of score
     bounds = np.flatnonzero(top[1:] != top[:-1]) + 1
@@ -791,4 +819,132 @@ def compute_metrics(image_scores: ArrayLike, image_labels: ArrayLike,
     out["pixel_auroc"] = _mann_whitney_auroc(sp, "pixel AUROC")
     out["pixel_ap"], out["pixel_f1_max"] = _ap_f1_sorted(sp)
     out["pixel_aupro"] = _aupro_from_data(d, fpr_limit)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# pixel metrics of maps held by several processes
+# --------------------------------------------------------------------------------------------
+
+class Collective(Protocol):
+    """What :func:`sharded_pixel_metrics` needs from the processes (mvfa.distributed.NumpyCollective)."""
+
+    is_main: bool
+
+    def all_gather_cat(self, array: np.ndarray) -> np.ndarray: ...  # every rank's array, rank order, everywhere
+    def gather_cat(self, array: np.ndarray) -> np.ndarray | None: ...  # the same on the main rank only
+    def all_sum(self, array: np.ndarray) -> np.ndarray: ...  # elementwise int64 sum over the ranks
+    def all_min(self, value: int) -> int: ...
+    def all_max(self, value: int) -> int: ...
+    def broadcast(self, value: Any) -> Any: ...  # the main rank's value everywhere
+
+
+# float dtype -> (signed and unsigned integer views, index of the sign bit)
+_FLOAT_BITS = {np.dtype(np.float32): (np.int32, np.uint32, 31), np.dtype(np.float64): (np.int64, np.uint64, 63)}
+_KEY_SENTINEL = (1 << 63) - 1  # beyond every key (an empty rank's min; its negation, an empty rank's max)
+
+
+def _order_key(value, dtype: np.dtype) -> int:
+    """An integer that orders like the float ``value`` (-0.0 and 0.0 share 0; NaN excluded)."""
+    signed, _, sign_bit = _FLOAT_BITS[dtype]
+    bits = int(np.array([value], dtype=dtype).view(signed)[0])
+    return bits if bits >= 0 else -(bits & ((1 << sign_bit) - 1))
+
+
+def _key_value(key: int, dtype: np.dtype):
+    """The float of ``dtype`` whose order key is ``key``."""
+    _, unsigned, sign_bit = _FLOAT_BITS[dtype]
+    raw = key if key >= 0 else (-key) | (1 << sign_bit)
+    return np.array([raw], dtype=unsigned).view(dtype)[0]
+
+
+def _kth_largest(neg_sorted: np.ndarray, k: int, comm: Collective):
+    """The ``k``-th largest of the scores that all processes hold (each its own, ascending).
+
+    Bisection over the integers that order like the floats: at most 32 (float32) or 64 (float64)
+    summed counts, and the answer is a score some process holds (exact, no rounding).
+    """
+    dtype = neg_sorted.dtype
+    n = int(neg_sorted.shape[0])
+    lo = comm.all_min(_order_key(neg_sorted[0], dtype) if n else _KEY_SENTINEL)
+    hi = comm.all_max(_order_key(neg_sorted[-1], dtype) if n else -_KEY_SENTINEL)
+    while lo < hi:  # invariant: #{x >= value(lo)} >= k > #{x >= value(hi + 1)}
+        mid = (lo + hi + 1) // 2
+        here = n - int(np.searchsorted(neg_sorted, _key_value(mid, dtype), side="left"))
+        if int(comm.all_sum(np.array([here]))[0]) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _key_value(lo, dtype)
+
+
+def sharded_pixel_metrics(maps: ArrayLike, masks: ArrayLike, comm: Collective, full: bool = True,
+                          fpr_limit: float = 0.3) -> dict[str, float]:
+    """Pixel metrics of maps split over processes, equal to a single process's to the last digit.
+
+    Each process holds the maps and masks of a run of consecutive images, the main rank the first
+    run (mvfa.distributed's batch shards). Returns ``pixel_auroc`` and, when ``full``, also
+    ``pixel_ap``, ``pixel_f1_max`` and ``pixel_aupro`` (up to ``fpr_limit``): the values
+    :func:`compute_metrics` (and :func:`pixel_auroc`) give on the concatenated maps, because
+    every quantity is either an exact integer count or the same floating-point computation on the
+    same arrays:
+
+    * the anomalous-pixel scores are gathered on every process in image order (the same array a
+      single process builds) and sorted by the same argsort;
+    * for each of them, each process counts its normal pixels below and level with it (binary
+      search in its own sorted normal scores); the integer counts are summed over the processes.
+      AUROC = (2 #less + #equal) / (2 P N) as in :func:`pixel_auroc`; AP and F1-max run the
+      chunked float sums of the single-process code on the same chunks and counts;
+    * AUPRO reads only the normal pixels down to FPR ``fpr_limit``: the cut (the
+      ``ceil(fpr_limit N) + 1``-th largest normal score) is found by bisection with summed counts,
+      the normal scores at or above it and the anomalous pixels' PRO weights (regions are labelled
+      image by image; the number of regions is summed) are gathered on the main rank, which
+      computes the area and sends it to the others.
+
+    Memory per process: its maps, every anomalous score with an int64 count, and on the main rank
+    about ``fpr_limit`` of the normal scores (a single process holds all the maps).
+    """
+    what = "pixel metrics"
+    fpr_limit = _check_fpr_limit(fpr_limit)
+    m = _as_image_stack(maps, what, "maps")
+    g = _as_image_stack(masks, what, "masks")
+    if m.shape != g.shape:
+        raise ValueError(f"{what}: maps of shape {m.shape} and masks of shape {g.shape} do not match")
+    g = _check_labels_np(g.reshape(-1), what).reshape(g.shape)
+    sizes, local_regions = _region_sizes(g) if full else (np.zeros(0, dtype=np.int64), 0)
+    pos, neg = _split_numpy(m.reshape(-1), g.reshape(-1), what)
+    del m
+    neg.sort()
+    local_nan = bool(np.isnan(pos).any()) or _has_nan_sorted(neg)
+    totals = comm.all_sum(np.array([pos.shape[0], neg.shape[0], local_regions, int(local_nan)]))
+    n_pos, n_neg, n_regions, any_nan = (int(v) for v in totals)
+    if n_pos + n_neg == 0:
+        raise ValueError(f"{what}: no pixels")
+    if any_nan:
+        raise ValueError(f"{what}: the maps contain NaN")
+    _require_both_classes(n_pos, n_neg, "pixel AUROC")
+
+    all_pos = comm.all_gather_cat(pos)
+    order = np.argsort(all_pos)
+    pos_sorted = all_pos[order]
+    del all_pos
+    below = np.searchsorted(neg, pos_sorted, side="left").astype(np.int64)
+    level = int((np.searchsorted(neg, pos_sorted, side="right") - below).sum())
+    counts = comm.all_sum(np.concatenate([below, [level]]))
+    neg_below, ties = counts[:-1], int(counts[-1])
+    out = {"pixel_auroc": _exact_ratio(2 * int(neg_below.sum()) + ties, 2 * n_pos * n_neg)}
+    if not full:
+        return out
+    out["pixel_ap"], out["pixel_f1_max"] = _ap_f1_sorted(_Split([pos_sorted], []), neg_below, n_neg)
+    if n_regions == 0:
+        raise ValueError(f"AUPRO is undefined: the masks hold no anomalous region ({n_neg} pixels, all normal)")
+    need = min(n_neg, int(math.ceil(fpr_limit * n_neg)) + 1)
+    cut = _kth_largest(neg, need, comm)
+    top = comm.gather_cat(neg[int(np.searchsorted(neg, cut, side="left")):])
+    weights = comm.gather_cat(_pro_weights(sizes, n_regions))
+    area = None
+    if comm.is_main:
+        top.sort()
+        area = _aupro_core(pos_sorted, weights[order], top, fpr_limit, n_neg)
+    out["pixel_aupro"] = comm.broadcast(area)
     return out
