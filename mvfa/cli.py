@@ -2,11 +2,18 @@
 
 `main_train_few(argv)`, `main_test_few(argv)`, `main_train_zero(argv)`, `main_test_zero(argv)` return
 an exit code; bad input prints one line `error: ...` on stderr and returns 2, without a traceback.
+
+Under `torchrun --nproc_per_node N` the same commands run as N ranks (mvfa.distributed): the
+evaluation is sharded with the single-process results, rank 0 prints and writes. A rank that fails
+prints its error (a user error in one line, anything else with its traceback) and leaves at once
+with exit code 2 or 1, so that torchrun stops the job instead of the other ranks waiting.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +31,7 @@ from .engine import (
     RunConfig,
     run,
 )
+from .distributed import DEFAULT_TIMEOUT_S, Dist, fail, process_group
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
 from .text import default_cache_dir
@@ -75,6 +83,12 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
     added.add_argument("--cache_dir", default=None,
                        help="on-disk cache of text features (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
     added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
+    added.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                       help="under torchrun: seconds a rank may wait in one collective before the job fails")
+    if mode == "zero-shot" and train:
+        added.add_argument("--ddp", action="store_true",
+                           help="under torchrun: data-parallel training, each rank a part of every batch "
+                                "(effective batch: ranks x --batch_size); default: every rank trains the release's batches")
     if mode == "few-shot":
         added.add_argument("--fewshot_seed_dir", action="append", default=None,
                            help=f"folder of <obj>/<k>-shot.txt support lists (default {DEFAULT_SEED_DIR}); repeatable")
@@ -111,8 +125,9 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
-def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunConfig:
-    device = resolve_device(args.device)
+def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
+    """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
+    device = resolve_device(device if device is not None else args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     shot = getattr(args, "shot", 0)
     iterate = getattr(args, "iterate", -1)
@@ -152,6 +167,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunCon
         config.checkpoint = Path(args.checkpoint)
     if train:
         config.threshold_rule, config.target_fpr = args.threshold_rule, args.target_fpr
+        config.ddp = bool(getattr(args, "ddp", False))
     else:
         config.normalize, config.save_maps = args.normalize, args.save_maps
         if getattr(args, "only_normal", False):
@@ -165,14 +181,34 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool) -> RunCon
     return config
 
 
-def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
-    args = build_parser(mode, train).parse_args(argv)
+def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeout_s: float, backend: str | None = None) -> int:
+    """Run `work(dist, device)` inside the process group (none outside torchrun); the exit code.
+
+    A user error prints one line `error: ...` and gives 2. With several ranks any failure ends this
+    process at once, before the process group's teardown (mvfa.distributed.fail), so that no rank
+    waits for it in a collective.
+    """
     try:
-        run(config_from_args(args, mode, train))
+        with process_group(device, timeout_s, backend) as (dist, rank_device):
+            try:
+                work(dist, rank_device)
+            except USER_ERRORS as err:
+                if dist.active:
+                    fail(dist, f"error: {err}", 2)
+                raise
+            except BaseException:
+                if dist.active:
+                    fail(dist, traceback.format_exc(), 1)
+                raise
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
+    args = build_parser(mode, train).parse_args(argv)
+    return guarded(lambda dist, device: run(config_from_args(args, mode, train, device), dist), args.device, args.dist_timeout)
 
 
 def main_train_few(argv: list[str] | None = None) -> int:

@@ -7,6 +7,13 @@ model selection (`--select test|valid|last`) or loads adapters, evaluates, and w
 After training, `calibrate` fits fixed normalisation statistics on valid normal images (not the
 support) and chooses a decision threshold on valid data; both go into the checkpoint's `meta`
 (plain data), so that mvfa.predict can score new images one at a time.
+
+Several processes (`run(config, dist)` under torchrun): every evaluation is sharded over the ranks
+with results equal to a single process's (mvfa.evaluation). Training runs identically on every
+rank and rank 0's adapters are broadcast before each evaluation, so the release's batch-1 result
+is kept; with `config.ddp` (zero-shot training) each rank instead takes a disjoint part of every
+batch and the gradients are averaged (effective batch: ranks x --batch_size). Only rank 0 prints
+and writes files.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from dataset.medical import (
 )
 
 from .augment import augment
+from .distributed import SINGLE, Dist, barrier, broadcast_parameters, gather_objects, quiet_unless_main
 from .errors import MVFAError
 from .files import write_text_atomic
 from .evaluation import (
@@ -119,6 +127,7 @@ class RunConfig:
     threshold_rule: str = "f1"  # training: calibration's threshold rule (f1, fpr) or none (no calibration)
     target_fpr: float = 0.05  # training, threshold_rule fpr: the valid normal images' flagged share
     only_normal: bool = False  # few-shot test: k normal images as memory bank, zero-shot adapters (checkpoint), no abnormal image
+    ddp: bool = False  # zero-shot training: data-parallel over the ranks of a torchrun job (each rank a part of every batch)
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -329,7 +338,7 @@ def reference_samples(config: RunConfig, dataset: MedicalDataset, support: list[
 
 def fit_reference(
     config: RunConfig, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
-    bank: MemoryBank | None, support: list[Sample],
+    bank: MemoryBank | None, support: list[Sample], dist: Dist = SINGLE,
 ) -> tuple[TensorSet, Normalization, str]:
     """Fit the normalisation on the normal reference images; returns (all reference images, statistics, description)."""
     samples, what = reference_samples(config, dataset, support)
@@ -339,14 +348,14 @@ def fit_reference(
     data = TensorSet.load(samples, config.img_size, config.num_workers, desc="reference")
     norm = fit_normalization(
         model, data.subset(normal), text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        source=f"{len(normal)} normal images of {what}",
+        source=f"{len(normal)} normal images of {what}", dist=dist,
     )
     return data, norm, what
 
 
 def calibrate(
     config: RunConfig, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
-    bank: MemoryBank | None, support: list[Sample],
+    bank: MemoryBank | None, support: list[Sample], dist: Dist = SINGLE,
 ) -> dict:
     """Checkpoint metadata of the calibration: normalisation statistics, threshold, rule, valid counts.
 
@@ -354,13 +363,13 @@ def calibrate(
     why; the checkpoint then has no statistics (predict uses raw scores and needs --threshold).
     """
     try:
-        data, norm, what = fit_reference(config, model, dataset, text_features, bank, support)
+        data, norm, what = fit_reference(config, model, dataset, text_features, bank, support, dist)
     except (DatasetError, MVFAError) as err:
         print(f"note: no calibration: {err}")
         return {"normalization": None, "threshold": None, "calibration": {"skipped": str(err)}}
     result = evaluate(
         model, data, text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        desc="calibration", normalization=norm, metrics=False,
+        desc="calibration", normalization=norm, metrics=False, dist=dist,
     )
     rule = config.threshold_rule
     abnormal = int(result.labels.sum())
@@ -452,7 +461,8 @@ def map_overlays(
 ) -> list[Path]:
     """Overlays of the test images (every one, or the --save_maps N highest and N lowest) and an index.csv.
 
-    `maps_of(indices)` gives the maps of the chosen images ([n, S, S], on the run's normalised scale).
+    `maps_of(indices)` gives the maps of the chosen images ([n, S, S], on the run's normalised scale),
+    or None on a rank that writes nothing (several ranks call this together: maps_of is collective).
     """
     scores = np.asarray(result.image_scores)
     count = len(scores)
@@ -466,6 +476,8 @@ def map_overlays(
         chosen = [(int(i), f"high{r + 1:02d}_") for r, i in enumerate(order[:n])]
         chosen += [(int(i), f"low{r + 1:02d}_") for r, i in enumerate(order[::-1][:n])]
     maps = maps_of([i for i, _ in chosen])
+    if maps is None:
+        return []
     used: set[str] = set()
     rows = [["file", "path", "label", "score", "rank"]]
     written = []
@@ -476,7 +488,7 @@ def map_overlays(
         if name in used:
             name = f"{prefix}{kind}_{path.stem}_{path.suffix.lstrip('.')}.png"
         used.add(name)
-        mask = result.masks[index] if result.masks is not None and int(result.labels[index]) else None
+        mask = data.masks[index] if result.masks is not None and int(result.labels[index]) else None
         written.append(save_png(overlay(data.images[index], image_map, mask, (0.0, 1.0)), folder / name))
         rows.append([name, _shown(path, config.data_path), int(result.labels[index]), f"{float(scores[index]):.8f}", int(rank[index])])
     buffer = io.StringIO()
@@ -489,8 +501,33 @@ def map_overlays(
 # The run
 
 
-def run(config: RunConfig) -> RunResult:
-    """Train (with selection) or test, per config.mode and config.train; write the run's files."""
+def rows_of_maps(maps: torch.Tensor, map_range: tuple[int, int], indices: list[int], dist: Dist) -> torch.Tensor | None:
+    """The maps of images `indices` (in that order) on rank 0, from the ranks that hold them; None elsewhere."""
+    start, stop = map_range
+    if not dist.active:
+        return maps[[i - start for i in indices]]
+    rows = {i: maps[i - start].cpu() for i in indices if start <= i < stop}
+    gathered = gather_objects(rows, dist)
+    if gathered is None:
+        return None
+    merged = {i: row for part in gathered for i, row in part.items()}
+    return torch.stack([merged[i] for i in indices]) if indices else maps.new_empty((0, *maps.shape[1:])).cpu()
+
+
+def run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
+    """Train (with selection) or test, per config.mode and config.train; write the run's files.
+
+    dist: this process's place among the ranks of a torchrun job (the default: a single process).
+    Every rank must call run with the same config; all return the same metrics, rank 0 alone
+    prints and writes files, and they return together (after rank 0 has written).
+    """
+    with quiet_unless_main(dist):
+        result = _run(config, dist)
+        barrier(dist)
+    return result
+
+
+def _run(config: RunConfig, dist: Dist) -> RunResult:
     if config.mode not in MODES:
         raise MVFAError(f"unknown mode {config.mode!r}: choose one of {', '.join(MODES)}")
     if config.select not in SELECTIONS:
@@ -509,6 +546,8 @@ def run(config: RunConfig) -> RunResult:
         raise MVFAError(f"--save_maps {config.save_maps} is invalid: give no number (every image) or N >= 1")
     if config.only_normal and (config.train or config.mode != "few-shot" or config.checkpoint is None):
         raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
+    if config.ddp and not (config.mode == "zero-shot" and config.train):
+        raise MVFAError("--ddp is for zero-shot training (train_zero.py): other runs train on one support set per rank")
     device = torch.device(config.device)
     seed_everything(config.seed)
     started = time.time()
@@ -526,7 +565,8 @@ def run(config: RunConfig) -> RunResult:
     model, text_bank = build_model(config, device)
     text_features = text_bank(word)
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
 
     few_shot = None
     if config.mode == "few-shot":
@@ -535,7 +575,7 @@ def run(config: RunConfig) -> RunResult:
             print(f"support: {config.shot} normal valid images, no abnormal image ({support.source})")
         else:
             print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
-        if config.iterate >= 0:
+        if config.iterate >= 0 and dist.is_main:
             write_seed_file(config.output_dir / f"{config.shot}-shot.txt", support, config.iterate)
 
     def memory_bank() -> MemoryBank | None:
@@ -547,7 +587,8 @@ def run(config: RunConfig) -> RunResult:
 
     def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating") -> EvalResult:
         return evaluate(
-            model, data, features, has_masks, memory_bank(), config.eval_batch_size, config.precision, full, desc=desc
+            model, data, features, has_masks, memory_bank(), config.eval_batch_size, config.precision, full, desc=desc,
+            dist=dist,
         )
 
     budget = PrefixBudget(config.prefix_cache, device)
@@ -555,9 +596,10 @@ def run(config: RunConfig) -> RunResult:
         cache_support_prefixes(model, few_shot, config, budget)
 
     def cache(data: TensorSet) -> TensorSet:
-        """Sets evaluated after every epoch keep their frozen-block outputs, while the budget allows."""
-        if budget.allow(prefix_bytes(model, len(data))):
-            data.cache_prefixes(model, config.eval_batch_size, config.precision)
+        """Sets evaluated after every epoch keep their frozen-block outputs (this rank's batches), while the budget allows."""
+        shard = dist.batch_shard(len(data), config.eval_batch_size)
+        if budget.allow(prefix_bytes(model, shard[1] - shard[0])):
+            data.cache_prefixes(model, config.eval_batch_size, config.precision, shard if dist.active else None)
         return data
 
     if config.train and config.select == "test":
@@ -574,19 +616,20 @@ def run(config: RunConfig) -> RunResult:
             batches = _few_shot_batches(config, few_shot, text_features, target.has_masks)
         else:
             selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache)
-            batches = _zero_shot_batches(config, sources, text_bank)
-        best_state = _train(config, model, batches, selector, log_rows, device)
+            batches = _zero_shot_batches(config, sources, text_bank, dist)
+        best_state = _train(config, model, batches, selector, log_rows, device, dist)
         model.load_adapter_state(best_state["adapters"])
         meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
         if few_shot is not None:
             meta["support"] = {"abnormal": [s.path.name for s in support.abnormal], "normal": [s.path.name for s in support.normal]}
         if config.threshold_rule != "none":
-            meta.update(calibrate(config, model, target, text_features, memory_bank(), support_samples))
+            meta.update(calibrate(config, model, target, text_features, memory_bank(), support_samples, dist))
         if config.save_model:
             checkpoint_path = config.save_path / config.checkpoint_name()
             state = model.adapter_state()
             state["meta"] = meta
-            save_checkpoint(state, checkpoint_path)
+            if dist.is_main:
+                save_checkpoint(state, checkpoint_path)
             print(f"saved adapters to {checkpoint_path}")
     else:
         checkpoint_path = find_checkpoint(config)
@@ -598,7 +641,7 @@ def run(config: RunConfig) -> RunResult:
     source = str(checkpoint_path) if checkpoint_path else "the trained adapters"
     normalization = None  # --normalize test: the release's min-max over the test set
     if config.normalize == "valid":
-        _, normalization, _ = fit_reference(config, model, target, text_features, memory_bank(), support_samples)
+        _, normalization, _ = fit_reference(config, model, target, text_features, memory_bank(), support_samples, dist)
         print(f"normalisation: fitted on {normalization.source}")
     elif config.normalize == "checkpoint":
         normalization = stored_normalization(meta, source)
@@ -613,7 +656,7 @@ def run(config: RunConfig) -> RunResult:
 
     result = evaluate(
         model, test_set, text_features, target.has_masks, memory_bank(), config.eval_batch_size, config.precision,
-        True, desc=f"{target.name} test", normalization=normalization, score_under=score_under,
+        True, desc=f"{target.name} test", normalization=normalization, score_under=score_under, dist=dist,
     )
     metrics = {**result.metrics, "seconds": round(time.time() - started, 2)}
     print_release_lines(config.obj, metrics)
@@ -626,6 +669,8 @@ def run(config: RunConfig) -> RunResult:
         "normalization": {"mode": config.normalize, **result.normalization.to_dict()},
         "config": json_ready(config),
     }
+    if config.ddp:
+        payload["config"].update(world_size=dist.world_size, effective_batch_size=dist.world_size * config.batch_size)
     if threshold is not None:
         value, _ = threshold
         scores = result.fixed_scores if score_under is not None else result.image_scores
@@ -639,20 +684,22 @@ def run(config: RunConfig) -> RunResult:
             f"{test['precision']:.4f} recall {test['recall']:.4f} F1 {test['f1']:.4f} FPR {test['fpr']:.4f}"
         )
     if config.save_maps is not None:
-        def maps_of(indices: list[int]) -> torch.Tensor:
+        def maps_of(indices: list[int]) -> torch.Tensor | None:
             if result.maps is not None:
-                return result.maps[indices]
-            return evaluate(
+                return rows_of_maps(result.maps, result.map_range, indices, dist)
+            chosen = evaluate(
                 model, test_set.subset(indices), text_features, False, memory_bank(), config.eval_batch_size,
-                config.precision, desc="maps", normalization=result.normalization, keep_maps=True, metrics=False,
-            ).maps
+                config.precision, desc="maps", normalization=result.normalization, keep_maps=True, metrics=False, dist=dist,
+            )
+            return rows_of_maps(chosen.maps, chosen.map_range, list(range(len(indices))), dist)
 
         written = map_overlays(config, result, test_set, maps_of, config.output_dir / "maps")
         print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
-    write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
-    if log_rows:
-        write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))
-    write_atomic(config.output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    if dist.is_main:
+        write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
+        if log_rows:
+            write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))
+        write_atomic(config.output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
     return RunResult(metrics, checkpoint_path, config.output_dir, result)
 
 
@@ -669,9 +716,26 @@ def _log_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _train(config: RunConfig, model: AdaptedViT, batches, selector, log_rows: list[dict], device: torch.device) -> dict:
-    """The loop: epochs of batches; `selector(epoch, fraction)` scores the current adapters when due."""
+def _train(
+    config: RunConfig, model: AdaptedViT, batches, selector, log_rows: list[dict], device: torch.device,
+    dist: Dist = SINGLE,
+) -> dict:
+    """The loop: epochs of batches; `selector(epoch, fraction)` scores the current adapters when due.
+
+    Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
+    process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
+    the end, so all ranks evaluate, select and return the same adapters. With --ddp every rank
+    trains its part of each batch (`batches` gives it) and the gradients are averaged.
+    """
     optimizers = make_optimizers(model, config.learning_rate)
+    parallel = dist if config.ddp and dist.active else None
+    effective = {}
+    if config.ddp:
+        effective = {"effective_batch_size": dist.world_size * config.batch_size}
+        print(
+            f"data-parallel (--ddp): {dist.world_size} rank{'s' if dist.world_size > 1 else ''} x --batch_size "
+            f"{config.batch_size} = effective batch {effective['effective_batch_size']} images per step"
+        )
     best = {"score": -float("inf"), "epoch": 0, "adapters": model.adapter_state()}
     for epoch in range(1, config.epoch + 1):
         losses = []
@@ -683,20 +747,24 @@ def _train(config: RunConfig, model: AdaptedViT, batches, selector, log_rows: li
             with autocast_for(device, config.precision):
                 parts = train_step(
                     model, optimizers, images.to(device), masks.to(device), labels.to(device),
-                    features.to(device), has_masks.to(device), config.det_loss, prefix,
+                    features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
                 )
             losses.append(parts.total.item())
             if step in checkpoints:
+                broadcast_parameters(model.adapter_parameters(), dist)
                 value, detail = selector.score()
-                row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), **detail}
+                row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), **effective, **detail}
                 log_rows.append(row)
                 if value is not None and value > best["score"]:
                     best = {"score": value, "epoch": epoch, "adapters": model.adapter_state()}
         summary = f"epoch {epoch}/{config.epoch}: loss {np.mean(losses) if losses else float('nan'):.4f}"
         if log_rows and log_rows[-1]["epoch"] == epoch:
-            summary += "".join(f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss"))
+            summary += "".join(
+                f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss", *effective)
+            )
         print(summary, flush=True)
     if config.select == "last" or config.epoch == 0:
+        broadcast_parameters(model.adapter_parameters(), dist)
         best = {"score": None, "epoch": config.epoch, "adapters": model.adapter_state()}
     else:
         print(f"selected epoch {best['epoch']} ({config.select} {best['score']:.4f})")
@@ -790,7 +858,7 @@ def _few_shot_batches(config: RunConfig, few_shot: FewShotData, text_features: t
     return batches
 
 
-def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_bank: TextFeatureBank):
+def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_bank: TextFeatureBank, dist: Dist = SINGLE):
     """Each epoch: the source datasets' test splits, shuffled; each image with its own dataset's text."""
     features, flags, parts = [], [], []
     for index, source in enumerate(sources):
@@ -801,6 +869,8 @@ def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_ba
     all_flags = torch.tensor(flags)
     generator = torch.Generator().manual_seed(config.seed)
     dataset = ConcatDataset(parts)
+    if config.ddp and dist.active:
+        return _data_parallel_batches(config, dataset, generator, all_features, all_flags, dist)
 
     class EpochBatches:
         def __init__(self) -> None:
@@ -813,6 +883,54 @@ def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_ba
 
         def __iter__(self):
             for batch in self.loader:
+                source = batch["source"]
+                yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source], None)
+
+    return lambda epoch: EpochBatches()
+
+
+def _data_parallel_batches(
+    config: RunConfig, dataset: ConcatDataset, generator: torch.Generator, all_features: torch.Tensor,
+    all_flags: torch.Tensor, dist: Dist,
+):
+    """--ddp: each epoch's shuffle, cut into batches of ranks x --batch_size images; each rank loads its part.
+
+    The order is drawn from the generator exactly as the single-process DataLoader draws it (the same
+    seed on every rank, so all agree), and a rank's part is the `rank`-th run of --batch_size images
+    of each batch: the ranks' parts, in rank order, are a single process's batches of that size. In
+    the last batch of an epoch a rank may get fewer images, or none (it then yields an empty batch
+    and still takes part in the gradient average).
+    """
+    count, per_rank = len(dataset), config.batch_size
+    step = per_rank * dist.world_size
+
+    def empty_batch() -> tuple:
+        size = config.img_size
+        return (torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0), all_features[:0].cpu(),
+                all_flags[:0], None)
+
+    class EpochBatches:
+        def __init__(self) -> None:
+            shuffle = DataLoader(range(count), batch_size=max(count, 1), shuffle=True, generator=generator)
+            order = next(iter(shuffle)).tolist() if count else []
+            self.parts = []
+            for first in range(0, count, step):
+                start = first + dist.rank * per_rank
+                self.parts.append(order[start : min(start + per_rank, count)])
+
+        def __len__(self) -> int:
+            return len(self.parts)
+
+        def __iter__(self):
+            filled = [part for part in self.parts if part]
+            loader = iter(DataLoader(
+                dataset, batch_sampler=filled, num_workers=config.num_workers, generator=torch.Generator()
+            )) if filled else iter(())
+            for part in self.parts:
+                if not part:
+                    yield empty_batch()
+                    continue
+                batch = next(loader)
                 source = batch["source"]
                 yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source], None)
 

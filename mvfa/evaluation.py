@@ -11,6 +11,13 @@ branch keeps only its per-stage patch grids and is upsampled again when fused (b
 A fixed `Normalization` (per-branch low/high fitted once, e.g. on valid normal images, by
 `fit_normalization`) replaces the set-wide min-max when given to `evaluate`: every image's score
 then depends only on that image (and the support), so one image can be scored alone (mvfa.predict).
+
+Several processes (a `Dist` with more than one rank): each rank scores a contiguous run of whole
+evaluation batches (`Dist.batch_shard`: no padding, no duplicates, each image in the same batch as
+in one process), the set-wide minima and maxima are reduced over the ranks, the per-image values
+are gathered in image order on every rank, and the pixel metrics merge exact counts
+(mvfa.metrics.sharded_pixel_metrics). Image scores, predictions and metrics equal a single
+process's to the last digit; maps stay with the rank that computed them (`EvalResult.map_range`).
 """
 from __future__ import annotations
 
@@ -26,13 +33,15 @@ from tqdm import tqdm
 from dataset.medical import ImageSet, Sample
 
 from . import scoring
+from .distributed import SINGLE, Dist, NumpyCollective, all_gather_cat, all_reduce, is_secondary_rank
 from .errors import MVFAError
-from .metrics import auroc, compute_metrics, pixel_auroc
+from .metrics import auroc, compute_metrics, pixel_auroc, sharded_pixel_metrics
 from .model import AdaptedViT
 
+
 def progress(iterable, desc: str):
-    """A tqdm bar on terminals; silent when stderr is not a terminal (logs, pipes, tests)."""
-    return tqdm(iterable, desc=desc, leave=False, disable=None)
+    """A tqdm bar on terminals; silent when stderr is not a terminal (logs, pipes, tests) and on ranks other than 0."""
+    return tqdm(iterable, desc=desc, leave=False, disable=True if is_secondary_rank() else None)
 
 
 PIXEL_LEVELS = 255  # decoded images are k / 255: kept as uint8 and divided on use (exact)
@@ -55,11 +64,11 @@ class PrefixCache:
     """
 
     batch_size: int
-    batches: list[torch.Tensor]
+    batches: list[torch.Tensor | None]  # None: a batch another rank scores (not cached here)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.batches)
+        return sum(b.numel() * b.element_size() for b in self.batches if b is not None)
 
 
 def prefix_bytes(model: AdaptedViT, count: int) -> int:
@@ -84,6 +93,11 @@ def _adapted_tokens(model: AdaptedViT, images: torch.Tensor | None, cache: Prefi
     if cache is not None:
         return model.forward_from_prefix(cache.batches[index])
     return model(images)
+
+
+def _cached(cache: PrefixCache | None, index: int) -> PrefixCache | None:
+    """`cache` when it holds batch `index`, else None."""
+    return cache if cache is not None and cache.batches[index] is not None else None
 
 
 @dataclass
@@ -120,14 +134,24 @@ class TensorSet:
     def image_batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         return self.images[start:stop].to(device).float() / PIXEL_LEVELS
 
-    def cache_prefixes(self, model: AdaptedViT, batch_size: int, precision: str = "fp32") -> None:
-        """Compute the frozen prefix of every evaluation batch once (see PrefixCache)."""
+    def cache_prefixes(
+        self, model: AdaptedViT, batch_size: int, precision: str = "fp32", shard: tuple[int, int] | None = None
+    ) -> None:
+        """Compute the frozen prefix of every evaluation batch once (see PrefixCache).
+
+        shard: only the batches of images [start, stop) (this rank's, `Dist.batch_shard`).
+        """
         if self.prefix_cache is not None and self.prefix_cache.batch_size == batch_size:
             return
         device = next(model.parameters()).device
-        starts = range(0, len(self), batch_size)
+        first, stop = shard if shard is not None else (0, len(self))
+        starts = range(first, stop, batch_size)
         batches = (self.image_batch(start, start + batch_size, device) for start in starts)
-        self.prefix_cache = compute_prefixes(model, progress(batches, "caching frozen blocks"), precision, batch_size)
+        cache = compute_prefixes(model, progress(batches, "caching frozen blocks"), precision, batch_size)
+        if shard is not None:
+            before, total = first // batch_size, -(-len(self) // batch_size)
+            cache.batches = [None] * before + cache.batches + [None] * (total - before - len(cache.batches))
+        self.prefix_cache = cache
 
 
 @dataclass
@@ -242,6 +266,14 @@ class _MinMax:
         self.low[branch] = min(low, self.low.get(branch, math.inf))
         self.high[branch] = max(high, self.high.get(branch, -math.inf))
 
+    def reduce(self, branches: list[str], dist: Dist) -> None:
+        """The minima and maxima of `branches` over all ranks (a rank without images holds none)."""
+        lows = torch.tensor([self.low.get(b, math.inf) for b in branches], dtype=torch.float64)
+        highs = torch.tensor([self.high.get(b, -math.inf) for b in branches], dtype=torch.float64)
+        both = all_reduce(torch.cat([lows, -highs]), "min", dist)
+        for i, branch in enumerate(branches):
+            self.low[branch], self.high[branch] = float(both[i]), -float(both[len(branches) + i])
+
     def result(self, count: int, source: str) -> Normalization:
         out = {}
         for branch in Normalization.BRANCHES:
@@ -264,6 +296,7 @@ class EvalResult:
     metrics: dict = field(default_factory=dict)
     normalization: Normalization | None = None  # the statistics used (the set's own min-max by default)
     fixed_scores: np.ndarray | None = None  # image scores under `score_under`, when asked
+    map_range: tuple[int, int] | None = None  # the images [start, stop) whose maps (and masks) this rank holds
 
     @property
     def selection_score(self) -> float:
@@ -294,17 +327,23 @@ class _Branches:
 def _branches(
     model: AdaptedViT, data: TensorSet, text_features: torch.Tensor, has_masks: bool, memory_bank: MemoryBank | None,
     batch_size: int, precision: str, memory_chunk_elements: int, desc: str, det_maps: bool = False,
+    shard: tuple[int, int] | None = None,
 ):
-    """Yield the raw branches batch by batch (the one forward pass every scoring path shares)."""
+    """Yield the raw branches batch by batch (the one forward pass every scoring path shares).
+
+    shard: only the batches of images [start, stop), start a multiple of batch_size.
+    """
     device = next(model.parameters()).device
     size = model.image_size
     count = len(data)
+    first, last = shard if shard is not None else (0, count)
     cache = data.prefix_cache if data.prefix_cache is not None and data.prefix_cache.batch_size == batch_size else None
-    for index, start in enumerate(progress(range(0, count, batch_size), desc)):
+    for start in progress(range(first, last, batch_size), desc):
         stop = min(start + batch_size, count)
+        batch_cache = _cached(cache, start // batch_size)
         with autocast_for(device, precision):
-            images = None if cache is not None else data.image_batch(start, stop, device)
-            tokens = _adapted_tokens(model, images, cache, index)
+            images = None if batch_cache is not None else data.image_batch(start, stop, device)
+            tokens = _adapted_tokens(model, images, batch_cache, start // batch_size)
         tokens = tokens.patches()
         zero_score = scoring.zero_shot_image_score(tokens.det, text_features)
         zero_map = None
@@ -369,17 +408,19 @@ def fit_normalization(
     precision: str = "fp32",
     source: str = "",
     memory_chunk_elements: int = 1 << 24,
+    dist: Dist = SINGLE,
 ) -> Normalization:
     """Min and max of every branch over `data` (meant for normal images not in the support).
 
     The zero-shot branches are always fitted; the memory branch when a memory bank is given.
     Training (calibration), the test scripts' --normalize valid and so predict use this one function.
+    With several ranks each scores its shard and the minima and maxima are reduced over the ranks.
     """
     if len(data) == 0:
         raise MVFAError("cannot fit the normalisation on an empty image set")
     stats = _MinMax()
     for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
-                           memory_chunk_elements, "fitting normalisation"):
+                           memory_chunk_elements, "fitting normalisation", shard=dist.batch_shard(len(data), batch_size)):
         stats.update("zero_score", batch.zero_score)
         if has_masks:
             stats.update("zero_map", batch.zero_map)
@@ -388,7 +429,34 @@ def fit_normalization(
                 stats.update("few_map", batch.few_map)
             else:
                 stats.update("few_score", batch.few_mean)
+    if dist.active:
+        branches = ["zero_score", *(["zero_map"] if has_masks else [])]
+        branches += [] if memory_bank is None else ["few_map" if has_masks else "few_score"]
+        stats.reduce(branches, dist)
     return stats.result(len(data), source)
+
+
+def _local_range(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of `values` as 0-dim tensors; (inf, -inf) when this rank holds none."""
+    if values.numel():
+        return values.min(), values.max()
+    inf = torch.tensor(torch.inf, device=values.device, dtype=values.dtype)
+    return inf, -inf
+
+
+def _global_range(low: torch.Tensor, high: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min of `low` and the max of `high` over the ranks (the same 0-dim tensors in a single process)."""
+    if not dist.active:
+        return low, high
+    both = all_reduce(torch.stack([low, -high]), "min", dist)
+    return both[0], -both[1]
+
+
+def _gathered(values: torch.Tensor | None, dist: Dist) -> torch.Tensor | None:
+    """Every rank's per-image values, in image order, on every rank (the tensor itself in a single process)."""
+    if values is None or not dist.active:
+        return values
+    return all_gather_cat(values, dist).to(values.device)
 
 
 @torch.no_grad()
@@ -407,36 +475,40 @@ def evaluate(
     keep_maps: bool = False,
     score_under: Normalization | None = None,
     metrics: bool = True,
+    dist: Dist = SINGLE,
 ) -> EvalResult:
     """Score every image of `data`; memory_bank None -> zero-shot, else few-shot (the release's fusion).
 
     normalization None: the release's min-max over the whole set (`result.normalization` records the
     set's statistics). Otherwise the fixed statistics: each image is scored on its own.
     keep_maps: also keep maps for datasets without masks (fixed normalisation only): the det
-    branches' maps, normalised like the image scores (their image mean is about the score).
+    branches' maps, normalised like the image score (their image mean is about the score).
     score_under: additionally report the image scores under these statistics (`fixed_scores`).
     metrics False: no metrics (e.g. a set of one class).
+    dist: several ranks share the work (module docstring); every rank must call with the same data.
     """
     if normalization is not None:
         return _evaluate_fixed(model, data, text_features, has_masks, memory_bank, batch_size, precision, full_metrics,
-                               memory_chunk_elements, desc, normalization, keep_maps, score_under, metrics)
+                               memory_chunk_elements, desc, normalization, keep_maps, score_under, metrics, dist)
     if keep_maps and not has_masks:
         raise ValueError("maps of a dataset without masks need a fixed normalization")
     device = next(model.parameters()).device
     size = model.image_size
     count = len(data)
+    shard = dist.batch_shard(count, batch_size)
+    local = shard[1] - shard[0]
     few_shot = memory_bank is not None
     if score_under is not None:
         _check_covers(score_under, few_shot, has_masks, "the statistics to score under")
-    zero_scores = torch.empty(count, device=device)
-    few_means = torch.empty(count, device=device) if few_shot and not has_masks else None
-    fixed_scores = torch.empty(count, device=device) if score_under is not None else None
-    maps = torch.empty(count, size, size, device=device) if has_masks else None
+    zero_scores = torch.empty(local, device=device)
+    few_means = torch.empty(local, device=device) if few_shot and not has_masks else None
+    fixed_scores = torch.empty(local, device=device) if score_under is not None else None
+    maps = torch.empty(local, size, size, device=device) if has_masks else None
     few_min, few_max = torch.tensor(torch.inf, device=device), torch.tensor(-torch.inf, device=device)
     few_grids = [] if few_shot and has_masks else None
     for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
-                           memory_chunk_elements, desc):
-        start, stop = batch.start, batch.stop
+                           memory_chunk_elements, desc, shard=shard):
+        start, stop = batch.start - shard[0], batch.stop - shard[0]
         zero_scores[start:stop] = batch.zero_score
         if has_masks:
             maps[start:stop] = batch.zero_map
@@ -448,12 +520,15 @@ def evaluate(
                 few_means[start:stop] = batch.few_mean
         if fixed_scores is not None:
             fixed_scores[start:stop] = _fixed_batch(batch, score_under, has_masks, few_shot, want_map=False)[0]
+    zero_scores, few_means, fixed_scores = (_gathered(v, dist) for v in (zero_scores, few_means, fixed_scores))
 
     used = _MinMax()  # the set's own statistics, recorded before the maps are normalised in place
     used.update("zero_score", zero_scores)
     if has_masks:
-        used.update("zero_map", maps)
+        map_low, map_high = _global_range(*_local_range(maps), dist)
+        used.low["zero_map"], used.high["zero_map"] = float(map_low), float(map_high)
         if few_shot:
+            few_min, few_max = _global_range(few_min, few_max, dist)
             used.low["few_map"], used.high["few_map"] = float(few_min), float(few_max)
     elif few_shot:
         used.update("few_score", few_means)
@@ -462,10 +537,10 @@ def evaluate(
     if memory_bank is None:  # the release min-max normalises the zero-shot scores and maps too
         image_scores = scoring.min_max(zero_scores)
         if has_masks:
-            scoring.rescale_(maps, maps.min(), maps.max())
+            scoring.rescale_(maps, map_low, map_high)
     elif has_masks:
-        _fuse_in_place(maps, few_grids, few_min, few_max, size)
-        image_scores = maps.flatten(1).amax(dim=1)
+        _fuse_in_place(maps, (map_low, map_high), few_grids, few_min, few_max, size)
+        image_scores = _gathered(maps.flatten(1).amax(dim=1), dist)
     else:
         image_scores = scoring.fuse(zero_scores, few_means)
 
@@ -474,64 +549,78 @@ def evaluate(
     if fixed_scores is not None:
         result.fixed_scores = fixed_scores.cpu().numpy()
     if has_masks:
-        result.maps, result.masks = maps, data.masks
+        result.maps, result.masks, result.map_range = maps, data.masks[shard[0] : shard[1]], shard
     if metrics:
-        result.metrics = _metrics(result, maps, data, has_masks, full_metrics)
+        result.metrics = _metrics(result, maps, has_masks, full_metrics, dist)
     return result
 
 
-def _metrics(result: EvalResult, maps: torch.Tensor | None, data: TensorSet, has_masks: bool, full_metrics: bool) -> dict:
+def _metrics(result: EvalResult, maps: torch.Tensor | None, has_masks: bool, full_metrics: bool, dist: Dist) -> dict:
+    """Image metrics from the gathered scores; pixel metrics from this rank's maps and masks (merged exactly)."""
+    if dist.active:
+        out = compute_metrics(result.image_scores, result.labels) if full_metrics else {
+            "image_auroc": auroc(result.image_scores, result.labels)}
+        if has_masks:
+            out.update(sharded_pixel_metrics(maps.cpu(), result.masks, NumpyCollective(dist), full_metrics))
+        return out
     if full_metrics:
         return compute_metrics(
             result.image_scores, result.labels,
-            maps.cpu() if has_masks else None, data.masks if has_masks else None,
+            maps.cpu() if has_masks else None, result.masks if has_masks else None,
         )
     out = {"image_auroc": auroc(result.image_scores, result.labels)}
     if has_masks:
-        out["pixel_auroc"] = pixel_auroc(maps.flatten(), data.masks.to(maps.device).flatten())
+        out["pixel_auroc"] = pixel_auroc(maps.flatten(), result.masks.to(maps.device).flatten())
     return out
 
 
 def _evaluate_fixed(
     model, data, text_features, has_masks, memory_bank, batch_size, precision, full_metrics, memory_chunk_elements,
     desc, normalization: Normalization, keep_maps: bool, score_under: Normalization | None, metrics: bool,
+    dist: Dist = SINGLE,
 ) -> EvalResult:
     """evaluate() under fixed statistics: batch by batch, nothing depends on the other images."""
     device = next(model.parameters()).device
     size = model.image_size
-    count = len(data)
+    shard = dist.batch_shard(len(data), batch_size)
+    local = shard[1] - shard[0]
     few_shot = memory_bank is not None
     _check_covers(normalization, few_shot, has_masks, "the normalisation statistics")
     if score_under is not None:
         _check_covers(score_under, few_shot, has_masks, "the statistics to score under")
     want_maps = has_masks or keep_maps
-    image_scores = torch.empty(count, device=device)
-    fixed_scores = torch.empty(count, device=device) if score_under is not None else None
-    maps = torch.empty(count, size, size, device=device) if want_maps else None
+    image_scores = torch.empty(local, device=device)
+    fixed_scores = torch.empty(local, device=device) if score_under is not None else None
+    maps = torch.empty(local, size, size, device=device) if want_maps else None
     for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
-                           memory_chunk_elements, desc, det_maps=want_maps and not has_masks):
-        start, stop = batch.start, batch.stop
+                           memory_chunk_elements, desc, det_maps=want_maps and not has_masks, shard=shard):
+        start, stop = batch.start - shard[0], batch.stop - shard[0]
         scores, batch_map = _fixed_batch(batch, normalization, has_masks, few_shot, want_maps)
         image_scores[start:stop] = scores
         if want_maps:
             maps[start:stop] = batch_map
         if fixed_scores is not None:
             fixed_scores[start:stop] = _fixed_batch(batch, score_under, has_masks, few_shot, want_map=False)[0]
+    image_scores, fixed_scores = _gathered(image_scores, dist), _gathered(fixed_scores, dist)
     result = EvalResult(image_scores.cpu().numpy(), data.labels.numpy(), list(data.paths), normalization=normalization)
     if fixed_scores is not None:
         result.fixed_scores = fixed_scores.cpu().numpy()
     if want_maps:
-        result.maps, result.masks = maps, data.masks
+        result.maps, result.masks, result.map_range = maps, data.masks[shard[0] : shard[1]], shard
     if metrics:
-        result.metrics = _metrics(result, maps, data, has_masks, full_metrics)
+        result.metrics = _metrics(result, maps, has_masks, full_metrics, dist)
     return result
 
 
 def _fuse_in_place(
-    maps: torch.Tensor, few_grids: list[list[torch.Tensor]], few_min: torch.Tensor, few_max: torch.Tensor, size: int
+    maps: torch.Tensor, map_range: tuple[torch.Tensor, torch.Tensor], few_grids: list[list[torch.Tensor]],
+    few_min: torch.Tensor, few_max: torch.Tensor, size: int,
 ) -> None:
-    """maps <- 0.5 mm(maps) + 0.5 mm(memory maps), one batch of memory maps re-upsampled at a time."""
-    scoring.rescale_(maps, maps.min(), maps.max()).mul_(scoring.FUSION_WEIGHT)
+    """maps <- 0.5 mm(maps) + 0.5 mm(memory maps), one batch of memory maps re-upsampled at a time.
+
+    map_range and few_min/few_max: the set-wide ranges of the zero-shot and the memory maps.
+    """
+    scoring.rescale_(maps, *map_range).mul_(scoring.FUSION_WEIGHT)
     start = 0
     for grids in few_grids:
         few_map = scoring.upsample_and_sum(grids, size)

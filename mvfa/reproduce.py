@@ -14,6 +14,11 @@ Each run writes <output_dir>/runs/<dataset>/<setting>/<protocol>/split<i>/ (metr
 with it is finished and skipped when the command is run again). results.csv (one row per finished
 run) and results.md (the paper's layout: paper / release mean±std / leak-free mean±std (n=test
 images)) are rewritten atomically from every finished run after each run.
+
+Under `torchrun --nproc_per_node N` the runs go side by side, one per rank (each on its own GPU,
+cuda:LOCAL_RANK, single-process inside): rank r takes runs r, r + N, ... First every run but the
+normal-only ones, then (after all ranks are done, since they read the zero-shot runs' checkpoints)
+the normal-only ones; rank 0 then writes the table of all rows. Only rank 0 prints.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ import numpy as np
 
 from dataset.medical import find_datasets, select_support
 
-from .cli import USER_ERRORS, resolve_device
+from .cli import guarded, resolve_device
+from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, RunConfig, json_ready, run, write_atomic
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
@@ -38,6 +44,8 @@ from .text import default_cache_dir
 
 PROTOCOLS = {"release": ("test", "test"), "leakfree": ("valid", "valid")}  # protocol -> (select, normalize)
 METRICS = {"det": "image_auroc", "loc": "pixel_auroc"}
+# Under torchrun a rank waits at the end for the others' runs (trainings of hours): no short timeout.
+RANKS_WAIT_S = 7 * 24 * 3600.0
 # Settings whose training/selection must match for a finished run to be reused.
 FINGERPRINT = ("model_name", "clip_ckpt", "pretrain", "img_size", "features_list", "epoch", "learning_rate", "seed",
                "batch_size", "det_loss", "quick_gelu", "precision", "select", "normalize", "shot", "iterate", "only_normal")
@@ -107,8 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def base_config(args: argparse.Namespace) -> RunConfig:
-    device = resolve_device(args.device)
+def base_config(args: argparse.Namespace, device: str | None = None) -> RunConfig:
+    """Settings shared by every run; `device` (a torchrun rank's own) overrides --device."""
+    device = resolve_device(device if device is not None else args.device)
     return RunConfig(
         mode="few-shot", train=True, obj="", data_path=Path(args.data_path), save_path=Path("."), output_dir=Path("."),
         model_name=args.model_name, clip_ckpt=Path(args.clip_ckpt) if args.clip_ckpt else None, pretrain=args.pretrain,
@@ -329,38 +338,61 @@ def write_results(root: Path, data_path: Path, datasets: list[str], args: argpar
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def rank_phases(plans: list[Plan], dist: Dist) -> list[list[tuple[int, Plan]]]:
+    """(1-based index, plan) of this rank's runs, per phase; the ranks meet between phases.
+
+    One process: one phase, every plan in order. Several ranks: the normal-only runs read the
+    zero-shot runs' checkpoints, which another rank may be making, so they form a second phase;
+    within a phase rank r takes the plans r, r + N, ...
+    """
+    numbered = list(enumerate(plans, start=1))
+    if not dist.active:
+        return [numbered]
+    phases = [[p for p in numbered if not p[1].only_normal], [p for p in numbered if p[1].only_normal]]
+    return [phase[dist.rank :: dist.world_size] for phase in phases]
+
+
+def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None = None) -> None:
+    """Every planned run of this rank, then (rank 0) the table; see the module docstring."""
     root = Path(args.output_dir)
-    try:
-        present = find_datasets(args.data_path)
-        datasets = [d for d in PAPER_ROWS if d in present and (args.datasets is None or d in args.datasets)]
-        if not datasets:
-            raise MVFAError(
-                f"{args.data_path} holds none of the benchmark datasets ({', '.join(f'{d}_AD' for d in PAPER_ROWS)})"
-            )
+    present = find_datasets(args.data_path)
+    datasets = [d for d in PAPER_ROWS if d in present and (args.datasets is None or d in args.datasets)]
+    if not datasets:
+        raise MVFAError(
+            f"{args.data_path} holds none of the benchmark datasets ({', '.join(f'{d}_AD' for d in PAPER_ROWS)})"
+        )
+    with quiet_unless_main(dist):
         if len(datasets) < 2:
             print("note: zero-shot (and normal-only) runs need at least two datasets (leave-one-out): skipped")
-        base = base_config(args)
+        base = base_config(args, device)
         plans = plan_runs(datasets, args)
+        if dist.active:
+            print(f"{dist.world_size} ranks make the runs side by side, one run per rank at a time; shown: rank 0's runs")
         done = 0
-        for index, plan in enumerate(plans, start=1):
-            config = config_for(plan, base, args, root)
-            what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
-            if check_finished(plan, config, root):
-                print(f"{what}: finished before, skipped", flush=True)
-                continue
-            print(f"\n== {what} ==", flush=True)
-            run(config)
-            done += 1
-            write_results(root, Path(args.data_path), datasets, args)
+        for phase in rank_phases(plans, dist):
+            for index, plan in phase:
+                config = config_for(plan, base, args, root)
+                what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
+                if check_finished(plan, config, root):
+                    print(f"{what}: finished before, skipped", flush=True)
+                    continue
+                print(f"\n== {what} ==", flush=True)
+                run(config)
+                done += 1
+                if dist.is_main:
+                    write_results(root, Path(args.data_path), datasets, args)
+            barrier(dist)
+        made = gather_objects(done, dist)
+        if not dist.is_main:
+            return
         rows = write_results(root, Path(args.data_path), datasets, args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"\n{results_table(rows, datasets)}\n")
-    print(f"{done} runs made, {len(plans) - done} reused; {root / 'results.csv'} and {root / 'results.md'} written")
-    return 0
+        print(f"\n{results_table(rows, datasets)}\n")
+        print(f"{sum(made)} runs made, {len(plans) - sum(made)} reused; {root / 'results.csv'} and {root / 'results.md'} written")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return guarded(lambda dist, device: reproduce(args, dist, device), args.device, RANKS_WAIT_S, CPU_BACKEND)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,14 @@ Per image, summed over stages (the release's loss):
 - det: BCE of the stage's mean patch abnormality (det tokens) against the image label;
 - seg (images of datasets with masks): focal + dice on the upsampled 2-class probabilities.
 A batch of B images averages the per-image losses, so batch 1 is exactly the release's step.
+
+Data-parallel (--ddp): every rank computes the loss of its own part of the batch, and the adapters'
+gradients are then averaged over the ranks, weighted by their image counts, in one all-reduce
+(mvfa.distributed.average_gradients), so a step of W ranks equals one step on the concatenated
+batch. An explicit all-reduce rather than torch's DistributedDataParallel: DDP hooks the wrapped
+module's forward only, while training also enters through forward_from_prefix (prefix cache), the
+seg optimiser must step exactly when some rank's batch had masks, and the last batch of an epoch
+may leave a rank with fewer images, or none, which plain DDP averaging would weight wrongly.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import scoring
+from .distributed import Dist, average_gradients
 from .losses import BinaryDiceLoss, FocalLoss, det_loss
 from .model import AdaptedViT
 
@@ -85,12 +94,34 @@ def train_step(
     has_masks: torch.Tensor,
     det_loss_form: str = "release",
     prefix: torch.Tensor | None = None,
+    dist: Dist | None = None,
 ) -> LossParts:
-    """One optimisation step; the seg optimiser steps only when the batch holds images with masks."""
+    """One optimisation step; the seg optimiser steps only when the batch holds images with masks.
+
+    `dist` (data-parallel, several ranks): this rank's part of the batch, possibly empty; the
+    gradients become those of the mean loss over every rank's images before the Adam steps, and
+    the returned `total` is that mean (`det` and `seg` stay this rank's).
+    """
     optimizers.zero_grad()
-    parts = compute_loss(model, images, masks, labels, text_features, has_masks, det_loss_form, prefix)
-    parts.total.backward()
-    if parts.seg is not None:
+    if dist is None or not dist.active:
+        parts = compute_loss(model, images, masks, labels, text_features, has_masks, det_loss_form, prefix)
+        parts.total.backward()
+        if parts.seg is not None:
+            optimizers.seg.step()
+        optimizers.det.step()
+        return parts
+    count = int(images.shape[0])
+    parts = None
+    if count:
+        parts = compute_loss(model, images, masks, labels, text_features, has_masks, det_loss_form, prefix)
+        parts.total.backward()
+    local_loss = parts.total.item() if parts is not None else 0.0
+    local_seg = parts is not None and parts.seg is not None
+    _, mean_loss, any_seg = average_gradients(model.adapter_parameters(), count, local_loss, local_seg, dist)
+    if any_seg:
         optimizers.seg.step()
     optimizers.det.step()
-    return parts
+    zero = torch.zeros(())
+    return LossParts(
+        total=torch.tensor(mean_loss), det=parts.det if parts is not None else zero, seg=parts.seg if parts is not None else None
+    )
