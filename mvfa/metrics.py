@@ -32,6 +32,8 @@ Two families of functions
   same formulas, organised differently), and :func:`pixel_auroc` / :func:`pixel_metrics` run on
   CUDA tensors on the GPU (AUPRO and :func:`compute_metrics` move pixel data to the CPU, where
   scipy finds the connected components).
+* Maps split over processes (torchrun): :func:`sharded_pixel_metrics` merges exact counts and
+  gives the single-process values to the last digit.
 """
 from __future__ import annotations
 

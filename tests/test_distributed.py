@@ -49,8 +49,8 @@ def rank_env(rank: int, world: int, port: int) -> None:
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
 
 
-MAINS = {"test_few": cli.main_test_few, "test_zero": cli.main_test_zero, "train_zero": cli.main_train_zero,
-         "reproduce": reproduce.main}
+MAINS = {"test_few": cli.main_test_few, "test_zero": cli.main_test_zero, "train_few": cli.main_train_few,
+         "train_zero": cli.main_train_zero, "reproduce": reproduce.main}
 
 
 def _command_worker(rank: int, world: int, jobs: list[tuple[str, list[str], Path, int]]) -> None:
@@ -112,11 +112,13 @@ def outputs(folder: Path) -> dict:
 
 
 def test_sharded_evaluation_equals_one_process(bench, tmp_path):
-    def argv(obj: str, checkpoint: Path, out: Path, *extra: str) -> list[str]:
-        return tiny_argv(bench["data"], bench["clip"], tmp_path / "unused", out, obj, "--checkpoint", str(checkpoint),
-                         "--eval_batch_size", EVAL_BATCH, *extra)
+    def argv(obj: str, checkpoint: Path | None, out: Path, *extra: str) -> list[str]:
+        chosen = ("--checkpoint", str(checkpoint)) if checkpoint else ()
+        return tiny_argv(bench["data"], bench["clip"], out, out, obj, *chosen, "--eval_batch_size", EVAL_BATCH, *extra)
 
     cases = {
+        # training without --ddp: every rank trains the release's batches; selection and calibration sharded
+        "train_few": ("train_few", "Brain", None, ("--shot", "1", "--epoch", "2")),
         "few_masks": ("test_few", "Brain", bench["few"], ("--shot", "1", "--save_maps", "2")),  # fused maps, AUPRO
         "few_no_masks": ("test_few", "Chest", bench["few"], ("--shot", "1", "--save_maps")),  # fused scores, det maps
         "zero_no_masks": ("test_zero", "Chest", bench["zero"], ()),
@@ -130,6 +132,12 @@ def test_sharded_evaluation_equals_one_process(bench, tmp_path):
         one, two = outputs(tmp_path / "one" / key), outputs(tmp_path / "two" / key)
         assert two == one, key
         assert (tmp_path / f"{key}.log.rank1").read_text() == ""  # only rank 0 prints
+    one, two = tmp_path / "one" / "train_few", tmp_path / "two" / "train_few"
+    assert (two / "train_log.csv").read_bytes() == (one / "train_log.csv").read_bytes()
+    trained = [torch.load(folder / "Brain-1shot-it0-seed111.pth", weights_only=True) for folder in (one, two)]
+    assert trained[0]["meta"] == trained[1]["meta"]  # the calibrated statistics and threshold too
+    for group in ("seg_adapters", "det_adapters"):
+        assert all(torch.equal(trained[0][group][k], trained[1][group][k]) for k in trained[0][group])
     assert len(outputs(tmp_path / "one" / "few_masks")["maps"]) == 5  # 2 highest, 2 lowest, index.csv
     assert "pixel_aupro" in outputs(tmp_path / "one" / "few_masks")["metrics"]
 
