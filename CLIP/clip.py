@@ -53,10 +53,20 @@ def create_model(
         state_dict = read_state_dict(path)
         if check_config:
             _check_trained_grid(config, state_dict, path)
-    model = CLIP(config, image_size=img_size)
-    if state_dict is not None:
-        load_into(model, state_dict, source=str(path))
+    if state_dict is None:
+        model = CLIP(config, image_size=img_size)
+    else:
+        model = build_on_meta(config, img_size)
+        load_into(model, state_dict, source=str(path), consume=True)
     return model.to(device).eval()
+
+
+def build_on_meta(config: CLIPConfig, img_size: int | None = None) -> CLIP:
+    """The model's structure without storage or random initialisation (the weights come from a checkpoint).
+
+    CLIP holds no buffers: every tensor of its state dict is a parameter the checkpoint provides."""
+    with torch.device("meta"):
+        return CLIP(config, image_size=img_size)
 
 
 def _check_trained_grid(config: CLIPConfig, state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -121,26 +121,63 @@ def infer_config(state_dict: dict[str, torch.Tensor], name: str = "inferred") ->
     return CLIPConfig(embed_dim=state_dict["text_projection"].shape[1], vision=vision, text=text, name=name)
 
 
-def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, consume: bool = False) -> None:
     """Copy weights into `model` after resampling the positional grid to the model's input size.
 
-    Any difference of keys or shapes is a CheckpointError naming the first offending key and both shapes.
+    Any difference of keys or shapes is a CheckpointError naming the first offending key and both shapes;
+    it is raised before any weight is touched.
+
+    A model built on the meta device (no storage, no random initialisation) receives fp32 tensors of
+    its own (`load_state_dict(assign=True)`); a materialised model has the weights copied into its
+    parameters, dtype converted tensor by tensor. `consume=True` hands the dict over: its entries are
+    popped as they are converted, so a half-precision checkpoint and its fp32 copy never coexist whole
+    (the dict ends empty).
     """
-    state_dict = dict(state_dict)
-    grid = model.visual.grid_size
-    state_dict["visual.positional_embedding"] = resample_positional_embedding(
-        state_dict["visual.positional_embedding"].float(), grid
-    )
+    entries = state_dict if consume else dict(state_dict)
+    positional = entries["visual.positional_embedding"]
+    entries["visual.positional_embedding"] = resample_positional_embedding(positional.float(), model.visual.grid_size)
+    del positional
     expected = model.state_dict()
+    _check_entries(entries, expected, source)
+    if not _on_meta(expected, source):
+        model.load_state_dict(entries)
+        return
+    owned = {key: _fp32_tensor(entries.pop(key), copy=not consume) for key in list(expected)}
+    model.load_state_dict(owned, assign=True)
+    _check_materialised(model, source)
+
+
+def _check_materialised(model: nn.Module, source: str) -> None:
+    """After a meta build, every parameter and buffer must hold data (a buffer outside the state dict would not)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    empty = [name for name, tensor in tensors if tensor.is_meta]
+    if empty:
+        raise CheckpointError(f"{source} left {empty[0]!r} without a value (built on the meta device, not in the state dict)")
+
+
+def _check_entries(entries: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    """Same keys and shapes as the model's state dict, else a one-line CheckpointError."""
     for key, tensor in expected.items():
-        if key not in state_dict:
+        if key not in entries:
             raise CheckpointError(f"{source} does not fit the model config: it lacks {key!r} (shape {tuple(tensor.shape)})")
-        if state_dict[key].shape != tensor.shape:
+        if entries[key].shape != tensor.shape:
             raise CheckpointError(
-                f"{source} does not fit the model config: {key!r} has shape {tuple(state_dict[key].shape)} "
+                f"{source} does not fit the model config: {key!r} has shape {tuple(entries[key].shape)} "
                 f"in the checkpoint, {tuple(tensor.shape)} in the model"
             )
-    unexpected = sorted(set(state_dict) - set(expected))
+    unexpected = sorted(set(entries) - set(expected))
     if unexpected:
         raise CheckpointError(f"{source} does not fit the model config: unexpected entry {unexpected[0]!r}")
-    model.load_state_dict({key: value.float() for key, value in state_dict.items()})
+
+
+def _on_meta(expected: dict[str, torch.Tensor], source: str) -> bool:
+    """Whether the model was built on the meta device (all of it; a partly built model is refused)."""
+    meta = {key for key, tensor in expected.items() if tensor.is_meta}
+    if meta and len(meta) != len(expected):
+        raise CheckpointError(f"cannot load {source}: the model is partly on the meta device ({sorted(meta)[0]!r})")
+    return bool(meta)
+
+
+def _fp32_tensor(value: torch.Tensor, copy: bool) -> torch.Tensor:
+    """`value` as a contiguous fp32 tensor; a new one when `copy` (the caller keeps the original)."""
+    return value.to(torch.float32, memory_format=torch.contiguous_format, copy=copy)

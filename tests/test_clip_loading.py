@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import clip_helpers as helpers
-from CLIP import CheckpointError, ConfigError, create_model, list_models, load_config
+from CLIP import CheckpointError, ConfigError, create_model, list_models, load_config, tokenize
 from CLIP.clip import openai_checkpoint_path
 from CLIP.config import CKPT_DIR
 from CLIP.loading import OPENAI_METADATA_KEYS, infer_config, is_torchscript_archive, read_state_dict
@@ -286,3 +286,108 @@ def test_config_copied_beside_checkpoint_loads(checkpoints, tmp_path):
     shutil.copy(checkpoints.config, tmp_path / "elsewhere.json")
     model = create_model(tmp_path / "elsewhere.json", pretrained=checkpoints.prefixed)
     assert model.config.name == "elsewhere" and not model.training
+
+
+# --- the meta-device build: the same model as random initialisation + copy, without the copies ------
+
+
+def _plain_path_model(config_path, size: int, checkpoint) -> torch.nn.Module:
+    """The loading create_model replaced: a randomly initialised fp32 model, the whole checkpoint
+    converted to fp32, then load_state_dict (which copies)."""
+    from CLIP.model import CLIP, resample_positional_embedding
+
+    model = CLIP(load_config(config_path), image_size=size)
+    state_dict = read_state_dict(checkpoint)
+    state_dict["visual.positional_embedding"] = resample_positional_embedding(
+        state_dict["visual.positional_embedding"].float(), model.visual.grid_size
+    )
+    model.load_state_dict({key: value.float() for key, value in state_dict.items()})
+    return model.eval()
+
+
+def _assert_same_model(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Tensor for tensor: names, classes, dtypes, shapes, values, contiguity, requires_grad, devices."""
+    ours_tensors = dict([*ours.named_parameters(), *ours.named_buffers()])
+    reference_tensors = dict([*reference.named_parameters(), *reference.named_buffers()])
+    assert list(ours_tensors) == list(reference_tensors)
+    assert [name for name, _ in ours.named_buffers()] == [name for name, _ in reference.named_buffers()]
+    for name, tensor in ours_tensors.items():
+        expected = reference_tensors[name]
+        assert type(tensor) is type(expected), name
+        assert tensor.device == expected.device and not tensor.is_meta, name
+        assert tensor.dtype == expected.dtype == torch.float32, name
+        assert tensor.shape == expected.shape and tensor.is_contiguous(), name
+        assert tensor.requires_grad == expected.requires_grad, name
+        assert torch.equal(tensor, expected), name
+    assert ours.training == reference.training
+
+
+@pytest.mark.parametrize("form", ["plain", "archive"])
+@pytest.mark.parametrize("size", [helpers.TRAIN_SIZE, helpers.OTHER_SIZE])
+def test_meta_build_equals_random_init_and_copy(checkpoints, form, size):
+    path = checkpoints.forms()[form]
+    ours = create_model(checkpoints.config, size, pretrained=path)
+    reference = _plain_path_model(checkpoints.config, size, path)
+    _assert_same_model(ours, reference)
+    storages = {tensor.untyped_storage().data_ptr() for tensor in ours.parameters()}
+    assert len(storages) == len(list(ours.parameters()))  # no two parameters share memory
+    images = helpers.sample_images(size, count=1)
+    with torch.no_grad():
+        assert torch.equal(ours.encode_image(images), reference.encode_image(images))
+        tokens = tokenize(helpers.PROMPTS)
+        assert torch.equal(ours.encode_text(tokens), reference.encode_text(tokens))
+
+
+def test_load_into_consume_empties_the_dict_and_keeps_nothing_of_it(checkpoints):
+    from CLIP.clip import build_on_meta
+    from CLIP.loading import load_into
+
+    config = load_config(checkpoints.config)
+    owned = {key: value.clone() for key, value in checkpoints.state_dict.items()}  # fp32: kept as is
+    pointers = {value.data_ptr() for value in owned.values()}
+    model = build_on_meta(config)
+    load_into(model, owned, source="owned", consume=True)
+    assert owned == {}
+    assert any(p.data_ptr() in pointers for p in model.parameters())  # fp32 entries are taken over, not copied
+    _assert_same_model(model.eval(), _plain_path_model(checkpoints.config, helpers.TRAIN_SIZE, checkpoints.plain))
+
+
+def test_load_into_without_consume_leaves_the_callers_tensors_alone(checkpoints):
+    from CLIP.clip import build_on_meta
+    from CLIP.loading import load_into
+    from CLIP.model import CLIP
+
+    config = load_config(checkpoints.config)
+    kept = dict(checkpoints.state_dict)
+    pointers = {value.data_ptr() for value in kept.values()}
+    for model in (build_on_meta(config), CLIP(config)):
+        before = {name: p for name, p in model.named_parameters()}
+        load_into(model, kept, source="kept")
+        assert set(kept) == set(checkpoints.state_dict)
+        assert not any(p.data_ptr() in pointers for p in model.parameters())  # fresh fp32 copies
+        if not next(iter(before.values())).is_meta:  # a materialised model keeps its parameter objects
+            assert all(before[name] is p for name, p in model.named_parameters())
+        _assert_same_model(model.eval(), _plain_path_model(checkpoints.config, helpers.TRAIN_SIZE, checkpoints.plain))
+
+
+def test_meta_load_errors_before_touching_the_dict(checkpoints):
+    from CLIP.clip import build_on_meta
+    from CLIP.loading import load_into
+
+    fewer = {key: value for key, value in checkpoints.state_dict.items() if key != "ln_final.bias"}
+    count = len(fewer)
+    with pytest.raises(CheckpointError) as err:
+        load_into(build_on_meta(load_config(checkpoints.config)), fewer, source="fewer", consume=True)
+    assert "'ln_final.bias'" in _one_line(err) and len(fewer) == count
+
+
+def test_a_buffer_outside_the_state_dict_is_an_error_after_a_meta_build(checkpoints):
+    from CLIP.clip import build_on_meta
+    from CLIP.loading import load_into
+
+    model = build_on_meta(load_config(checkpoints.config))
+    with torch.device("meta"):
+        model.visual.register_buffer("mask", torch.ones(3), persistent=False)
+    with pytest.raises(CheckpointError) as err:
+        load_into(model, dict(checkpoints.state_dict), source="weights")
+    assert "'visual.mask'" in _one_line(err)
