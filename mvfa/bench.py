@@ -53,8 +53,7 @@ import torch.nn.functional as F
 
 from CLIP import create_model, tokenize
 from CLIP.config import load_config
-from CLIP.loading import load_into, read_state_dict
-from CLIP.model import CLIP
+from CLIP.model import CLIP, resample_positional_embedding
 
 from . import bench_metrics, engine, scoring
 from . import text as text_module
@@ -981,6 +980,19 @@ def _min_max(a: np.ndarray) -> np.ndarray:
     return (a - a.min()) / (a.max() - a.min())
 
 
+def release_load_clip(model_name: str, size: int, path: str) -> CLIP:
+    """The release's loading (kept as it was, whatever CLIP.create_model does now): a randomly
+    initialised fp32 CLIP, the whole checkpoint in memory (as `torch.jit.load` holds OpenAI's archive),
+    converted to fp32 in one dict and copied in by `load_state_dict`. Random weights, the fp16
+    checkpoint and its fp32 copy coexist."""
+    clip_model = CLIP(load_config(model_name), image_size=size)
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict["visual.positional_embedding"] = resample_positional_embedding(
+        state_dict["visual.positional_embedding"].float(), clip_model.visual.grid_size)
+    clip_model.load_state_dict({key: value.float() for key, value in state_dict.items()})
+    return clip_model
+
+
 def release_test_few(a: dict) -> None:
     """The work of test_few.py done the release's way (CPU, fp32): random-init CLIP then weights,
     every parameter requires grad, prompts over 77 positions, batch 1 throughout, attention maps
@@ -991,9 +1003,7 @@ def release_test_few(a: dict) -> None:
 
     torch.manual_seed(a["seed"])
     size = a["img_size"]
-    clip_model = CLIP(load_config(a["model_name"]), image_size=size)
-    load_into(clip_model, read_state_dict(a["clip_ckpt"]), source=a["clip_ckpt"])
-    clip_model.eval()
+    clip_model = release_load_clip(a["model_name"], size, a["clip_ckpt"]).eval()
     model = AdaptedViT(clip_model, a["stages"]).eval()
     model.load_adapter_state(torch.load(a["adapters"], map_location="cpu", weights_only=True))
     clip_model.requires_grad_(True)
