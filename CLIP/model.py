@@ -14,10 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig, TextConfig, VisionConfig
+from .errors import CLIPError
 
 QUICK_GELU_SCALE = 1.702  # OpenAI's sigmoid approximation of GELU: x * sigmoid(1.702 x)
 LAYER_NORM_EPS = 1e-5
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
+# The text tower's attributes of CLIP (logit_scale, a scalar, stays).
+TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
 
 class QuickGELU(nn.Module):
@@ -198,12 +201,25 @@ class CLIP(nn.Module):
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
+    @property
+    def has_text_tower(self) -> bool:
+        return hasattr(self, "token_embedding")
+
+    def drop_text_tower(self) -> None:
+        """Free the text tower's weights (0.5 GB in fp32 for ViT-L) once every text feature the caller
+        needs is computed; encode_text then raises a CLIPError. The state dict loses the text keys."""
+        for name in TEXT_TOWER:
+            if hasattr(self, name):
+                delattr(self, name)
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Token ids [B, context] -> text embeddings [B, embed_dim].
 
         Under the causal mask a position sees only those before it, so the end-of-text features
         depend only on the context up to the longest prompt's end token: only that much is encoded.
         """
+        if not self.has_text_tower:
+            raise CLIPError("the text tower of this CLIP model was dropped (drop_text_tower); encode text before")
         eot_positions = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
         used = int(eot_positions.max()) + 1
         x = self.token_embedding(tokens[:, :used]) + self.positional_embedding[:used]
