@@ -59,13 +59,24 @@ def zero_shot_map(seg_tokens: list[torch.Tensor], text_features: torch.Tensor, i
     return sum(stage_probability_maps(t, text_features, image_size)[:, ABNORMAL] for t in seg_tokens)
 
 
-def max_cosine_to_bank(queries: torch.Tensor, bank: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+def normalize_bank(bank: torch.Tensor) -> torch.Tensor:
+    """A memory bank's rows as unit fp32 vectors: pass it with `normalized=True` to the functions below
+    so that a bank searched by many batches is normalised once, not on every search."""
+    return F.normalize(bank.float(), dim=-1)
+
+
+def max_cosine_to_bank(
+    queries: torch.Tensor, bank: torch.Tensor, max_elements: int = 1 << 24, normalized: bool = False
+) -> torch.Tensor:
     """For each query row, the largest cosine similarity to any bank row: [Q, D] x [M, D] -> [Q].
 
     The bank is visited in chunks so that at most `max_elements` similarities exist at once.
+    normalized: the bank comes from `normalize_bank` (on the queries' device); it is used as is.
     """
     queries = F.normalize(queries.float(), dim=-1)
-    bank = F.normalize(bank.to(queries.device, torch.float32), dim=-1)
+    bank = bank.to(queries.device, torch.float32)
+    if not normalized:
+        bank = F.normalize(bank, dim=-1)
     chunk = max(1, max_elements // max(1, queries.shape[0]))
     best = torch.full((queries.shape[0],), -torch.inf, device=queries.device)
     for start in range(0, bank.shape[0], chunk):
@@ -74,13 +85,16 @@ def max_cosine_to_bank(queries: torch.Tensor, bank: torch.Tensor, max_elements: 
 
 
 def memory_distance_grids(
-    stage_tokens: list[torch.Tensor], memory_bank: list[torch.Tensor], max_elements: int = 1 << 24
+    stage_tokens: list[torch.Tensor], memory_bank: list[torch.Tensor], max_elements: int = 1 << 24,
+    normalized: bool = False,
 ) -> list[torch.Tensor]:
-    """Per stage, 1 - max cosine of each patch to the stage's memory bank, as [B, 1, g, g] grids."""
+    """Per stage, 1 - max cosine of each patch to the stage's memory bank, as [B, 1, g, g] grids.
+
+    normalized: every stage's bank comes from `normalize_bank`."""
     grids = []
     for tokens, bank in zip(stage_tokens, memory_bank, strict=True):
         batch, patches, dim = tokens.shape
-        similarity = max_cosine_to_bank(tokens.reshape(-1, dim), bank, max_elements)
+        similarity = max_cosine_to_bank(tokens.reshape(-1, dim), bank, max_elements, normalized)
         grids.append(_to_grid((1.0 - similarity).reshape(batch, patches, 1)))
     return grids
 
@@ -91,10 +105,11 @@ def upsample_and_sum(grids: list[torch.Tensor], image_size: int) -> torch.Tensor
 
 
 def few_shot_map(
-    stage_tokens: list[torch.Tensor], memory_bank: list[torch.Tensor], image_size: int, max_elements: int = 1 << 24
+    stage_tokens: list[torch.Tensor], memory_bank: list[torch.Tensor], image_size: int, max_elements: int = 1 << 24,
+    normalized: bool = False,
 ) -> torch.Tensor:
     """Sum over stages of (1 - max cosine to the stage's memory bank), upsampled; [B, S, S]."""
-    return upsample_and_sum(memory_distance_grids(stage_tokens, memory_bank, max_elements), image_size)
+    return upsample_and_sum(memory_distance_grids(stage_tokens, memory_bank, max_elements, normalized), image_size)
 
 
 def rescale_(values: torch.Tensor, low, high) -> torch.Tensor:

@@ -60,6 +60,21 @@ def test_memory_map_is_one_minus_best_cosine_and_chunking_does_not_change_it():
     torch.testing.assert_close(scoring.max_cosine_to_bank(queries, big_bank, max_elements=37 * 7), reference)
 
 
+def test_a_bank_normalised_once_gives_the_same_maps_bit_for_bit():
+    generator = torch.Generator().manual_seed(3)
+    banks = [3 * torch.randn(500, 8, generator=generator) for _ in range(2)]
+    tokens = [torch.randn(2, 9, 8, generator=generator) for _ in range(2)]
+    unit = [scoring.normalize_bank(bank) for bank in banks]
+    assert all(torch.allclose(bank.norm(dim=-1), torch.ones(500)) for bank in unit)
+    for chunk in (1 << 24, 7 * 18):
+        plain = scoring.max_cosine_to_bank(tokens[0].flatten(0, 1), banks[0], chunk)
+        assert torch.equal(scoring.max_cosine_to_bank(tokens[0].flatten(0, 1), unit[0], chunk, normalized=True), plain)
+        expected = scoring.few_shot_map(tokens, banks, 24, chunk)
+        assert torch.equal(scoring.few_shot_map(tokens, unit, 24, chunk, normalized=True), expected)
+        grids = scoring.memory_distance_grids(tokens, unit, chunk, normalized=True)
+        assert all(torch.equal(a, b) for a, b in zip(grids, scoring.memory_distance_grids(tokens, banks, chunk)))
+
+
 def test_fuse_min_max_normalises_each_branch():
     fused = scoring.fuse(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([10.0, 10.0, 20.0]))
     torch.testing.assert_close(fused, torch.tensor([0.0, 0.25, 1.0]))
