@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from CLIP import create_model
 from CLIP.clip import OPENAI
@@ -51,6 +51,7 @@ from .files import write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
+    PIXEL_LEVELS,
     MemoryBank,
     Normalization,
     PrefixCache,
@@ -616,7 +617,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             batches = _few_shot_batches(config, few_shot, text_features, target.has_masks)
         else:
             selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache)
-            batches = _zero_shot_batches(config, sources, text_bank, dist)
+            batches = _zero_shot_batches(config, sources, text_bank, budget, dist)
         best_state = _train(config, model, batches, selector, log_rows, device, dist)
         model.load_adapter_state(best_state["adapters"])
         meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
@@ -858,8 +859,15 @@ def _few_shot_batches(config: RunConfig, few_shot: FewShotData, text_features: t
     return batches
 
 
-def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_bank: TextFeatureBank, dist: Dist = SINGLE):
-    """Each epoch: the source datasets' test splits, shuffled; each image with its own dataset's text."""
+def _zero_shot_batches(
+    config: RunConfig, sources: list[MedicalDataset], text_bank: TextFeatureBank, budget: PrefixBudget, dist: Dist = SINGLE,
+):
+    """Each epoch: the source datasets' test splits, shuffled; each image with its own dataset's text.
+
+    The sources are decoded once into uint8 tensors when `budget` allows their size (the release
+    decodes every PNG every epoch; --prefix_cache off keeps that). Either way an epoch's order is
+    the one a shuffling DataLoader draws from the seeded generator, so the batches are the same.
+    """
     features, flags, parts = [], [], []
     for index, source in enumerate(sources):
         features.append(text_bank(_source_word(config, source)))
@@ -867,71 +875,75 @@ def _zero_shot_batches(config: RunConfig, sources: list[MedicalDataset], text_ba
         parts.append(TaggedImages(source.samples("test"), config.img_size, index))
     all_features = torch.stack(features)
     all_flags = torch.tensor(flags)
-    generator = torch.Generator().manual_seed(config.seed)
     dataset = ConcatDataset(parts)
-    if config.ddp and dist.active:
-        return _data_parallel_batches(config, dataset, generator, all_features, all_flags, dist)
+    source_of = torch.cat([torch.full((len(part),), part.source) for part in parts])
+    decoded = None
+    if budget.allow(len(dataset) * 3 * config.img_size**2):
+        samples = [sample for part in parts for sample in part.images.samples]
+        decoded = TensorSet.load(samples, config.img_size, config.num_workers, desc="zero-shot sources")
+
+    def load(indices: list[int]) -> tuple:
+        """One batch (images, masks, labels, text features, has-masks flags, no prefix) of `indices`."""
+        if not indices:
+            size = config.img_size
+            return (torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0), all_features[:0].cpu(),
+                    all_flags[:0], None)
+        index = torch.as_tensor(indices, dtype=torch.long)
+        source = source_of[index]
+        if decoded is not None:
+            images = decoded.images[index].float() / PIXEL_LEVELS
+            masks, labels = decoded.masks[index][:, None].float(), decoded.labels[index].float()
+        else:
+            batch = default_collate([dataset[i] for i in indices])
+            images, masks, labels = batch["image"], batch["mask"], batch["label"].float()
+        return images, masks, labels, all_features[source].cpu(), all_flags[source], None
+
+    generator = torch.Generator().manual_seed(config.seed)
+    per_step = config.batch_size * (dist.world_size if config.ddp and dist.active else 1)
 
     class EpochBatches:
+        """One epoch: the shuffled order cut into steps of `per_step` images, this rank's run of each."""
+
         def __init__(self) -> None:
-            self.loader = DataLoader(
-                dataset, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers
-            )
-
-        def __len__(self) -> int:
-            return len(self.loader)
-
-        def __iter__(self):
-            for batch in self.loader:
-                source = batch["source"]
-                yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source], None)
-
-    return lambda epoch: EpochBatches()
-
-
-def _data_parallel_batches(
-    config: RunConfig, dataset: ConcatDataset, generator: torch.Generator, all_features: torch.Tensor,
-    all_flags: torch.Tensor, dist: Dist,
-):
-    """--ddp: each epoch's shuffle, cut into batches of ranks x --batch_size images; each rank loads its part.
-
-    The order is drawn from the generator exactly as the single-process DataLoader draws it (the same
-    seed on every rank, so all agree), and a rank's part is the `rank`-th run of --batch_size images
-    of each batch: the ranks' parts, in rank order, are a single process's batches of that size. In
-    the last batch of an epoch a rank may get fewer images, or none (it then yields an empty batch
-    and still takes part in the gradient average).
-    """
-    count, per_rank = len(dataset), config.batch_size
-    step = per_rank * dist.world_size
-
-    def empty_batch() -> tuple:
-        size = config.img_size
-        return (torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0), all_features[:0].cpu(),
-                all_flags[:0], None)
-
-    class EpochBatches:
-        def __init__(self) -> None:
-            shuffle = DataLoader(range(count), batch_size=max(count, 1), shuffle=True, generator=generator)
-            order = next(iter(shuffle)).tolist() if count else []
+            order = _epoch_order(len(dataset), generator)
             self.parts = []
-            for first in range(0, count, step):
-                start = first + dist.rank * per_rank
-                self.parts.append(order[start : min(start + per_rank, count)])
+            for first in range(0, len(order), per_step):
+                start = first + (dist.rank * config.batch_size if config.ddp and dist.active else 0)
+                self.parts.append(order[start : min(start + config.batch_size, first + per_step, len(order))])
 
         def __len__(self) -> int:
             return len(self.parts)
 
         def __iter__(self):
+            if decoded is not None or config.num_workers == 0:
+                return (load(part) for part in self.parts)
+            return self._from_workers()
+
+        def _from_workers(self):
+            """Decoding in worker processes, in this epoch's order (empty parts stay empty batches)."""
             filled = [part for part in self.parts if part]
-            loader = iter(DataLoader(
+            loader = iter(DataLoader(  # its own generator: the global random state stays untouched
                 dataset, batch_sampler=filled, num_workers=config.num_workers, generator=torch.Generator()
             )) if filled else iter(())
             for part in self.parts:
                 if not part:
-                    yield empty_batch()
+                    yield load(part)
                     continue
                 batch = next(loader)
                 source = batch["source"]
                 yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source], None)
 
     return lambda epoch: EpochBatches()
+
+
+def _epoch_order(count: int, generator: torch.Generator) -> list[int]:
+    """The order in which `DataLoader(..., shuffle=True, generator=generator)` visits `count` items.
+
+    A shuffling DataLoader draws from its generator when an epoch starts (the workers' base seed,
+    then the sampler's seed), so drawing through an identical DataLoader over the indices keeps the
+    release's epoch orders for a given seed whether images come from disk or from memory.
+    """
+    if count == 0:
+        return []
+    shuffle = DataLoader(range(count), batch_size=count, shuffle=True, generator=generator)
+    return next(iter(shuffle)).tolist()

@@ -264,3 +264,22 @@ def test_prefix_cache_changes_no_result(bench, tmp_path, capsys, obj, select):
             assert torch.equal(value, cached[group][key]), f"{group}.{key}"
     assert read_csv(plain_out / "predictions.csv") == read_csv(cached_out / "predictions.csv")
     assert read_csv(plain_out / "train_log.csv") == read_csv(cached_out / "train_log.csv")
+
+
+@pytest.mark.parametrize("mode, workers", [("on", "0"), ("off", "1")])
+def test_zero_shot_sources_decoded_once_change_no_result(bench, tmp_path, capsys, mode, workers):
+    """Zero-shot training from sources decoded once into memory (--prefix_cache on) or decoded by a
+    worker process every epoch equals the release's path (decoded in the loop, every epoch)."""
+    outputs = {}
+    for tag, cache, num_workers in (("plain", "off", "0"), ("other", mode, workers)):
+        save, out = tmp_path / tag / "ckpt", tmp_path / tag / "out"
+        argv = tiny_argv(bench["data"], bench["clip"], save, out, "Liver", "--epoch", "2", "--select", "last",
+                         "--prefix_cache", cache, "--num_workers", num_workers)
+        assert cli.main_train_zero(argv) == 0
+        outputs[tag] = (torch.load(next(save.iterdir()), weights_only=True), out)
+    capsys.readouterr()
+    (plain, plain_out), (other, other_out) = outputs["plain"], outputs["other"]
+    for group in ("seg_adapters", "det_adapters"):
+        for key, value in plain[group].items():
+            assert torch.equal(value, other[group][key]), f"{group}.{key}"
+    assert read_csv(plain_out / "predictions.csv") == read_csv(other_out / "predictions.csv")
