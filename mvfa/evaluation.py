@@ -156,7 +156,9 @@ class TensorSet:
 
 @dataclass
 class MemoryBank:
-    """Per-stage tokens (class tokens kept, as the release) of the augmented normal support images."""
+    """Per-stage tokens (class tokens kept, as the release) of the augmented normal support images,
+    stored as unit vectors (`scoring.normalize_bank`): every search then uses them as they are,
+    instead of normalising the whole bank again for each evaluation batch."""
 
     seg: list[torch.Tensor]
     det: list[torch.Tensor]
@@ -174,7 +176,8 @@ def build_memory_bank(
             tokens = _adapted_tokens(model, batch, cache, index)
         seg.append([t.float().flatten(0, 1) for t in tokens.seg])
         det.append([t.float().flatten(0, 1) for t in tokens.det])
-    return MemoryBank([torch.cat(s) for s in zip(*seg)], [torch.cat(d) for d in zip(*det)])
+    unit = lambda parts: [scoring.normalize_bank(torch.cat(stage)) for stage in zip(*parts)]  # noqa: E731
+    return MemoryBank(unit(seg), unit(det))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def _branches(
         few_grids = few_map = few_mean = None
         if memory_bank is not None:
             stage_tokens, bank = (tokens.seg, memory_bank.seg) if has_masks else (tokens.det, memory_bank.det)
-            few_grids = scoring.memory_distance_grids(stage_tokens, bank, memory_chunk_elements)
+            few_grids = scoring.memory_distance_grids(stage_tokens, bank, memory_chunk_elements, normalized=True)
             few_map = scoring.upsample_and_sum(few_grids, size)
             if not has_masks:
                 few_mean = few_map.mean(dim=(1, 2))
