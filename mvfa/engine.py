@@ -565,6 +565,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
     model, text_bank = build_model(config, device)
     text_features = text_bank(word)
+    if not config.train:  # a test run needs no other text: free the text weights (0.5 GB for ViT-L)
+        text_bank.drop_text_tower()
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     if dist.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from CLIP.model import CLIP
 from CLIP.tokenizer import tokenize
 
+from .errors import MVFAError
 from .model import save_checkpoint
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
 
@@ -70,9 +71,15 @@ class TextFeatureBank:
         key = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:32]
         return self.cache_dir / "text" / f"{key}.pt"
 
+    def drop_text_tower(self) -> None:
+        """Free the CLIP text tower once every needed word's features are here (a test run needs one)."""
+        self.clip_model.drop_text_tower()
+
     def __call__(self, object_word: str) -> torch.Tensor:
         if object_word in self._features:
             return self._features[object_word]
+        if not self.clip_model.has_text_tower:
+            raise MVFAError(f"text features for {object_word!r} were asked for after the text tower was dropped")
         device = next(self.clip_model.parameters()).device
         features = None
         path = self.cache_path(object_word) if self.cache_dir is not None else None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from CLIP import create_model
 from loss import BinaryDiceLoss, FocalLoss
-from mvfa import scoring
+from mvfa import scoring, text
 from mvfa.errors import CheckpointFormatError
 from mvfa.losses import det_loss
 from mvfa.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT, read_checkpoint, save_checkpoint
@@ -232,3 +232,16 @@ def test_atomic_writes_leave_no_temporary_file_and_normal_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("crash while writing")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out.txt"]
+
+
+def test_text_bank_after_dropping_the_text_tower_keeps_computed_words_only():
+    from mvfa.errors import MVFAError
+
+    torch.manual_seed(0)
+    clip_model = create_model("ViT-Tiny-14", 56)
+    bank = text.TextFeatureBank(clip_model, None)
+    brain = bank("Brain").clone()
+    bank.drop_text_tower()
+    assert torch.equal(bank("Brain"), brain)
+    with pytest.raises(MVFAError, match="Liver"):
+        bank("Liver")
