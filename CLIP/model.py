@@ -32,21 +32,6 @@ def make_activation(quick_gelu: bool) -> nn.Module:
     return QuickGELU() if quick_gelu else nn.GELU()
 
 
-def activate_in_place(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`activation(x)` written into `x` (the same values; no new [tokens, hidden] buffer)."""
-    if isinstance(activation, QuickGELU):
-        return x.mul_(torch.sigmoid(QUICK_GELU_SCALE * x))
-    if isinstance(activation, nn.GELU):
-        return torch.ops.aten.gelu_(x, approximate=activation.approximate)
-    raise TypeError(f"no in-place form of {type(activation).__name__}")
-
-
-def can_write_in_place(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a block may overwrite its own intermediate tensors: no autograd graph to keep (inference
-    under no_grad) and no autocast (whose dtype promotion the in-place sums would not follow)."""
-    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype
-
-
 class PackedAttention(nn.Module):
     """Multi-head self-attention on one packed q/k/v projection, through SDPA (no attention maps kept)."""
 
@@ -85,25 +70,8 @@ class ResidualAttentionBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        if can_write_in_place(x, self.attn.in_proj_weight):
-            return self._forward_in_place(x, causal)
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
-
-    def _forward_in_place(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        """The same block with fewer fresh buffers (inference): the attention output takes the residual,
-        the activation runs in place and the MLP's second product accumulates into the stream (addmm_).
-
-        Fresh multi-megabyte buffers cost page faults on a CPU (glibc maps blocks over 32 MB anew each
-        time), and each separate sum is a memory-bound pass. Only tensors made here are written: `x`
-        (e.g. a cached prefix) is never modified. The sums are the same up to fp32 rounding order.
-        """
-        stream = self.attn(self.ln_1(x), causal=causal)
-        stream += x
-        fc, proj = self.mlp.c_fc, self.mlp.c_proj
-        hidden = activate_in_place(self.mlp.gelu, F.linear(self.ln_2(stream), fc.weight, fc.bias))
-        stream.view(-1, stream.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), proj.weight.t())
-        return stream.add_(proj.bias)
 
 
 class Transformer(nn.Module):
