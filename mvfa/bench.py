@@ -342,19 +342,12 @@ def model_flops(ctx: Context) -> dict:
                              ctx.cfg.stages, visual.transformer.resblocks[0].mlp.c_fc.out_features / visual.conv1.out_channels)
 
 
-def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
-    """FlopCounterMode formula of addmm_ (self += a @ b), from the shapes: 2 m k n."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
 def counted_flops(ctx: Context) -> tuple[int, bool]:
     """torch.utils.flop_counter's count of one forward at batch 1, and whether it saw the attention."""
     from torch.utils import flop_counter
 
     images = torch.rand(1, 3, ctx.cfg.img_size, ctx.cfg.img_size, device=ctx.device)
-    # the blocks' inference form accumulates with the in-place addmm_, which torch counts with no formula
-    in_place = {torch.ops.aten.addmm_: _addmm_flops}
-    with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+    with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as counter:
         ctx.model(images)
     names = {str(op) for op in counter.get_flop_counts().get("Global", {})}
     return int(counter.get_total_flops()), any("attention" in name for name in names)
