@@ -65,10 +65,28 @@ def _command_worker(rank: int, world: int, jobs: list[tuple[str, list[str], Path
         assert code == 0, f"rank {rank}: {name} exited {code}"
 
 
+PORT_ATTEMPTS = 3  # a port found free can be taken (e.g. by a finished job's gloo sockets) before the group binds it
+
+
 def run_ranks(jobs: list[tuple[str, list[str], Path]], world: int = WORLD) -> None:
-    """Run the jobs one after the other on `world` spawned ranks; each rank's printout goes to <log>.rank<r>."""
-    with_ports = [(*job, free_port()) for job in jobs]
-    mp.spawn(_command_worker, args=(world, with_ports), nprocs=world, join=True)
+    """Run the jobs one after the other on `world` spawned ranks; each rank's printout goes to <log>.rank<r>.
+
+    Each job gets its port just before it starts, and is started again on a new port if the port
+    was taken in between (EADDRINUSE): that is a property of the test machine, not of the code.
+    """
+    for job in jobs:
+        spawn_on_free_port(lambda port: mp.spawn(_command_worker, args=(world, [(*job, port)]), nprocs=world, join=True))
+
+
+def spawn_on_free_port(start) -> None:
+    """`start(port)` with a free port, again with a new one if the port was taken meanwhile."""
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            start(free_port())
+            return
+        except mp.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == PORT_ATTEMPTS - 1:
+                raise
 
 
 def run_single(name: str, argv: list[str]) -> str:
@@ -180,7 +198,7 @@ def _ddp_step_worker(rank: int, port: int, clip: Path, out: Path) -> None:
 
 
 def test_ddp_step_equals_one_step_on_the_concatenated_batch(bench, tmp_path):
-    mp.spawn(_ddp_step_worker, args=(free_port(), bench["clip"], tmp_path), nprocs=WORLD, join=True)
+    spawn_on_free_port(lambda port: mp.spawn(_ddp_step_worker, args=(port, bench["clip"], tmp_path), nprocs=WORLD, join=True))
     model, batches = _step_batches(bench["clip"])
     optimizers = make_optimizers(model, 1e-4)
     losses = [train_step(model, optimizers, *batch).total.item() for batch in batches]
