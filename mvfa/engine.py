@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from CLIP import create_model
 from CLIP.clip import OPENAI
@@ -223,20 +223,6 @@ def find_checkpoint(config: RunConfig) -> Path:
 
 # ------------------------------------------------------------------------------------------------
 # Data of a run
-
-
-class TaggedImages(Dataset):
-    """An ImageSet whose items also carry the index of their source dataset (zero-shot training)."""
-
-    def __init__(self, samples: list[Sample], img_size: int, source: int) -> None:
-        self.images = ImageSet(samples, img_size)
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.images[index], "source": self.source}
 
 
 @dataclass
@@ -870,38 +856,42 @@ def _zero_shot_batches(
     decodes every PNG every epoch; --prefix_cache off keeps that). Either way an epoch's order is
     the one a shuffling DataLoader draws from the seeded generator, so the batches are the same.
     """
-    features, flags, parts = [], [], []
+    features, flags, samples, source_of = [], [], [], []
     for index, source in enumerate(sources):
         features.append(text_bank(_source_word(config, source)))
         flags.append(source.has_masks)
-        parts.append(TaggedImages(source.samples("test"), config.img_size, index))
+        split = source.samples("test")
+        samples.extend(split)
+        source_of.extend([index] * len(split))
     all_features = torch.stack(features)
     all_flags = torch.tensor(flags)
-    dataset = ConcatDataset(parts)
-    source_of = torch.cat([torch.full((len(part),), part.source) for part in parts])
+    source_of = torch.tensor(source_of, dtype=torch.long)
+    dataset = ImageSet(samples, config.img_size)
     decoded = None
     if budget.allow(len(dataset) * 3 * config.img_size**2):
-        samples = [sample for part in parts for sample in part.images.samples]
         decoded = TensorSet.load(samples, config.img_size, config.num_workers, desc="zero-shot sources")
 
+    def as_batch(index: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(images, masks, labels, each image's own text features, has-masks flags, no prefix)."""
+        source = source_of[index]
+        return images, masks, labels.float(), all_features[source].cpu(), all_flags[source], None
+
     def load(indices: list[int]) -> tuple:
-        """One batch (images, masks, labels, text features, has-masks flags, no prefix) of `indices`."""
+        """The batch of `indices`: from the decoded tensors, else decoded here (none: an empty batch)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if decoded is not None:
+            return as_batch(index, decoded.images[index].float() / PIXEL_LEVELS, decoded.masks[index][:, None].float(),
+                            decoded.labels[index])
         if not indices:
             size = config.img_size
-            return (torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0), all_features[:0].cpu(),
-                    all_flags[:0], None)
-        index = torch.as_tensor(indices, dtype=torch.long)
-        source = source_of[index]
-        if decoded is not None:
-            images = decoded.images[index].float() / PIXEL_LEVELS
-            masks, labels = decoded.masks[index][:, None].float(), decoded.labels[index].float()
-        else:
-            batch = default_collate([dataset[i] for i in indices])
-            images, masks, labels = batch["image"], batch["mask"], batch["label"].float()
-        return images, masks, labels, all_features[source].cpu(), all_flags[source], None
+            return as_batch(index, torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0))
+        batch = default_collate([dataset[i] for i in indices])
+        return as_batch(index, batch["image"], batch["mask"], batch["label"])
 
     generator = torch.Generator().manual_seed(config.seed)
-    per_step = config.batch_size * (dist.world_size if config.ddp and dist.active else 1)
+    data_parallel = config.ddp and dist.active
+    per_step = config.batch_size * (dist.world_size if data_parallel else 1)
+    rank_offset = dist.rank * config.batch_size if data_parallel else 0
 
     class EpochBatches:
         """One epoch: the shuffled order cut into steps of `per_step` images, this rank's run of each."""
@@ -910,7 +900,7 @@ def _zero_shot_batches(
             order = _epoch_order(len(dataset), generator)
             self.parts = []
             for first in range(0, len(order), per_step):
-                start = first + (dist.rank * config.batch_size if config.ddp and dist.active else 0)
+                start = first + rank_offset
                 self.parts.append(order[start : min(start + config.batch_size, first + per_step, len(order))])
 
         def __len__(self) -> int:
@@ -932,8 +922,7 @@ def _zero_shot_batches(
                     yield load(part)
                     continue
                 batch = next(loader)
-                source = batch["source"]
-                yield (batch["image"], batch["mask"], batch["label"].float(), all_features[source].cpu(), all_flags[source], None)
+                yield as_batch(torch.as_tensor(part, dtype=torch.long), batch["image"], batch["mask"], batch["label"])
 
     return lambda epoch: EpochBatches()
 

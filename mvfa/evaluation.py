@@ -176,8 +176,10 @@ def build_memory_bank(
             tokens = _adapted_tokens(model, batch, cache, index)
         seg.append([t.float().flatten(0, 1) for t in tokens.seg])
         det.append([t.float().flatten(0, 1) for t in tokens.det])
-    unit = lambda parts: [scoring.normalize_bank(torch.cat(stage)) for stage in zip(*parts)]  # noqa: E731
-    return MemoryBank(unit(seg), unit(det))
+    return MemoryBank(
+        [scoring.normalize_bank(torch.cat(stage)) for stage in zip(*seg)],
+        [scoring.normalize_bank(torch.cat(stage)) for stage in zip(*det)],
+    )
 
 
 # ------------------------------------------------------------------------------------------------

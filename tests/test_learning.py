@@ -52,27 +52,28 @@ def metrics_after(main, root, clip, obj: str, epochs: int, tag: str, *extra: str
     return json.loads((out / "metrics.json").read_text())["metrics"]
 
 
-def test_few_shot_training_learns_on_a_dataset_with_masks(bench, capsys):
+def untrained_and_trained(main, bench, obj: str, epochs: int, *extra: str) -> tuple[dict, dict]:
+    """Metrics of the initial adapters (--epoch 0) and after `epochs` of training with `extra` flags."""
     root, clip = bench
-    before = metrics_after(cli.main_train_few, root, clip, "Brain", 0, "untrained")
-    after = metrics_after(cli.main_train_few, root, clip, "Brain", 5, "trained")
+    return (metrics_after(main, root, clip, obj, 0, "untrained"),
+            metrics_after(main, root, clip, obj, epochs, "trained", *extra))
+
+
+def test_few_shot_training_learns_on_a_dataset_with_masks(bench, capsys):
+    before, after = untrained_and_trained(cli.main_train_few, bench, "Brain", 5)
     capsys.readouterr()
     assert after["pixel_auroc"] >= 0.85 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.1, (before, after)
     assert after["image_auroc"] >= 0.6, (before, after)
 
 
 def test_few_shot_training_without_masks_keeps_detection_above_chance(bench, capsys):
-    root, clip = bench
-    before = metrics_after(cli.main_train_few, root, clip, "Retina_OCT2017", 0, "untrained")
-    after = metrics_after(cli.main_train_few, root, clip, "Retina_OCT2017", 5, "trained", "--det_loss", "bce")
+    before, after = untrained_and_trained(cli.main_train_few, bench, "Retina_OCT2017", 5, "--det_loss", "bce")
     capsys.readouterr()
     assert "pixel_auroc" not in after
     assert after["image_auroc"] >= 0.6, (before, after)
 
 
 def test_zero_shot_leave_one_out_training_learns(bench, capsys):
-    root, clip = bench
-    before = metrics_after(cli.main_train_zero, root, clip, "Liver", 0, "untrained")
-    after = metrics_after(cli.main_train_zero, root, clip, "Liver", 3, "trained")
+    before, after = untrained_and_trained(cli.main_train_zero, bench, "Liver", 3)
     capsys.readouterr()
     assert after["pixel_auroc"] >= 0.8 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.15, (before, after)

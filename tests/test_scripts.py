@@ -30,6 +30,13 @@ def run_script(main, argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def assert_same_adapters(expected: dict, found: dict) -> None:
+    """Two saved adapter checkpoints hold bit-identical seg and det adapters."""
+    for group in ("seg_adapters", "det_adapters"):
+        for key, value in expected[group].items():
+            assert torch.equal(value, found[group][key]), f"{group}.{key}"
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as stream:
         return list(csv.DictReader(stream))
@@ -259,9 +266,7 @@ def test_prefix_cache_changes_no_result(bench, tmp_path, capsys, obj, select):
         outputs[mode] = (torch.load(next(save.iterdir()), weights_only=True), out)
     capsys.readouterr()
     (plain, plain_out), (cached, cached_out) = outputs["off"], outputs["on"]
-    for group in ("seg_adapters", "det_adapters"):
-        for key, value in plain[group].items():
-            assert torch.equal(value, cached[group][key]), f"{group}.{key}"
+    assert_same_adapters(plain, cached)
     assert read_csv(plain_out / "predictions.csv") == read_csv(cached_out / "predictions.csv")
     assert read_csv(plain_out / "train_log.csv") == read_csv(cached_out / "train_log.csv")
 
@@ -279,7 +284,5 @@ def test_zero_shot_sources_decoded_once_change_no_result(bench, tmp_path, capsys
         outputs[tag] = (torch.load(next(save.iterdir()), weights_only=True), out)
     capsys.readouterr()
     (plain, plain_out), (other, other_out) = outputs["plain"], outputs["other"]
-    for group in ("seg_adapters", "det_adapters"):
-        for key, value in plain[group].items():
-            assert torch.equal(value, other[group][key]), f"{group}.{key}"
+    assert_same_adapters(plain, other)
     assert read_csv(plain_out / "predictions.csv") == read_csv(other_out / "predictions.csv")
