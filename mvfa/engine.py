@@ -57,6 +57,7 @@ from .evaluation import (
     PrefixCache,
     TensorSet,
     autocast_for,
+    bank_branch,
     build_memory_bank,
     check_two_classes,
     choose_threshold,
@@ -568,10 +569,13 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             write_seed_file(config.output_dir / f"{config.shot}-shot.txt", support, config.iterate)
 
     def memory_bank() -> MemoryBank | None:
+        """The bank of the current adapters; only the branch the target's scoring reads (every
+        evaluation of a few-shot run scores the target: selection, calibration, --normalize valid, test)."""
         if few_shot is None:
             return None
         return build_memory_bank(
-            model, few_shot.normal_images, config.eval_batch_size, config.precision, few_shot.memory_cache
+            model, few_shot.normal_images, config.eval_batch_size, config.precision, few_shot.memory_cache,
+            branches=(bank_branch(target.has_masks),),
         )
 
     def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating") -> EvalResult:

@@ -154,32 +154,79 @@ class TensorSet:
         self.prefix_cache = cache
 
 
+BANK_BRANCHES = ("seg", "det")
+
+
+def bank_branch(has_masks: bool) -> str:
+    """The tokens the memory map of a dataset reads: seg with pixel masks, det without."""
+    return "seg" if has_masks else "det"
+
+
 @dataclass
 class MemoryBank:
     """Per-stage tokens (class tokens kept, as the release) of the augmented normal support images,
     stored as unit vectors (`scoring.normalize_bank`): every search then uses them as they are,
-    instead of normalising the whole bank again for each evaluation batch."""
+    instead of normalising the whole bank again for each evaluation batch.
 
-    seg: list[torch.Tensor]
-    det: list[torch.Tensor]
+    A branch that was not built (`build_memory_bank(..., branches=...)`) is None; `stages` of it
+    raises MVFAError.
+    """
+
+    seg: list[torch.Tensor] | None
+    det: list[torch.Tensor] | None
+
+    def stages(self, branch: str) -> list[torch.Tensor]:
+        """The per-stage bank of `branch` ("seg" or "det")."""
+        if branch not in BANK_BRANCHES:
+            raise ValueError(f"memory bank branch {branch!r}: use one of {', '.join(BANK_BRANCHES)}")
+        stages = getattr(self, branch)
+        if stages is None:
+            built = [b for b in BANK_BRANCHES if getattr(self, b) is not None]
+            raise MVFAError(
+                f"the memory bank holds no {branch} tokens (it was built for {', '.join(built) or 'no branch'}): "
+                f"scoring {'with' if branch == 'seg' else 'without'} masks needs a bank built with branches=({branch!r},)"
+            )
+        return stages
+
+
+def _normalize_rows_(bank: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """In place: the rows of an fp32 bank as unit vectors, bitwise what `scoring.normalize_bank` returns
+    (F.normalize: the row norms clamped at eps, then one division), without a second bank."""
+    return bank.div_(bank.norm(2, dim=-1, keepdim=True).clamp_min(eps))
 
 
 @torch.no_grad()
 def build_memory_bank(
-    model: AdaptedViT, images: torch.Tensor, batch_size: int, precision: str = "fp32", cache: PrefixCache | None = None
+    model: AdaptedViT, images: torch.Tensor, batch_size: int, precision: str = "fp32", cache: PrefixCache | None = None,
+    branches: tuple[str, ...] = BANK_BRANCHES,
 ) -> MemoryBank:
+    """The memory bank of `images` (augmented normal support images), for the token `branches` asked for.
+
+    A dataset's scoring reads one branch (`bank_branch(has_masks)`); building only that one halves
+    the bank. Each stage's tokens go straight into one preallocated fp32 tensor (images x tokens per
+    image rows), normalised in place: no per-batch copies and no concatenation.
+    """
+    unknown = [b for b in branches if b not in BANK_BRANCHES]
+    if unknown or not branches:
+        raise ValueError(f"memory bank branches {branches!r}: use one or both of {', '.join(BANK_BRANCHES)}")
     device = next(model.parameters()).device
-    seg, det = [], []
-    for index, start in enumerate(range(0, images.shape[0], batch_size)):
+    count = images.shape[0]
+    per_image = model.grid_size**2 + 1  # tokens of an image, class token included
+    width = model.visual.proj.shape[1]
+    banks = {b: [torch.empty(count * per_image, width, device=device) for _ in model.stages] for b in branches}
+    for index, start in enumerate(range(0, count, batch_size)):
+        stop = min(start + batch_size, count)
         with autocast_for(device, precision):
-            batch = None if cache is not None else images[start : start + batch_size].to(device)
+            batch = None if cache is not None else images[start:stop].to(device)
             tokens = _adapted_tokens(model, batch, cache, index)
-        seg.append([t.float().flatten(0, 1) for t in tokens.seg])
-        det.append([t.float().flatten(0, 1) for t in tokens.det])
-    return MemoryBank(
-        [scoring.normalize_bank(torch.cat(stage)) for stage in zip(*seg)],
-        [scoring.normalize_bank(torch.cat(stage)) for stage in zip(*det)],
-    )
+        for branch, stages in banks.items():
+            for bank, stage_tokens in zip(stages, getattr(tokens, branch), strict=True):
+                bank[start * per_image : stop * per_image].copy_(stage_tokens.flatten(0, 1))  # fp16 -> fp32 as .float()
+        del tokens
+    for stages in banks.values():
+        for bank in stages:
+            _normalize_rows_(bank)
+    return MemoryBank(banks.get("seg"), banks.get("det"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +405,8 @@ def _branches(
             zero_map = scoring.zero_shot_map(tokens.det, text_features, size)
         few_grids = few_map = few_mean = None
         if memory_bank is not None:
-            stage_tokens, bank = (tokens.seg, memory_bank.seg) if has_masks else (tokens.det, memory_bank.det)
+            branch = bank_branch(has_masks)
+            stage_tokens, bank = getattr(tokens, branch), memory_bank.stages(branch)
             few_grids = scoring.memory_distance_grids(stage_tokens, bank, memory_chunk_elements, normalized=True)
             few_map = scoring.upsample_and_sum(few_grids, size)
             if not has_masks:
