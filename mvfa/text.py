@@ -42,13 +42,18 @@ def encode_prompt_ensemble(clip_model: CLIP, object_word: str, device: torch.dev
 
 
 def text_tower_fingerprint(clip_model: CLIP) -> str:
-    """sha256 of the text tower's weights (every parameter outside `visual.`) and its activation."""
+    """sha256 of the text tower's weights (every parameter outside `visual.`) and its activation.
+
+    Each tensor's bytes as C-contiguous fp32 are hashed from its own buffer (hashlib reads the numpy
+    view): a CPU fp32 contiguous tensor is not copied; another dtype, device or layout is converted
+    one tensor at a time. The value is the one the former `.numpy().tobytes()` form gave.
+    """
     digest = hashlib.sha256(json.dumps({"quick_gelu": clip_model.config.quick_gelu}).encode())
     for name, tensor in clip_model.state_dict().items():
         if name.startswith("visual."):
             continue
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
     return digest.hexdigest()
 
 
