@@ -228,9 +228,9 @@ def find_checkpoint(config: RunConfig) -> Path:
 
 @dataclass
 class FewShotData:
-    support_images: torch.Tensor  # augmented abnormal then augmented normal
-    support_masks: torch.Tensor
-    support_labels: torch.Tensor
+    support_images: torch.Tensor | None  # augmented abnormal then augmented normal (None in test runs: no training)
+    support_masks: torch.Tensor | None
+    support_labels: torch.Tensor | None
     normal_images: torch.Tensor  # augmented normal (the memory bank's images)
     support_samples: list[Sample]
     support_prefixes: torch.Tensor | None = None  # frozen-block outputs of each support image (batch 1)
@@ -261,8 +261,8 @@ class PrefixBudget:
 def cache_support_prefixes(model: AdaptedViT, few_shot: FewShotData, config: RunConfig, budget: PrefixBudget) -> None:
     """Frozen-block outputs of the augmented support: per image for training, per batch for the memory bank."""
     device = next(model.parameters()).device
-    count = len(few_shot.support_labels)
-    if budget.allow(prefix_bytes(model, count)):
+    count = len(few_shot.support_labels) if few_shot.support_labels is not None else 0
+    if count and budget.allow(prefix_bytes(model, count)):
         per_image = compute_prefixes(model, (few_shot.support_images[i : i + 1].to(device) for i in range(count)), config.precision)
         few_shot.support_prefixes = torch.cat(per_image.batches)
     if budget.allow(prefix_bytes(model, len(few_shot.normal_images))):
@@ -274,10 +274,10 @@ def cache_support_prefixes(model: AdaptedViT, few_shot: FewShotData, config: Run
 def prepare_few_shot(config: RunConfig, dataset: MedicalDataset) -> tuple[FewShotData, object]:
     support = select_support(dataset, config.shot, config.iterate, config.seed, list(config.fewshot_seed_dirs))
     to_float = lambda images: images.float() / 255  # noqa: E731 - uint8 k/255 back to ToTensor's floats
-    if config.only_normal:  # the memory bank only: the drawn abnormal images are never loaded
-        aug_normal, aug_normal_masks = augment(to_float(TensorSet.load(support.normal, config.img_size, desc="support").images))
-        data = FewShotData(aug_normal, aug_normal_masks, torch.zeros(len(aug_normal)), aug_normal, list(support.normal))
-        return data, support
+    if not config.train:  # a test run needs the memory bank's images only: the drawn abnormal images are never loaded
+        aug_normal, _ = augment(to_float(TensorSet.load(support.normal, config.img_size, desc="support").images))
+        samples = list(support.normal) if config.only_normal else [*support.abnormal, *support.normal]
+        return FewShotData(None, None, None, aug_normal, samples), support
     abnormal = TensorSet.load(support.abnormal, config.img_size, desc="support")
     normal = TensorSet.load(support.normal, config.img_size, desc="support")
     abnormal_masks = abnormal.masks[:, None].float() if dataset.has_masks else None

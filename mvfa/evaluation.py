@@ -406,12 +406,14 @@ def _branches(
         few_grids = few_map = few_mean = None
         if memory_bank is not None:
             branch = bank_branch(has_masks)
-            stage_tokens, bank = getattr(tokens, branch), memory_bank.stages(branch)
-            few_grids = scoring.memory_distance_grids(stage_tokens, bank, memory_chunk_elements, normalized=True)
+            few_grids = scoring.memory_distance_grids(
+                getattr(tokens, branch), memory_bank.stages(branch), memory_chunk_elements, normalized=True
+            )
             few_map = scoring.upsample_and_sum(few_grids, size)
             if not has_masks:
                 few_mean = few_map.mean(dim=(1, 2))
         yield _Branches(start, stop, zero_score, zero_map, few_grids, few_map, few_mean)
+        del tokens  # not alive during the next batch's forward (4 stages x seg and det x the batch's tokens)
 
 
 def _fixed_batch(
