@@ -58,7 +58,7 @@ from CLIP.model import CLIP, resample_positional_embedding
 from . import bench_metrics, engine, scoring
 from . import text as text_module
 from .augment import augment
-from .evaluation import TensorSet, autocast_for, build_memory_bank, evaluate
+from .evaluation import TensorSet, autocast_for, bank_branch, build_memory_bank, evaluate
 from .evaluation import prefix_bytes as evaluation_prefix_bytes
 from .model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
@@ -663,7 +663,8 @@ def section_protocol(ctx: Context) -> list[Row]:
     train_per_image = train_s / cfg.protocol_train_images
 
     def bank() -> object:
-        return build_memory_bank(model, few_shot.normal_images, cfg.eval_batch_size, cfg.precision, few_shot.memory_cache)
+        return build_memory_bank(model, few_shot.normal_images, cfg.eval_batch_size, cfg.precision, few_shot.memory_cache,
+                                 branches=(bank_branch(True),))  # as the engine: the branch a dataset with masks reads
 
     bank_s = seconds(bank, device)
     memory_bank = bank()
@@ -840,7 +841,8 @@ def measure_memory(ctx: Context) -> dict:
     cfg, model, device = ctx.cfg, ctx.model, ctx.device
     peak = (lambda: PeakCUDA(device)) if device.type == "cuda" else PeakRSS
     text_features = ctx.text_features()
-    bank = build_memory_bank(model, random_images(2, cfg.img_size, 7).float() / 255, cfg.eval_batch_size, cfg.precision)
+    bank = build_memory_bank(model, random_images(2, cfg.img_size, 7).float() / 255, cfg.eval_batch_size, cfg.precision,
+                             branches=(bank_branch(True),))
     evaluate(model, random_test_set(2, cfg.img_size, 8), text_features, True, bank, cfg.eval_batch_size, cfg.precision)
     out = {"eval": {}}
     for count in cfg.memory_images:
