@@ -83,6 +83,9 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
     added.add_argument("--cache_dir", default=None,
                        help="on-disk cache of text features (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
     added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
+    added.add_argument("--compile", action="store_true",
+                       help="torch.compile the adapted model's forward (inductor; results agree with the eager run to "
+                            "float rounding, not bit for bit; the first batches of each shape pay the compilation)")
     added.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
                        help="under torchrun: seconds a rank may wait in one collective before the job fails")
     if mode == "zero-shot" and train:
@@ -160,6 +163,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
         det_loss=args.det_loss,
         prefix_cache=args.prefix_cache,
         cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        compile=args.compile,
     )
     if mode == "few-shot":
         config.fewshot_seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))

@@ -130,6 +130,7 @@ class RunConfig:
     target_fpr: float = 0.05  # training, threshold_rule fpr: the valid normal images' flagged share
     only_normal: bool = False  # few-shot test: k normal images as memory bank, zero-shot adapters (checkpoint), no abnormal image
     ddp: bool = False  # zero-shot training: data-parallel over the ranks of a torchrun job (each rank a part of every batch)
+    compile: bool = False  # torch.compile the adapted model's forward (off: the release's eager kernels)
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -185,6 +186,40 @@ def build_adapted_model(
     except ValueError as err:
         raise MVFAError(f"--features_list {' '.join(map(str, features_list))}: {err}") from None
     return model, TextFeatureBank(clip_model, cache_dir)
+
+
+class _CompiledMethod:
+    """A method of the model under torch.compile; a failure to compile it is a one-line MVFAError."""
+
+    def __init__(self, method, name: str) -> None:
+        self.compiled = torch.compile(method)
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as err:  # dynamo's and inductor's own failures (not user errors)
+            cause = getattr(err, "inner_exception", None) or err.__cause__ or err  # e.g. the C++ compiler's error
+            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+            reason = f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
+            raise MVFAError(f"--compile: torch.compile failed on the model's {self.name} ({reason}); run without --compile") from None
+
+
+def compile_model(model: AdaptedViT) -> None:
+    """--compile: torch.compile (inductor) the two halves of the adapted ViT's forward, `encode_prefix`
+    (the frozen blocks before the first adapter stage) and `forward_from_prefix` (the rest, with the
+    adapters), which every training step, evaluation, prefix cache and memory bank goes through.
+
+    Compilation happens at the first call of each shape and grad mode (a few recompilations per run).
+    Compiled kernels fuse and order operations differently, so results agree with the eager run to
+    float rounding, not bit for bit; without --compile nothing changes.
+    """
+    try:
+        import torch._dynamo  # noqa: F401 - the exception classes _CompiledMethod catches
+    except Exception as err:  # a torch build without dynamo
+        raise MVFAError(f"--compile: torch.compile is not available in this torch build ({err}); run without --compile") from None
+    model.encode_prefix = _CompiledMethod(model.encode_prefix, "frozen blocks (encode_prefix)")
+    model.forward_from_prefix = _CompiledMethod(model.forward_from_prefix, "adapted blocks (forward_from_prefix)")
 
 
 def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -> dict:
@@ -551,6 +586,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     test_samples = target.samples("test")
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
     model, text_bank = build_model(config, device)
+    if config.compile:
+        compile_model(model)
     text_features = text_bank(word)
     if not config.train:  # a test run needs no other text: free the text weights (0.5 GB for ViT-L)
         text_bank.drop_text_tower()
