@@ -117,12 +117,12 @@ class VisionTransformer(nn.Module):
         self.grid_size = image_size // patch
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size**2 + 1, width))
+        self.class_embedding = nn.Parameter(torch.randn(width).mul_(scale))
+        self.positional_embedding = nn.Parameter(torch.randn(self.grid_size**2 + 1, width).mul_(scale))
         self.ln_pre = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.transformer = Transformer(width, config.layers, config.heads, config.mlp_ratio, quick_gelu)
         self.ln_post = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.proj = nn.Parameter(torch.randn(width, embed_dim).mul_(scale))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> tokens after ln_pre [B, 1 + grid^2, width] (class token first)."""
@@ -158,10 +158,10 @@ class CLIP(nn.Module):
         )
         self.context_length = text.context_length
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
-        self.positional_embedding = nn.Parameter(0.01 * torch.randn(text.context_length, text.width))
+        self.positional_embedding = nn.Parameter(torch.randn(text.context_length, text.width).mul_(0.01))
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.quick_gelu)
         self.ln_final = nn.LayerNorm(text.width, eps=LAYER_NORM_EPS)
-        self.text_projection = nn.Parameter(text.width**-0.5 * torch.randn(text.width, config.embed_dim))
+        self.text_projection = nn.Parameter(torch.randn(text.width, config.embed_dim).mul_(text.width**-0.5))
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
