@@ -180,16 +180,22 @@ class CLIP(nn.Module):
             if hasattr(self, name):
                 delattr(self, name)
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False, context: int | None = None) -> torch.Tensor:
         """Token ids [B, context] -> text embeddings [B, embed_dim].
 
         Under the causal mask a position sees only those before it, so the end-of-text features
-        depend only on the context up to the longest prompt's end token: only that much is encoded.
+        depend only on the context up to the longest prompt's end token: only that much is encoded,
+        or `context` positions when given (at least that much), so that batches of one prompt list
+        are all encoded at the same length.
         """
         if not self.has_text_tower:
             raise CLIPError("the text tower of this CLIP model was dropped (drop_text_tower); encode text before")
         eot_positions = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
         used = int(eot_positions.max()) + 1
+        if context is not None:
+            if not used <= context <= tokens.shape[1]:
+                raise ValueError(f"context {context} must cover the end tokens ({used}) and fit the tokens ({tokens.shape[1]})")
+            used = context
         x = self.token_embedding(tokens[:, :used]) + self.positional_embedding[:used]
         x = self.ln_final(self.transformer(x, causal=True))
         features = x[torch.arange(x.shape[0], device=x.device), eot_positions] @ self.text_projection

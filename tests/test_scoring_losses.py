@@ -245,3 +245,30 @@ def test_text_bank_after_dropping_the_text_tower_keeps_computed_words_only():
     assert torch.equal(bank("Brain"), brain)
     with pytest.raises(MVFAError, match="Liver"):
         bank("Liver")
+
+
+def test_prompt_ensemble_in_batches_equals_one_batch_per_state(tiny_clip):
+    """Batches of PROMPT_BATCH sentences at the state's context length give the features of one
+    batch of all the state's sentences, bit for bit (the release encodes each state at once)."""
+    from CLIP.tokenizer import tokenize
+    from mvfa.prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
+
+    with torch.no_grad():
+        columns = []
+        for states in (NORMAL_STATES, ABNORMAL_STATES):
+            tokens = tokenize(state_sentences("Liver", states))
+            assert tokens.shape[0] > text.PROMPT_BATCH  # more than one batch
+            embeddings = F.normalize(tiny_clip.encode_text(tokens).float(), dim=-1)
+            columns.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+    assert torch.equal(text.encode_prompt_ensemble(tiny_clip, "Liver"), torch.stack(columns, dim=1))
+
+
+def test_encode_text_context_must_cover_the_end_tokens(tiny_clip):
+    from CLIP.tokenizer import tokenize
+
+    tokens = tokenize(["a photo of a Brain.", "a photo of the large Brain."])
+    used = int(tokens.argmax(dim=-1).max()) + 1
+    with torch.no_grad():
+        assert torch.equal(tiny_clip.encode_text(tokens, context=used), tiny_clip.encode_text(tokens))
+        with pytest.raises(ValueError, match="must cover the end tokens"):
+            tiny_clip.encode_text(tokens, context=used - 1)
