@@ -17,6 +17,7 @@ from CLIP.model import CLIP
 from CLIP.tokenizer import tokenize
 
 from .errors import MVFAError
+from .heap import trim_heap
 from .model import save_checkpoint
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
 
@@ -87,8 +88,10 @@ class TextFeatureBank:
         return self.cache_dir / "text" / f"{key}.pt"
 
     def drop_text_tower(self) -> None:
-        """Free the CLIP text tower once every needed word's features are here (a test run needs one)."""
+        """Free the CLIP text tower once every needed word's features are here (a test run needs one),
+        and hand the freed heap back to the system (`heap.trim_heap`)."""
         self.clip_model.drop_text_tower()
+        trim_heap()
 
     def __call__(self, object_word: str) -> torch.Tensor:
         if object_word in self._features:
