@@ -38,6 +38,7 @@ def create_model(
     device: str | torch.device = "cpu",
     quick_gelu: bool | None = None,
     check_config: bool = True,
+    keep_dtype_of: tuple[str, ...] = (),
 ) -> CLIP:
     """Build a CLIP ViT for inputs of `img_size` pixels (default: the config's training size).
 
@@ -46,6 +47,9 @@ def create_model(
         (`CLIP/ckpt/<OpenAI file name>`). The positional grid is resampled to `img_size`.
     quick_gelu: overrides the config's activation (exact GELU unless the config says otherwise).
     The model is fp32 and in eval mode; autocast on CUDA is the caller's choice.
+    keep_dtype_of: key prefixes whose weights stay in the checkpoint's dtype until the caller converts
+        them (`model.visual.float()`): a test run computes its text features before the visual tower
+        is fp32, so the two fp32 towers are never resident together (see `load_into`).
     """
     config = load_config(model_name).with_quick_gelu(quick_gelu)
     state_dict = None
@@ -58,7 +62,7 @@ def create_model(
         model = CLIP(config, image_size=img_size)
     else:
         model = build_on_meta(config, img_size)
-        load_into(model, state_dict, source=str(path), consume=True)
+        load_into(model, state_dict, source=str(path), consume=True, keep_dtype_of=keep_dtype_of)
     return model.to(device).eval()
 
 

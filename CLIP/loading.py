@@ -121,7 +121,10 @@ def infer_config(state_dict: dict[str, torch.Tensor], name: str = "inferred") ->
     return CLIPConfig(embed_dim=state_dict["text_projection"].shape[1], vision=vision, text=text, name=name)
 
 
-def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, consume: bool = False) -> None:
+def load_into(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, consume: bool = False,
+    keep_dtype_of: tuple[str, ...] = (),
+) -> None:
     """Copy weights into `model` after resampling the positional grid to the model's input size.
 
     Any difference of keys or shapes is a CheckpointError naming the first offending key and both shapes;
@@ -131,7 +134,9 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     its own (`load_state_dict(assign=True)`); a materialised model has the weights copied into its
     parameters, dtype converted tensor by tensor. `consume=True` hands the dict over: its entries are
     popped as they are converted, so a half-precision checkpoint and its fp32 copy never coexist whole
-    (the dict ends empty).
+    (the dict ends empty). On a meta build, keys starting with one of `keep_dtype_of` keep the
+    checkpoint's dtype (e.g. "visual." in fp16 while the text features are computed; the caller
+    converts them later with `.float()`, which gives the same fp32 values).
     """
     entries = state_dict if consume else dict(state_dict)
     positional = entries["visual.positional_embedding"]
@@ -142,7 +147,11 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     if not _on_meta(expected, source):
         model.load_state_dict(entries)
         return
-    owned = {key: _fp32_tensor(entries.pop(key), copy=not consume) for key in list(expected)}
+    owned = {
+        key: _contiguous(entries.pop(key), copy=not consume) if key.startswith(keep_dtype_of)
+        else _fp32_tensor(entries.pop(key), copy=not consume)
+        for key in list(expected)
+    }
     model.load_state_dict(owned, assign=True)
     _check_materialised(model, source)
 
@@ -176,6 +185,11 @@ def _on_meta(expected: dict[str, torch.Tensor], source: str) -> bool:
     if meta and len(meta) != len(expected):
         raise CheckpointError(f"cannot load {source}: the model is partly on the meta device ({sorted(meta)[0]!r})")
     return bool(meta)
+
+
+def _contiguous(value: torch.Tensor, copy: bool) -> torch.Tensor:
+    """`value` contiguous, in its own dtype; a new tensor when `copy`."""
+    return value.to(memory_format=torch.contiguous_format, copy=copy)
 
 
 def _fp32_tensor(value: torch.Tensor, copy: bool) -> torch.Tensor:

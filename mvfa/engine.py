@@ -160,17 +160,20 @@ def seed_everything(seed: int) -> None:
 # Model
 
 
-def build_model(config: RunConfig, device: torch.device) -> tuple[AdaptedViT, TextFeatureBank]:
-    """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP."""
+def build_model(config: RunConfig, device: torch.device, visual_fp32_later: bool = False) -> tuple[AdaptedViT, TextFeatureBank]:
+    """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP.
+
+    visual_fp32_later: the visual tower keeps the checkpoint's dtype until the caller has its text
+    features and calls `model.visual.float()` (a test run: the two fp32 towers never coexist)."""
     return build_adapted_model(
         config.model_name, config.img_size, config.features_list, config.clip_ckpt, config.pretrain,
-        config.quick_gelu, device, config.cache_dir,
+        config.quick_gelu, device, config.cache_dir, visual_fp32_later,
     )
 
 
 def build_adapted_model(
     model_name: str, img_size: int, features_list, clip_ckpt: Path | None, pretrain: str, quick_gelu: bool | None,
-    device: torch.device, cache_dir: Path | None,
+    device: torch.device, cache_dir: Path | None, visual_fp32_later: bool = False,
 ) -> tuple[AdaptedViT, TextFeatureBank]:
     """build_model's work from plain settings (mvfa.predict and mvfa.export_onnx use it too)."""
     pretrained = None
@@ -180,7 +183,8 @@ def build_adapted_model(
         raise MVFAError(f"--pretrain {pretrain!r} is not known: choose openai (with --clip_ckpt) or none")
     if img_size < 1:
         raise MVFAError(f"--img_size {img_size} is invalid: use a positive number of pixels")
-    clip_model = create_model(model_name, img_size, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
+    clip_model = create_model(model_name, img_size, pretrained=pretrained, device=device, quick_gelu=quick_gelu,
+                              keep_dtype_of=("visual.",) if visual_fp32_later else ())
     try:
         model = AdaptedViT(clip_model, list(features_list)).to(device)
     except ValueError as err:
@@ -585,12 +589,13 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
 
     test_samples = target.samples("test")
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
-    model, text_bank = build_model(config, device)
+    model, text_bank = build_model(config, device, visual_fp32_later=not config.train)
     if config.compile:
         compile_model(model)
     text_features = text_bank(word)
     if not config.train:  # a test run needs no other text: free the text weights (0.5 GB for ViT-L)
         text_bank.drop_text_tower()
+        model.visual.float()  # then the visual weights, kept in the checkpoint's dtype until now
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     if dist.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)

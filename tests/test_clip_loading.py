@@ -431,3 +431,18 @@ def test_seeded_random_initialisation_is_unchanged():
         digest.update(key.encode())
         digest.update(state[key].contiguous().numpy().tobytes())
     assert digest.hexdigest() == SEED0_TINY_SHA256
+
+
+def test_visual_weights_kept_in_the_checkpoint_dtype_convert_to_the_same_fp32_model(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-fp16.pt"
+    torch.save({k: v.half() for k, v in create_model("ViT-Tiny-14").state_dict().items()}, path)
+    plain = create_model("ViT-Tiny-14", 56, pretrained=path)
+    deferred = create_model("ViT-Tiny-14", 56, pretrained=path, keep_dtype_of=("visual.",))
+    for name, tensor in deferred.state_dict().items():
+        kept = name.startswith("visual.") and name != "visual.positional_embedding"  # resampled in fp32 at load
+        assert tensor.dtype == (torch.float16 if kept else torch.float32), name
+    deferred.visual.float()
+    reference = plain.state_dict()
+    assert all(t.dtype == torch.float32 and t.is_contiguous() and torch.equal(t, reference[k])
+               for k, t in deferred.state_dict().items())

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from dataset.synthetic import generate_benchmark
+from CLIP import create_model
 from mvfa import cli
-from tests.scripts_helpers import TINY_SIZE, tiny_argv, write_tiny_clip
+from mvfa.model import AdaptedViT, save_checkpoint
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 N_VALID, N_TEST = (6, 6), (5, 5)
 
@@ -286,3 +288,26 @@ def test_zero_shot_sources_decoded_once_change_no_result(bench, tmp_path, capsys
     (plain, plain_out), (other, other_out) = outputs["plain"], outputs["other"]
     assert_same_adapters(plain, other)
     assert read_csv(plain_out / "predictions.csv") == read_csv(other_out / "predictions.csv")
+
+
+def test_test_few_from_a_half_precision_checkpoint_equals_its_fp32_copy(bench, tmp_path, capsys):
+    """A test run keeps the visual weights in the checkpoint's dtype until its text features are
+    computed and the text tower is dropped, then converts them: the same results as fp32 weights."""
+    weights = torch.load(bench["clip"], weights_only=True)
+    half, full = tmp_path / "clip-fp16.pt", tmp_path / "clip-fp32.pt"
+    torch.save({k: v.half() for k, v in weights.items()}, half)
+    torch.save({k: v.half().float() for k, v in weights.items()}, full)
+    torch.manual_seed(3)
+    adapted = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES])
+    save_checkpoint(adapted.adapter_state(), tmp_path / "adapters.pth")
+    outputs = []
+    for clip in (half, full):
+        out = tmp_path / clip.stem
+        argv = tiny_argv(bench["data"], clip, tmp_path / "ckpt", out, "Brain", "--shot", "2",
+                         "--checkpoint", str(tmp_path / "adapters.pth"), "--cache_dir", "none")
+        code, _, _ = run_script(cli.main_test_few, argv, capsys)
+        assert code == 0
+        outputs.append((json.loads((out / "metrics.json").read_text())["metrics"], read_csv(out / "predictions.csv")))
+    (m16, p16), (m32, p32) = outputs
+    assert p16 == p32
+    assert {k: v for k, v in m16.items() if k != "seconds"} == {k: v for k, v in m32.items() if k != "seconds"}
