@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -32,6 +31,8 @@ def to_uint8_image(image) -> np.ndarray:
 
 def overlay(image, anomaly_map, mask=None, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Blend a jet heatmap of `anomaly_map` (scaled from value_range to 0..255) over `image`; draw `mask`'s contour."""
+    import cv2  # here, not at the top: OpenCV adds 26 MB to every process, and most runs draw no overlay
+
     rgb = to_uint8_image(image)
     side = display_size(rgb.shape[0])
     if side != rgb.shape[0]:
