@@ -70,9 +70,9 @@ class _SkipInitOnMeta(TorchFunctionMode):
     """Skips the random initialisers of meta tensors, which hold no values to initialise.
 
     Not only a saving of work: `normal_` on the meta device (nn.Embedding's init) imports
-    torch._dynamo, 1.4 s and 0.16 GB of a process that never compiles anything. (So does any
-    out-of-place arithmetic on a meta tensor, which is why the model scales its random parameters
-    in place, `randn(...).mul_(scale)`.)"""
+    torch._dynamo: 0.16 GB and most of the ViT-L meta build's 1.2 s (0.4 s without it), in a process
+    that never compiles anything. So does any out-of-place arithmetic on a meta tensor, which is why
+    the model scales its random parameters in place, `randn(...).mul_(scale)`."""
 
     INITIALIZERS = frozenset({torch.nn.init.normal_, torch.Tensor.normal_})
 

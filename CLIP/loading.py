@@ -148,8 +148,7 @@ def load_into(
         model.load_state_dict(entries)
         return
     owned = {
-        key: _contiguous(entries.pop(key), copy=not consume) if key.startswith(keep_dtype_of)
-        else _fp32_tensor(entries.pop(key), copy=not consume)
+        key: _owned_tensor(entries.pop(key), copy=not consume, keep_dtype=key.startswith(keep_dtype_of))
         for key in list(expected)
     }
     model.load_state_dict(owned, assign=True)
@@ -187,11 +186,8 @@ def _on_meta(expected: dict[str, torch.Tensor], source: str) -> bool:
     return bool(meta)
 
 
-def _contiguous(value: torch.Tensor, copy: bool) -> torch.Tensor:
-    """`value` contiguous, in its own dtype; a new tensor when `copy`."""
-    return value.to(memory_format=torch.contiguous_format, copy=copy)
-
-
-def _fp32_tensor(value: torch.Tensor, copy: bool) -> torch.Tensor:
-    """`value` as a contiguous fp32 tensor; a new one when `copy` (the caller keeps the original)."""
-    return value.to(torch.float32, memory_format=torch.contiguous_format, copy=copy)
+def _owned_tensor(value: torch.Tensor, copy: bool, keep_dtype: bool = False) -> torch.Tensor:
+    """`value` contiguous and fp32 (in its own dtype when `keep_dtype`); a new one when `copy` (the
+    caller keeps the original)."""
+    dtype = value.dtype if keep_dtype else torch.float32
+    return value.to(dtype, memory_format=torch.contiguous_format, copy=copy)
