@@ -88,6 +88,12 @@ class Transformer(nn.Module):
         return x
 
 
+def context_used(tokens: torch.Tensor) -> int:
+    """Positions up to and including the last end-of-text token of a token batch [B, context]
+    (the end-of-text token has the largest id)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
 def resample_positional_embedding(positional: torch.Tensor, grid_size: int) -> torch.Tensor:
     """Resample a [1 + g*g, width] embedding to a grid_size x grid_size grid; the class position is kept.
 
@@ -191,7 +197,7 @@ class CLIP(nn.Module):
         if not self.has_text_tower:
             raise CLIPError("the text tower of this CLIP model was dropped (drop_text_tower); encode text before")
         eot_positions = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
-        used = int(eot_positions.max()) + 1
+        used = context_used(tokens)
         if context is not None:
             if not used <= context <= tokens.shape[1]:
                 raise ValueError(f"context {context} must cover the end tokens ({used}) and fit the tokens ({tokens.shape[1]})")

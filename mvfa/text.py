@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from CLIP.model import CLIP
+from CLIP.model import CLIP, context_used
 from CLIP.tokenizer import tokenize
 
 from .errors import MVFAError
@@ -43,7 +43,7 @@ def encode_prompt_ensemble(clip_model: CLIP, object_word: str, device: torch.dev
     columns = []
     for states in (NORMAL_STATES, ABNORMAL_STATES):
         tokens = tokenize(state_sentences(object_word, states)).to(device)
-        context = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
+        context = context_used(tokens)
         embeddings = torch.cat([
             clip_model.encode_text(tokens[start : start + PROMPT_BATCH], context=context).float()
             for start in range(0, tokens.shape[0], PROMPT_BATCH)
