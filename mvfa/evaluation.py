@@ -189,12 +189,6 @@ class MemoryBank:
         return stages
 
 
-def _normalize_rows_(bank: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """In place: the rows of an fp32 bank as unit vectors, bitwise what `scoring.normalize_bank` returns
-    (F.normalize: the row norms clamped at eps, then one division), without a second bank."""
-    return bank.div_(bank.norm(2, dim=-1, keepdim=True).clamp_min(eps))
-
-
 @torch.no_grad()
 def build_memory_bank(
     model: AdaptedViT, images: torch.Tensor, batch_size: int, precision: str = "fp32", cache: PrefixCache | None = None,
@@ -225,7 +219,7 @@ def build_memory_bank(
         del tokens
     for stages in banks.values():
         for bank in stages:
-            _normalize_rows_(bank)
+            scoring.normalize_bank_(bank)
     return MemoryBank(banks.get("seg"), banks.get("det"))
 
 

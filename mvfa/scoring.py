@@ -65,6 +65,12 @@ def normalize_bank(bank: torch.Tensor) -> torch.Tensor:
     return F.normalize(bank.float(), dim=-1)
 
 
+def normalize_bank_(bank: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """`normalize_bank` in place on an fp32 bank, bitwise the same (F.normalize: the row norms clamped
+    at eps, then one division), without a second bank."""
+    return bank.div_(bank.norm(2, dim=-1, keepdim=True).clamp_min(eps))
+
+
 def max_cosine_to_bank(
     queries: torch.Tensor, bank: torch.Tensor, max_elements: int = 1 << 24, normalized: bool = False
 ) -> torch.Tensor:

@@ -12,7 +12,6 @@ from mvfa.evaluation import (
     MemoryBank,
     TensorSet,
     _adapted_tokens,
-    _normalize_rows_,
     bank_branch,
     build_memory_bank,
     compute_prefixes,
@@ -92,7 +91,7 @@ def test_in_place_normalisation_is_normalize_bank_bit_for_bit():
     bank[3] = 0.0  # a zero row: the eps clamp, as F.normalize
     bank[4] = 1e-30
     expected = scoring.normalize_bank(bank)
-    assert torch.equal(_normalize_rows_(bank.clone()), expected)
+    assert torch.equal(scoring.normalize_bank_(bank.clone()), expected)
 
 
 @pytest.mark.parametrize("has_masks", [True, False])
