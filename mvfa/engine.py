@@ -164,7 +164,8 @@ def build_model(config: RunConfig, device: torch.device, visual_fp32_later: bool
     """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP.
 
     visual_fp32_later: the visual tower keeps the checkpoint's dtype until the caller has its text
-    features and calls `model.visual.float()` (a test run: the two fp32 towers never coexist)."""
+    features and calls `model.float_with_block_workspace()` (a test run: the two fp32 towers never
+    coexist, and the frozen blocks stay in the checkpoint's dtype)."""
     return build_adapted_model(
         config.model_name, config.img_size, config.features_list, config.clip_ckpt, config.pretrain,
         config.quick_gelu, device, config.cache_dir, visual_fp32_later,
@@ -595,7 +596,10 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     text_features = text_bank(word)
     if not config.train:  # a test run needs no other text: free the text weights (0.5 GB for ViT-L)
         text_bank.drop_text_tower()
-        model.visual.float()  # then the visual weights, kept in the checkpoint's dtype until now
+        if config.compile:
+            model.visual.float()
+        else:  # the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
+            model.float_with_block_workspace()
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     if dist.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)

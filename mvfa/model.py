@@ -7,6 +7,7 @@ The `mid` outputs live in the text embedding space and are the stage's seg and d
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,28 @@ class AdaptedViT(nn.Module):
         width, bottleneck = visual.conv1.out_channels, visual.proj.shape[1]
         self.seg_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in stages)
         self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in stages)
+        self._block_workspace: _BlockWorkspace | None = None
+
+    def float_with_block_workspace(self) -> None:
+        """Compute in fp32 while the frozen blocks keep their stored dtype (OpenAI's fp16).
+
+        Everything but the blocks becomes fp32; the blocks run one by one through a single fp32
+        workspace block that receives each block's weights just before it runs. fp16 -> fp32 is
+        exact, so outputs equal those of `.float()` bit for bit, and the blocks hold half the memory
+        (ViT-L: 0.6 GB less; the copies cost under 1% of a batch-8 forward on CPU). Meant for
+        inference: while autograd records, each block gets fp32 copies of its own (correct, no saving).
+        Blocks already in fp32 are left as they are (no workspace). Call it once the model is on its device.
+        """
+        blocks = self.visual.transformer.resblocks
+        for name, module in self.visual.named_children():
+            if name != "transformer":
+                module.float()
+        for name, parameter in self.visual.named_parameters(recurse=False):
+            parameter.data = parameter.data.float()
+        if all(p.dtype == torch.float32 for p in blocks.parameters()):
+            self._block_workspace = None
+            return
+        self._block_workspace = _BlockWorkspace(copy.deepcopy(blocks[0]).float())
 
     @property
     def image_size(self) -> int:
@@ -88,7 +111,7 @@ class AdaptedViT(nn.Module):
         """Stream after block `stages[0]`, before its adapters: [B, 1 + patches, width]."""
         x = self.visual.embed(images)
         for block in self.visual.transformer.resblocks[: self.stages[0]]:
-            x = block(x)
+            x = self._run_block(block, x)
         return x
 
     def forward_from_prefix(self, x: torch.Tensor) -> StageTokens:
@@ -97,7 +120,7 @@ class AdaptedViT(nn.Module):
         for index, stage in enumerate(self.stages):
             if index > 0:
                 for block in blocks[self.stages[index - 1] : stage]:
-                    x = block(x)
+                    x = self._run_block(block, x)
             seg_mid, seg_out = self.seg_adapters[index](x)
             det_mid, det_out = self.det_adapters[index](x)
             x = STREAM_KEEP * x + ADAPTER_MIX * seg_out + ADAPTER_MIX * det_out
@@ -107,6 +130,11 @@ class AdaptedViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> StageTokens:
         return self.forward_from_prefix(self.encode_prefix(images))
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._block_workspace is None:
+            return block(x)
+        return self._block_workspace.run(block, x)
 
     # Checkpoints in the release's format: {"seg_adapters": state_dict, "det_adapters": state_dict}.
     def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -140,6 +168,24 @@ class AdaptedViT(nn.Module):
                     f"(the checkpoint has more stages than --features_list {' '.join(map(str, self.stages))})"
                 )
             module.load_state_dict({k: v.to(torch.float32) for k, v in found.items()})
+
+
+class _BlockWorkspace:
+    """One fp32 block that runs the stored (e.g. fp16) blocks in turn: see AdaptedViT.float_with_block_workspace.
+    A plain object, not a submodule, so it stays out of the model's parameters and state_dict."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block.requires_grad_(False)
+        self.weights = list(block.parameters())
+
+    def run(self, stored: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # the backward pass would read weights the next block has overwritten
+            weights = {name: p.to(torch.float32) for name, p in stored.named_parameters()}
+            return torch.func.functional_call(self.block, weights, (x,))
+        with torch.no_grad():
+            for workspace, weight in zip(self.weights, stored.parameters()):
+                workspace.copy_(weight)
+        return self.block(x)
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

@@ -292,7 +292,8 @@ def test_zero_shot_sources_decoded_once_change_no_result(bench, tmp_path, capsys
 
 def test_test_few_from_a_half_precision_checkpoint_equals_its_fp32_copy(bench, tmp_path, capsys):
     """A test run keeps the visual weights in the checkpoint's dtype until its text features are
-    computed and the text tower is dropped, then converts them: the same results as fp32 weights."""
+    computed and the text tower is dropped; then the frozen blocks stay in fp16 and run through an
+    fp32 workspace block: the same results as fp32 weights."""
     weights = torch.load(bench["clip"], weights_only=True)
     half, full = tmp_path / "clip-fp16.pt", tmp_path / "clip-fp32.pt"
     torch.save({k: v.half() for k, v in weights.items()}, half)
