@@ -44,7 +44,7 @@ from .augment import augment
 from .cli import resolve_device
 from .engine import build_adapted_model, stored_normalization, write_atomic
 from .errors import MVFAError
-from .evaluation import PIXEL_LEVELS, Normalization, TensorSet, build_memory_bank, evaluate
+from .evaluation import PIXEL_LEVELS, Normalization, TensorSet, bank_branch, build_memory_bank, evaluate
 from .model import read_checkpoint
 from .text import default_cache_dir
 from .visualize import overlay, save_png
@@ -145,7 +145,7 @@ def build(args: argparse.Namespace, settings: ModelSettings, state: dict, source
     cache_dir = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model, text_bank = build_adapted_model(
         settings.model_name, settings.img_size, settings.features_list, Path(args.clip_ckpt) if args.clip_ckpt else None,
-        "openai", settings.quick_gelu, device, cache_dir,
+        "openai", settings.quick_gelu, device, cache_dir, visual_fp32_later=True,
     )
     model.load_adapter_state(state, source=source)
     model.eval()
@@ -290,10 +290,13 @@ def predict(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     model, text_bank, device, precision = build(args, settings, state, str(ckpt))
     text_features = text_bank(settings.object_word)
+    text_bank.drop_text_tower()  # no other text is encoded: free the text weights
+    model.float_with_block_workspace()  # the frozen blocks stay in the checkpoint's dtype, computed in fp32
     bank = None
     if few_shot:
         support_images = load_support(Path(args.support), settings.img_size, report)
-        bank = build_memory_bank(model, support_images, args.batch_size, precision)
+        bank = build_memory_bank(model, support_images, args.batch_size, precision,
+                                 branches=(bank_branch(settings.has_masks),))
     for note in notes:
         print(note)
 
