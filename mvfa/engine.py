@@ -612,7 +612,10 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         else:
             print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
         if config.iterate >= 0 and dist.is_main:
-            write_seed_file(config.output_dir / f"{config.shot}-shot.txt", support, config.iterate)
+            seed_file = config.output_dir / f"{config.shot}-shot.txt"
+            write_seed_file(seed_file, support, config.iterate)
+            if config.only_normal:  # the draw as a whole keeps the file readable and the split the few-shot run's
+                print(f"wrote {seed_file}: its a-{config.iterate} line names the drawn abnormal images, not used here")
 
     def memory_bank() -> MemoryBank | None:
         """The bank of the current adapters; only the branch the target's scoring reads (every

@@ -207,6 +207,22 @@ def test_test_few_only_normal(done, tmp_path, capsys):
     reference = json.loads((done["out"] / "runs" / "Brain" / "1-shot-normal" / "leakfree" / "split0" / "metrics.json").read_text())
     assert metrics["metrics"]["image_auroc"] == reference["metrics"]["image_auroc"]
     assert metrics["config"]["only_normal"] is True
+    # the support file is the whole draw (readable; the abnormal line is said to be unused), and a
+    # run from it uses the same normal images
+    assert "its a-0 line names the drawn abnormal images, not used here" in printed
+    written = tmp_path / "out" / "1-shot.txt"
+    assert [line.split(":")[0] for line in written.read_text().splitlines()] == ["a-0", "n-0"]
+    seeds = tmp_path / "seeds" / "Brain"
+    seeds.mkdir(parents=True)
+    (seeds / "1-shot.txt").write_text(written.read_text())
+    again = base[:-4] + ["--output_dir", str(tmp_path / "again"), "--save_path", str(tmp_path / "none"),
+                         "--only_normal", "--zero_shot_ckpt", str(zero), "--normalize", "valid",
+                         "--fewshot_seed_dir", str(tmp_path / "seeds")]
+    assert cli.main_test_few(again) == 0
+    assert "seed file" in capsys.readouterr().out
+    rerun = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert {k: v for k, v in rerun["metrics"].items() if k != "seconds"} == {
+        k: v for k, v in metrics["metrics"].items() if k != "seconds"}
 
 
 def test_release_protocol_is_the_scripts_run(done, tmp_path):
