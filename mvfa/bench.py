@@ -57,7 +57,7 @@ from CLIP.model import CLIP, resample_positional_embedding
 
 from . import bench_metrics, engine, scoring
 from . import text as text_module
-from .augment import augment
+from .augment import AUGMENTATIONS, augment
 from .evaluation import TensorSet, autocast_for, bank_branch, build_memory_bank, evaluate
 from .evaluation import prefix_bytes as evaluation_prefix_bytes
 from .model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
@@ -1152,6 +1152,11 @@ def section_process(ctx: Context) -> list[Row]:
                     "model_name": cfg.model_name, "img_size": cfg.img_size, "stages": list(cfg.stages),
                     "shot": cfg.process_shot, "seed": 111}
     release = run_measured(_child_command("release_test_few", release_args), ctx.tmp / "release.log", env)
+    bank_images = cfg.process_shot * AUGMENTATIONS
+    adapted = AdaptedViT(create_model(cfg.model_name, cfg.img_size), list(cfg.stages)).eval()
+    forwards = seconds_of_forwards(adapted, [bank_images, cfg.process_test_images], cfg.eval_batch_size)
+    del adapted
+    gc.collect()
     work = (f"{cfg.model_name} ({config.vision.layers} blocks, random weights, fp16 file), "
             f"{cfg.process_shot}-shot, {cfg.process_test_images} test images at {cfg.img_size} px, CPU")
     return [
@@ -1166,7 +1171,28 @@ def section_process(ctx: Context) -> list[Row]:
         Row("test_few speed-up vs release emulation, warm", release["wall_s"] / warm["wall_s"], "x"),
         checked("test_few peak RSS / release emulation, cold", cold["maxrss_bytes"] / release["maxrss_bytes"], "x",
                 "<=", TARGET_PROCESS_MEMORY),
+        Row("the same ViT forwards alone, s", forwards, "s",
+            note=f"{bank_images} bank + {cfg.process_test_images} test images at batch {cfg.eval_batch_size}, "
+                 "in this process after the runs: the work both processes must do"),
+        Row("speed-up ceiling: release emulation / forwards alone", release["wall_s"] / forwards, "x",
+            note="what test_few would reach if it did nothing but these forwards"),
+        Row("test_few wall s beyond the forwards, cold", cold["wall_s"] - forwards, "s"),
+        Row("test_few wall s beyond the forwards, warm", warm["wall_s"] - forwards, "s"),
     ]
+
+
+def seconds_of_forwards(model: AdaptedViT, image_counts: list[int], batch_size: int) -> float:
+    """Wall seconds of the adapted ViT's no_grad forwards over sets of random images of these sizes,
+    in batches of `batch_size` (the last one smaller), as test_few runs them (fp32, CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    size = model.image_size
+    start = time.perf_counter()
+    with torch.no_grad():
+        for count in image_counts:
+            for first in range(0, count, batch_size):
+                images = torch.rand(min(batch_size, count - first), 3, size, size, generator=generator)
+                model(images)
+    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------------
