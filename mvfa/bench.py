@@ -62,7 +62,7 @@ from .evaluation import TensorSet, autocast_for, bank_branch, build_memory_bank,
 from .evaluation import prefix_bytes as evaluation_prefix_bytes
 from .model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
-from .training import compute_loss, make_optimizers, train_step
+from .training import Selector, compute_loss, few_shot_batches, make_optimizers, train_loop, train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("forward", "train_step", "protocol", "auroc", "memory", "startup", "process")
@@ -588,10 +588,10 @@ def _few_shot_data(ctx: Context, train_count: int, bank_count: int) -> engine.Fe
 
 def _time_training(ctx: Context, config: engine.RunConfig, few_shot: engine.FewShotData,
                    text_features: torch.Tensor) -> tuple[float, float]:
-    """Two epochs of the engine's own training loop (engine._train) over the support at batch 1.
+    """Two epochs of the engine's own training loop (training.train_loop) over the support at batch 1.
 
     Returns (seconds of the second epoch, seconds of the first beyond the second)."""
-    batches = engine._few_shot_batches(config, few_shot, text_features, True)
+    batches = few_shot_batches(config, few_shot, text_features, True)
     stamps: list[float] = []
 
     def timed_batches(epoch: int):
@@ -599,10 +599,10 @@ def _time_training(ctx: Context, config: engine.RunConfig, few_shot: engine.FewS
         stamps.append(time.perf_counter())
         return batches(epoch)
 
-    selector = engine._Selector(config, 1, lambda: (None, {}))
+    selector = Selector(config, 1, lambda: (None, {}))
     state = ctx.model.adapter_state()
     with contextlib.redirect_stdout(io.StringIO()):
-        engine._train(config, ctx.model, timed_batches, selector, [], ctx.device)
+        train_loop(config, ctx.model, timed_batches, selector, [], ctx.device)
     sync(ctx.device)
     stamps.append(time.perf_counter())
     ctx.model.load_adapter_state(state)

@@ -28,14 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, default_collate
 
 from CLIP import create_model
 from CLIP.clip import OPENAI
 from CLIP.config import load_config
 from dataset.errors import DatasetError
 from dataset.medical import (
-    ImageSet,
     MedicalDataset,
     Sample,
     open_dataset,
@@ -45,18 +43,16 @@ from dataset.medical import (
 )
 
 from .augment import augment
-from .distributed import SINGLE, Dist, barrier, broadcast_parameters, gather_objects, quiet_unless_main
+from .distributed import SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .errors import MVFAError
 from .files import write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
-    PIXEL_LEVELS,
     MemoryBank,
     Normalization,
     PrefixCache,
     TensorSet,
-    autocast_for,
     bank_branch,
     build_memory_bank,
     check_two_classes,
@@ -65,13 +61,12 @@ from .evaluation import (
     evaluate,
     fit_normalization,
     prefix_bytes,
-    progress,
     threshold_metrics,
 )
 from .model import AdaptedViT, read_checkpoint, save_checkpoint
 from .prompts import object_word
 from .text import TextFeatureBank
-from .training import make_optimizers, train_step
+from .training import Selector, few_shot_batches, train_loop, zero_shot_batches
 from .visualize import overlay, save_png
 
 MODES = ("few-shot", "zero-shot")
@@ -473,6 +468,15 @@ def _shown(path, data_root: Path) -> str:
         return Path(path).as_posix()
 
 
+def _log_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def json_ready(config: RunConfig) -> dict:
     raw = asdict(config)
     return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "fewshot_seed_dirs" else v) for k, v in raw.items()}
@@ -655,11 +659,13 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             print(TEST_LABEL_WARNING)
         if config.mode == "few-shot":
             selector = _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache)
-            batches = _few_shot_batches(config, few_shot, text_features, target.has_masks)
+            batches = few_shot_batches(config, few_shot, text_features, target.has_masks)
         else:
             selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache)
-            batches = _zero_shot_batches(config, sources, text_bank, budget, dist)
-        best_state = _train(config, model, batches, selector, log_rows, device, dist)
+            batches = zero_shot_batches(
+                config, sources, lambda source: text_bank(_source_word(config, source)), budget.allow, dist
+            )
+        best_state = train_loop(config, model, batches, selector, log_rows, device, dist)
         model.load_adapter_state(best_state["adapters"])
         meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
         if few_shot is not None:
@@ -746,90 +752,10 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# Training internals
+# Model selection
 
 
-def _log_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _train(
-    config: RunConfig, model: AdaptedViT, batches, selector, log_rows: list[dict], device: torch.device,
-    dist: Dist = SINGLE,
-) -> dict:
-    """The loop: epochs of batches; `selector(epoch, fraction)` scores the current adapters when due.
-
-    Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
-    process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
-    the end, so all ranks evaluate, select and return the same adapters. With --ddp every rank
-    trains its part of each batch (`batches` gives it) and the gradients are averaged.
-    """
-    optimizers = make_optimizers(model, config.learning_rate)
-    parallel = dist if config.ddp and dist.active else None
-    effective = {}
-    if config.ddp:
-        effective = {"effective_batch_size": dist.world_size * config.batch_size}
-        print(
-            f"data-parallel (--ddp): {dist.world_size} rank{'s' if dist.world_size > 1 else ''} x --batch_size "
-            f"{config.batch_size} = effective batch {effective['effective_batch_size']} images per step"
-        )
-    best = {"score": -float("inf"), "epoch": 0, "adapters": model.adapter_state()}
-    for epoch in range(1, config.epoch + 1):
-        losses = []
-        epoch_batches = batches(epoch)
-        total = len(epoch_batches)
-        checkpoints = selector.due(total)
-        bar = progress(epoch_batches, f"epoch {epoch}/{config.epoch}")
-        for step, (images, masks, labels, features, has_masks, prefix) in enumerate(bar, start=1):
-            with autocast_for(device, config.precision):
-                parts = train_step(
-                    model, optimizers, images.to(device), masks.to(device), labels.to(device),
-                    features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
-                )
-            losses.append(parts.total.item())
-            if step in checkpoints:
-                broadcast_parameters(model.adapter_parameters(), dist)
-                value, detail = selector.score()
-                row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), **effective, **detail}
-                log_rows.append(row)
-                if value is not None and value > best["score"]:
-                    best = {"score": value, "epoch": epoch, "adapters": model.adapter_state()}
-        summary = f"epoch {epoch}/{config.epoch}: loss {np.mean(losses) if losses else float('nan'):.4f}"
-        if log_rows and log_rows[-1]["epoch"] == epoch:
-            summary += "".join(
-                f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss", *effective)
-            )
-        print(summary, flush=True)
-    if config.select == "last" or config.epoch == 0:
-        broadcast_parameters(model.adapter_parameters(), dist)
-        best = {"score": None, "epoch": config.epoch, "adapters": model.adapter_state()}
-    else:
-        print(f"selected epoch {best['epoch']} ({config.select} {best['score']:.4f})")
-    return best
-
-
-class _Selector:
-    """When (which steps of an epoch) and how the current adapters are scored for model selection."""
-
-    def __init__(self, config: RunConfig, evals_per_epoch: int, scorer) -> None:
-        self.evals_per_epoch = evals_per_epoch if config.select != "last" else 0
-        self.scorer = scorer
-
-    def due(self, steps: int) -> set[int]:
-        if self.evals_per_epoch == 0 or steps == 0:
-            return set()
-        return {max(1, (steps * (i + 1)) // self.evals_per_epoch) for i in range(self.evals_per_epoch)}
-
-    def score(self) -> tuple[float | None, dict]:
-        return self.scorer()
-
-
-def _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache) -> _Selector:
+def _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache) -> Selector:
     if config.select == "valid":
         valid = cache(TensorSet.load(
             selection_samples(config, target, few_shot.support_samples), config.img_size, config.num_workers, desc="valid"
@@ -840,10 +766,10 @@ def _few_shot_selector(config, target, few_shot, test_set, text_features, score,
         result = score(data, text_features, target.has_masks, desc=f"{config.select} eval")
         return result.selection_score, {f"{config.select}_{k}": v for k, v in result.metrics.items()}
 
-    return _Selector(config, 1, scorer)
+    return Selector(config, 1, scorer)
 
 
-def _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache) -> _Selector:
+def _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache) -> Selector:
     valid_sets = []
     if config.select == "valid":
         for source in sources:
@@ -865,7 +791,7 @@ def _zero_shot_selector(config, target, sources, test_set, text_features, text_b
             detail[f"valid_{source.name}"] = result.selection_score
         return float(np.mean(values)), detail
 
-    return _Selector(config, ZERO_SHOT_EVALS_PER_EPOCH, scorer)
+    return Selector(config, ZERO_SHOT_EVALS_PER_EPOCH, scorer)
 
 
 def _source_word(config: RunConfig, source: MedicalDataset) -> str:
@@ -877,117 +803,3 @@ def _source_word(config: RunConfig, source: MedicalDataset) -> str:
             f"zero-shot training uses {source.name} from {config.data_path}, which has no registered object "
             "word: remove it from --data_path or add it to mvfa.prompts.REAL_NAME"
         ) from None
-
-
-def _few_shot_batches(config: RunConfig, few_shot: FewShotData, text_features: torch.Tensor, has_masks: bool):
-    """Each epoch: the augmented support (abnormal label 1, normal label 0), shuffled, in batches."""
-    generator = torch.Generator().manual_seed(config.seed)
-    count = len(few_shot.support_labels)
-    mask_flags = torch.full((count,), has_masks, dtype=torch.bool)
-
-    def batches(epoch: int) -> list:
-        order = torch.randperm(count, generator=generator)
-        out = []
-        for start in range(0, count, config.batch_size):
-            index = order[start : start + config.batch_size]
-            prefix = few_shot.support_prefixes[index] if few_shot.support_prefixes is not None else None
-            out.append(
-                (few_shot.support_images[index], few_shot.support_masks[index], few_shot.support_labels[index],
-                 text_features, mask_flags[index], prefix)
-            )
-        return out
-
-    return batches
-
-
-def _zero_shot_batches(
-    config: RunConfig, sources: list[MedicalDataset], text_bank: TextFeatureBank, budget: PrefixBudget, dist: Dist = SINGLE,
-):
-    """Each epoch: the source datasets' test splits, shuffled; each image with its own dataset's text.
-
-    The sources are decoded once into uint8 tensors when `budget` allows their size (the release
-    decodes every PNG every epoch; --prefix_cache off keeps that). Either way an epoch's order is
-    the one a shuffling DataLoader draws from the seeded generator, so the batches are the same.
-    """
-    features, flags, samples, source_of = [], [], [], []
-    for index, source in enumerate(sources):
-        features.append(text_bank(_source_word(config, source)))
-        flags.append(source.has_masks)
-        split = source.samples("test")
-        samples.extend(split)
-        source_of.extend([index] * len(split))
-    all_features = torch.stack(features)
-    all_flags = torch.tensor(flags)
-    source_of = torch.tensor(source_of, dtype=torch.long)
-    dataset = ImageSet(samples, config.img_size)
-    decoded = None
-    if budget.allow(len(dataset) * 3 * config.img_size**2):
-        decoded = TensorSet.load(samples, config.img_size, config.num_workers, desc="zero-shot sources")
-
-    def as_batch(index: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """(images, masks, labels, each image's own text features, has-masks flags, no prefix)."""
-        source = source_of[index]
-        return images, masks, labels.float(), all_features[source].cpu(), all_flags[source], None
-
-    def load(indices: list[int]) -> tuple:
-        """The batch of `indices`: from the decoded tensors, else decoded here (none: an empty batch)."""
-        index = torch.as_tensor(indices, dtype=torch.long)
-        if decoded is not None:
-            return as_batch(index, decoded.images[index].float() / PIXEL_LEVELS, decoded.masks[index][:, None].float(),
-                            decoded.labels[index])
-        if not indices:
-            size = config.img_size
-            return as_batch(index, torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0))
-        batch = default_collate([dataset[i] for i in indices])
-        return as_batch(index, batch["image"], batch["mask"], batch["label"])
-
-    generator = torch.Generator().manual_seed(config.seed)
-    data_parallel = config.ddp and dist.active
-    per_step = config.batch_size * (dist.world_size if data_parallel else 1)
-    rank_offset = dist.rank * config.batch_size if data_parallel else 0
-
-    class EpochBatches:
-        """One epoch: the shuffled order cut into steps of `per_step` images, this rank's run of each."""
-
-        def __init__(self) -> None:
-            order = _epoch_order(len(dataset), generator)
-            self.parts = []
-            for first in range(0, len(order), per_step):
-                start = first + rank_offset
-                self.parts.append(order[start : min(start + config.batch_size, first + per_step, len(order))])
-
-        def __len__(self) -> int:
-            return len(self.parts)
-
-        def __iter__(self):
-            if decoded is not None or config.num_workers == 0:
-                return (load(part) for part in self.parts)
-            return self._from_workers()
-
-        def _from_workers(self):
-            """Decoding in worker processes, in this epoch's order (empty parts stay empty batches)."""
-            filled = [part for part in self.parts if part]
-            loader = iter(DataLoader(  # its own generator: the global random state stays untouched
-                dataset, batch_sampler=filled, num_workers=config.num_workers, generator=torch.Generator()
-            )) if filled else iter(())
-            for part in self.parts:
-                if not part:
-                    yield load(part)
-                    continue
-                batch = next(loader)
-                yield as_batch(torch.as_tensor(part, dtype=torch.long), batch["image"], batch["mask"], batch["label"])
-
-    return lambda epoch: EpochBatches()
-
-
-def _epoch_order(count: int, generator: torch.Generator) -> list[int]:
-    """The order in which `DataLoader(..., shuffle=True, generator=generator)` visits `count` items.
-
-    A shuffling DataLoader draws from its generator when an epoch starts (the workers' base seed,
-    then the sampler's seed), so drawing through an identical DataLoader over the indices keeps the
-    release's epoch orders for a given seed whether images come from disk or from memory.
-    """
-    if count == 0:
-        return []
-    shuffle = DataLoader(range(count), batch_size=count, shuffle=True, generator=generator)
-    return next(iter(shuffle)).tolist()
