@@ -4,9 +4,9 @@
 (few-shot: the augmented k-shot support; zero-shot: the other datasets' test splits), trains with
 model selection (`--select test|valid|last`) or loads adapters, evaluates, and writes the results.
 
-After training, `calibrate` fits fixed normalisation statistics on valid normal images (not the
-support) and chooses a decision threshold on valid data; both go into the checkpoint's `meta`
-(plain data), so that mvfa.predict can score new images one at a time.
+After training, `calibrate` (mvfa.calibration) fits fixed normalisation statistics on valid normal
+images (not the support) and chooses a decision threshold on valid data; both go into the
+checkpoint's `meta` (plain data), so that mvfa.predict can score new images one at a time.
 
 Several processes (`run(config, dist)` under torchrun): every evaluation is sharded over the ranks
 with results equal to a single process's (mvfa.evaluation). Training runs identically on every
@@ -32,7 +32,6 @@ import torch
 from CLIP import create_model
 from CLIP.clip import OPENAI
 from CLIP.config import load_config
-from dataset.errors import DatasetError
 from dataset.medical import (
     MedicalDataset,
     Sample,
@@ -43,6 +42,7 @@ from dataset.medical import (
 )
 
 from .augment import augment
+from .calibration import calibrate, fit_reference, stored_normalization, stored_threshold
 from .distributed import SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .errors import MVFAError
 from .files import write_text_atomic
@@ -50,16 +50,13 @@ from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
     MemoryBank,
-    Normalization,
     PrefixCache,
     TensorSet,
     bank_branch,
     build_memory_bank,
     check_two_classes,
-    choose_threshold,
     compute_prefixes,
     evaluate,
-    fit_normalization,
     prefix_bytes,
     threshold_metrics,
 )
@@ -340,107 +337,6 @@ def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[
             "use --select last or a smaller --shot"
         )
     return samples
-
-
-# ------------------------------------------------------------------------------------------------
-# Calibration: fixed normalisation statistics and a decision threshold from valid data
-
-
-def reference_samples(config: RunConfig, dataset: MedicalDataset, support: list[Sample]) -> tuple[list[Sample], str]:
-    """The valid images that calibrate a model, and their description.
-
-    Few-shot: the valid split minus the support images. Zero-shot: the target's own valid split
-    (never seen in zero-shot training; its labels are used for the threshold only).
-    """
-    used = {s.path for s in support}
-    samples = [s for s in dataset.samples("valid") if s.path not in used]
-    if config.mode == "few-shot":
-        return samples, f"{dataset.name} valid minus the {len(used)} support images"
-    return samples, f"{dataset.name} valid (the zero-shot target's own valid split, unseen in training)"
-
-
-def fit_reference(
-    config: RunConfig, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
-    bank: MemoryBank | None, support: list[Sample], dist: Dist = SINGLE,
-) -> tuple[TensorSet, Normalization, str]:
-    """Fit the normalisation on the normal reference images; returns (all reference images, statistics, description)."""
-    samples, what = reference_samples(config, dataset, support)
-    normal = [i for i, s in enumerate(samples) if s.label == 0]
-    if not normal:
-        raise MVFAError(f"{what} holds no normal image to fit the normalisation on")
-    data = TensorSet.load(samples, config.img_size, config.num_workers, desc="reference")
-    norm = fit_normalization(
-        model, data.subset(normal), text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        source=f"{len(normal)} normal images of {what}", dist=dist,
-    )
-    return data, norm, what
-
-
-def calibrate(
-    config: RunConfig, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
-    bank: MemoryBank | None, support: list[Sample], dist: Dist = SINGLE,
-) -> dict:
-    """Checkpoint metadata of the calibration: normalisation statistics, threshold, rule, valid counts.
-
-    Without usable valid data (no valid split, no normal image left) it prints a note and records
-    why; the checkpoint then has no statistics (predict uses raw scores and needs --threshold).
-    """
-    try:
-        data, norm, what = fit_reference(config, model, dataset, text_features, bank, support, dist)
-    except (DatasetError, MVFAError) as err:
-        print(f"note: no calibration: {err}")
-        return {"normalization": None, "threshold": None, "calibration": {"skipped": str(err)}}
-    result = evaluate(
-        model, data, text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        desc="calibration", normalization=norm, metrics=False, dist=dist,
-    )
-    rule = config.threshold_rule
-    abnormal = int(result.labels.sum())
-    if rule == "f1" and abnormal == 0:
-        print(f"note: {what} holds no abnormal image: threshold by the FPR rule (target {config.target_fpr}) instead of F1")
-        rule = "fpr"
-    choice = choose_threshold(result.image_scores, result.labels, rule, config.target_fpr)
-    reference = choice["reference"]
-    how = "best F1" if rule == "f1" else f"at most {config.target_fpr:g} of normal images flagged"
-    print(
-        f"calibration: normalisation fitted on {norm.source}; threshold {choice['threshold']:.4f} ({how} on "
-        f"{len(result.labels)} valid images: precision {reference['precision']:.4f}, recall {reference['recall']:.4f}, "
-        f"F1 {reference['f1']:.4f}, FPR {reference['fpr']:.4f})"
-    )
-    return {
-        "normalization": norm.to_dict(),
-        "threshold": float(choice["threshold"]),
-        "threshold_rule": rule,
-        "target_fpr": float(config.target_fpr) if rule == "fpr" else None,
-        "calibration": {
-            "data": what,
-            "n_normal": len(result.labels) - abnormal,
-            "n_abnormal": abnormal,
-            **{f"valid_{k}": v for k, v in reference.items()},
-        },
-    }
-
-
-def stored_normalization(meta: dict, source: str) -> Normalization | None:
-    """The checkpoint's normalisation statistics, or None when it has none."""
-    entry = meta.get("normalization") if isinstance(meta, dict) else None
-    return None if entry is None else Normalization.from_dict(entry, f"the normalisation stored in {source}")
-
-
-def stored_threshold(meta: dict, source: str, mode: str, has_masks: bool) -> tuple[float, Normalization] | None:
-    """(threshold, its statistics) when the checkpoint has a threshold that applies to this scoring mode.
-
-    Malformed statistics only give a note here (the release's protocol does not need them).
-    """
-    try:
-        norm = stored_normalization(meta, source)
-    except MVFAError as err:
-        print(f"note: threshold not reported: {err}")
-        return None
-    threshold = meta.get("threshold") if isinstance(meta, dict) else None
-    if norm is None or threshold is None or meta.get("mode") != mode or norm.missing(mode == "few-shot", has_masks):
-        return None
-    return float(threshold), norm
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ from dataset.errors import DatasetError
 from dataset.medical import IMAGE_SUFFIXES, Sample, load_image, load_mask
 
 from .augment import augment
+from .calibration import stored_normalization
 from .cli import resolve_device
-from .engine import build_adapted_model, stored_normalization, write_atomic
+from .engine import build_adapted_model, write_atomic
 from .errors import MVFAError
 from .evaluation import PIXEL_LEVELS, Normalization, TensorSet, bank_branch, build_memory_bank, evaluate
 from .model import read_checkpoint
