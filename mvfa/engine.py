@@ -325,20 +325,6 @@ def prepare_few_shot(config: RunConfig, dataset: MedicalDataset) -> tuple[FewSho
     return data, support
 
 
-def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[Sample]) -> list[Sample]:
-    """--select valid for few-shot: the valid images that are not support images."""
-    used = {s.path for s in exclude}
-    samples = [s for s in dataset.samples("valid") if s.path not in used]
-    labels = {s.label for s in samples}
-    if labels != {0, 1}:
-        raise MVFAError(
-            f"--select valid needs normal and abnormal valid images of {dataset.name} besides the "
-            f"{config.shot}-shot support; {len(samples)} remain ({'none' if not labels else 'one class'}): "
-            "use --select last or a smaller --shot"
-        )
-    return samples
-
-
 # ------------------------------------------------------------------------------------------------
 # Files
 
@@ -384,6 +370,10 @@ def print_release_lines(obj: str, metrics: dict) -> None:
         print(f"{obj} pAUC : {round(metrics['pixel_auroc'], 4)}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Overlays of the test images (--save_maps)
+
+
 def map_overlays(
     config: RunConfig, result: EvalResult, data: TensorSet, maps_of, folder: Path
 ) -> list[Path]:
@@ -425,10 +415,6 @@ def map_overlays(
     return written
 
 
-# ------------------------------------------------------------------------------------------------
-# The run
-
-
 def rows_of_maps(maps: torch.Tensor, map_range: tuple[int, int], indices: list[int], dist: Dist) -> torch.Tensor | None:
     """The maps of images `indices` (in that order) on rank 0, from the ranks that hold them; None elsewhere."""
     start, stop = map_range
@@ -440,6 +426,10 @@ def rows_of_maps(maps: torch.Tensor, map_range: tuple[int, int], indices: list[i
         return None
     merged = {i: row for part in gathered for i, row in part.items()}
     return torch.stack([merged[i] for i in indices]) if indices else maps.new_empty((0, *maps.shape[1:])).cpu()
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
 
 
 def run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
@@ -649,6 +639,20 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
 
 # ------------------------------------------------------------------------------------------------
 # Model selection
+
+
+def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[Sample]) -> list[Sample]:
+    """--select valid for few-shot: the valid images that are not support images."""
+    used = {s.path for s in exclude}
+    samples = [s for s in dataset.samples("valid") if s.path not in used]
+    labels = {s.label for s in samples}
+    if labels != {0, 1}:
+        raise MVFAError(
+            f"--select valid needs normal and abnormal valid images of {dataset.name} besides the "
+            f"{config.shot}-shot support; {len(samples)} remain ({'none' if not labels else 'one class'}): "
+            "use --select last or a smaller --shot"
+        )
+    return samples
 
 
 def _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache) -> Selector:
