@@ -156,8 +156,9 @@ def build_model(config: RunConfig, device: torch.device, visual_fp32_later: bool
     """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP.
 
     visual_fp32_later: the visual tower keeps the checkpoint's dtype until the caller has its text
-    features and calls `model.float_with_block_workspace()` (a test run: the two fp32 towers never
-    coexist, and the frozen blocks stay in the checkpoint's dtype)."""
+    features, drops the text tower and calls `model.visual.float()` or, in a test run,
+    `model.float_with_block_workspace()` (the frozen blocks stay in the checkpoint's dtype): the two
+    fp32 towers never coexist."""
     return build_adapted_model(
         config.model_name, config.img_size, config.features_list, config.clip_ckpt, config.pretrain,
         config.quick_gelu, device, config.cache_dir, visual_fp32_later,
@@ -480,15 +481,16 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
 
     test_samples = target.samples("test")
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
-    model, text_bank = build_model(config, device, visual_fp32_later=not config.train)
+    target_text_only = not config.train or config.mode == "few-shot"  # zero-shot training encodes its sources too
+    model, text_bank = build_model(config, device, visual_fp32_later=target_text_only)
     if config.compile:
         compile_model(model)
     text_features = text_bank(word)
-    if not config.train:  # a test run needs no other text: free the text weights (0.5 GB for ViT-L)
+    if target_text_only:  # no other text: free the text weights (0.5 GB for ViT-L), then make the visual tower fp32
         text_bank.drop_text_tower()
-        if config.compile:
+        if config.train or config.compile:
             model.visual.float()
-        else:  # the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
+        else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
             model.float_with_block_workspace()
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     if dist.is_main:

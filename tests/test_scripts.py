@@ -312,3 +312,32 @@ def test_test_few_from_a_half_precision_checkpoint_equals_its_fp32_copy(bench, t
     (m16, p16), (m32, p32) = outputs
     assert p16 == p32
     assert {k: v for k, v in m16.items() if k != "seconds"} == {k: v for k, v in m32.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("script, extra, dropped, workspace", [
+    ("train_few", ["--shot", "1", "--epoch", "1", "--select", "last"], True, False),
+    ("train_zero", ["--epoch", "1", "--select", "last"], False, False),
+    ("test_few", ["--shot", "1"], True, True),
+    ("test_zero", [], True, True),
+])
+def test_text_tower_and_block_storage_per_script(bench, tmp_path, capsys, monkeypatch, script, extra, dropped, workspace):
+    """Runs that encode only the target's prompts (tests, few-shot training) free the text tower after
+    them; zero-shot training keeps it (it encodes its sources' prompts). Test runs keep the frozen blocks
+    in the checkpoint's dtype behind the fp32 workspace; training runs compute with fp32 blocks."""
+    from mvfa.text import TextFeatureBank
+
+    calls = []
+    drop, float_blocks = TextFeatureBank.drop_text_tower, AdaptedViT.float_with_block_workspace
+    monkeypatch.setattr(TextFeatureBank, "drop_text_tower", lambda self: (calls.append("drop"), drop(self))[1])
+    monkeypatch.setattr(AdaptedViT, "float_with_block_workspace",
+                        lambda self: (calls.append("workspace"), float_blocks(self))[1])
+    save = tmp_path / "ckpt"
+    if script.startswith("test"):  # adapters to test: saved where the script looks for them
+        torch.manual_seed(0)
+        adapted = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES])
+        save_checkpoint(adapted.adapter_state(), tmp_path / "adapters.pth")
+        extra = [*extra, "--checkpoint", str(tmp_path / "adapters.pth")]
+    argv = tiny_argv(bench["data"], bench["clip"], save, tmp_path / "out", "Brain", *extra)
+    code, _, _ = run_script(getattr(cli, f"main_{script}"), argv, capsys)
+    assert code == 0
+    assert ("drop" in calls) == dropped and ("workspace" in calls) == workspace
