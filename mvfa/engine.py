@@ -155,8 +155,8 @@ def seed_everything(seed: int) -> None:
 def build_model(config: RunConfig, device: torch.device, visual_fp32_later: bool = False) -> tuple[AdaptedViT, TextFeatureBank]:
     """CLIP (frozen) + adapters on `device`, and the text features bank of the same CLIP.
 
-    visual_fp32_later: the visual tower keeps the checkpoint's dtype until the caller has its text
-    features, drops the text tower and calls `model.visual.float()` or, in a test run,
+    visual_fp32_later: the visual tower keeps the checkpoint's dtype until the caller has every text
+    feature it needs, drops the text tower and calls `model.visual.float()` or, in a test run,
     `model.float_with_block_workspace()` (the frozen blocks stay in the checkpoint's dtype): the two
     fp32 towers never coexist."""
     return build_adapted_model(
@@ -481,17 +481,18 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
 
     test_samples = target.samples("test")
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
-    target_text_only = not config.train or config.mode == "few-shot"  # zero-shot training encodes its sources too
-    model, text_bank = build_model(config, device, visual_fp32_later=target_text_only)
+    source_words = [_source_word(config, source) for source in sources] if config.mode == "zero-shot" and config.train else []
+    model, text_bank = build_model(config, device, visual_fp32_later=True)
     if config.compile:
         compile_model(model)
     text_features = text_bank(word)
-    if target_text_only:  # no other text: free the text weights (0.5 GB for ViT-L), then make the visual tower fp32
-        text_bank.drop_text_tower()
-        if config.train or config.compile:
-            model.visual.float()
-        else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
-            model.float_with_block_workspace()
+    for source_word in source_words:  # zero-shot training scores each source against its own prompts
+        text_bank(source_word)
+    text_bank.drop_text_tower()  # every word the run needs is encoded: free the text weights (0.5 GB for ViT-L)
+    if config.train or config.compile:
+        model.visual.float()
+    else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
+        model.float_with_block_workspace()
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     if dist.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)

@@ -316,14 +316,14 @@ def test_test_few_from_a_half_precision_checkpoint_equals_its_fp32_copy(bench, t
 
 @pytest.mark.parametrize("script, extra, dropped, workspace", [
     ("train_few", ["--shot", "1", "--epoch", "1", "--select", "last"], True, False),
-    ("train_zero", ["--epoch", "1", "--select", "last"], False, False),
+    ("train_zero", ["--epoch", "1", "--select", "last"], True, False),
     ("test_few", ["--shot", "1"], True, True),
     ("test_zero", [], True, True),
 ])
 def test_text_tower_and_block_storage_per_script(bench, tmp_path, capsys, monkeypatch, script, extra, dropped, workspace):
-    """Runs that encode only the target's prompts (tests, few-shot training) free the text tower after
-    them; zero-shot training keeps it (it encodes its sources' prompts). Test runs keep the frozen blocks
-    in the checkpoint's dtype behind the fp32 workspace; training runs compute with fp32 blocks."""
+    """Every run frees the text tower once it has the features it needs (zero-shot training: the target's
+    and each source's, encoded up front). Test runs keep the frozen blocks in the checkpoint's dtype
+    behind the fp32 workspace; training runs compute with fp32 blocks."""
     from mvfa.text import TextFeatureBank
 
     calls = []
