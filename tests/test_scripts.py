@@ -341,3 +341,18 @@ def test_text_tower_and_block_storage_per_script(bench, tmp_path, capsys, monkey
     code, _, _ = run_script(getattr(cli, f"main_{script}"), argv, capsys)
     assert code == 0
     assert ("drop" in calls) == dropped and ("workspace" in calls) == workspace
+
+
+def test_train_zero_with_an_unregistered_source_fails_before_building_the_model(bench, tmp_path, capsys):
+    """A dataset folder whose name has no object word cannot be a zero-shot source: one line naming it
+    and the fix, exit 2, nothing written (the check runs before CLIP is built)."""
+    data = tmp_path / "data"
+    for name in ("Liver_AD", "Brain_AD"):
+        shutil.copytree(bench["data"] / name, data / name)
+    shutil.copytree(bench["data"] / "Brain_AD", data / "Knee_AD")
+    argv = tiny_argv(data, bench["clip"], tmp_path / "ckpt", tmp_path / "out", "Liver", "--epoch", "1")
+    code, out, err = run_script(cli.main_train_zero, argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Knee" in lines[0] and "mvfa.prompts.REAL_NAME" in lines[0], err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
