@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from dataset.medical import ImageSet, Sample
 from . import scoring
 from .distributed import SINGLE, Dist, NumpyCollective, all_gather_cat, all_reduce, is_secondary_rank
 from .errors import MVFAError
+from .files import save_torch_atomic
 from .metrics import auroc, compute_metrics, pixel_auroc, sharded_pixel_metrics
 from .model import AdaptedViT
 
@@ -155,6 +157,7 @@ class TensorSet:
 
 
 BANK_BRANCHES = ("seg", "det")
+BANK_FILE_FORMAT = "mvfa-memory-bank/1"
 
 
 def bank_branch(has_masks: bool) -> str:
@@ -221,6 +224,44 @@ def build_memory_bank(
         for bank in stages:
             scoring.normalize_bank_(bank)
     return MemoryBank(banks.get("seg"), banks.get("det"))
+
+
+def _short(value):
+    """A fingerprint's first 12 characters, other values as they are (for one-line errors)."""
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else value
+
+
+def save_memory_bank(bank: MemoryBank, branch: str, identity: dict, path: str | Path) -> None:
+    """Write one branch of a memory bank, with the `identity` it was computed under (weights
+    fingerprint, sizes, precision: plain data), whole or not at all."""
+    state = {"format": BANK_FILE_FORMAT, "identity": identity, "branch": branch,
+             "stages": [t.detach().cpu() for t in bank.stages(branch)]}
+    save_torch_atomic(state, path)
+
+
+def read_memory_bank(path: str | Path, identity: dict, device: torch.device, flag: str = "--bank") -> MemoryBank:
+    """A bank written by `save_memory_bank`, checked against the `identity` of the model that will use
+    it: a bank of other weights, sizes or precision would give other scores, so it is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MVFAError(f"{flag} {path} not found: write one with --support FOLDER --save_bank {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MVFAError(f"{flag} {path} is not a readable memory bank ({first_line[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != BANK_FILE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise MVFAError(f"{flag} {path} is not a memory bank file (format {found!r}, expected {BANK_FILE_FORMAT!r})")
+    stored = state.get("identity", {})
+    for key, value in identity.items():
+        if stored.get(key) != value:
+            raise MVFAError(
+                f"{flag} {path} does not match this run: its {key} is {_short(stored.get(key))}, this run's "
+                f"{_short(value)}; rebuild it with --support FOLDER --save_bank"
+            )
+    stages = [t.to(device) for t in state["stages"]]
+    return MemoryBank(**{b: (stages if b == state["branch"] else None) for b in BANK_BRANCHES})
 
 
 # ------------------------------------------------------------------------------------------------

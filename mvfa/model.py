@@ -8,6 +8,8 @@ The `mid` outputs live in the text embedding space and are the stage's seg and d
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +138,15 @@ class AdaptedViT(nn.Module):
             return block(x)
         return self._block_workspace.run(block, x)
 
+    def fingerprint(self) -> str:
+        """sha256 of the visual tower's and the adapters' weights as fp32 (the same whatever dtype the
+        frozen blocks are stored in): what a saved memory bank was computed with."""
+        digest = hashlib.sha256()
+        hash_tensors(digest, self.visual.state_dict().items())
+        for name in CHECKPOINT_KEYS:
+            hash_tensors(digest, ((f"{name}.{k}", v) for k, v in getattr(self, name).state_dict().items()))
+        return digest.hexdigest()
+
     # Checkpoints in the release's format: {"seg_adapters": state_dict, "det_adapters": state_dict}.
     def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return {
@@ -168,6 +179,14 @@ class AdaptedViT(nn.Module):
                     f"(the checkpoint has more stages than --features_list {' '.join(map(str, self.stages))})"
                 )
             module.load_state_dict({k: v.to(torch.float32) for k, v in found.items()})
+
+
+def hash_tensors(digest, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed a hashlib digest each name and the tensor's C-contiguous fp32 bytes, read from the tensor's
+    own buffer when it is already a contiguous fp32 CPU tensor (otherwise converted one at a time)."""
+    for name, tensor in named_tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
 
 
 class _BlockWorkspace:

@@ -4,7 +4,10 @@
                            --output_dir DIR [--masks FOLDER] [--threshold T]
 
 With --support (a folder of normal images, augmented 11 times into the memory bank as in training)
-each image is scored by the few-shot fusion; without it by the zero-shot branch alone. Scores use the
+each image is scored by the few-shot fusion; without it by the zero-shot branch alone. Building the
+bank is most of a small run's time on a CPU (11 forwards per support image): --save_bank PATH writes
+it, and later runs with the same checkpoint, CLIP weights and settings pass --bank PATH instead of
+--support (checked against a fingerprint of the weights; the same scores). Scores use the
 fixed normalisation statistics stored in the checkpoint at training (fitted on valid normal images),
 so an image's score depends only on that image and the support: it equals test_few's score under
 `--normalize checkpoint`. The decision is `abnormal` when score >= the threshold stored with them
@@ -45,7 +48,16 @@ from .calibration import stored_normalization
 from .cli import resolve_device
 from .engine import build_adapted_model, write_atomic
 from .errors import MVFAError
-from .evaluation import PIXEL_LEVELS, Normalization, TensorSet, bank_branch, build_memory_bank, evaluate
+from .evaluation import (
+    PIXEL_LEVELS,
+    Normalization,
+    TensorSet,
+    bank_branch,
+    build_memory_bank,
+    evaluate,
+    read_memory_bank,
+    save_memory_bank,
+)
 from .model import read_checkpoint
 from .text import default_cache_dir
 from .visualize import overlay, save_png
@@ -235,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="an image, or a folder of images (not searched recursively)")
     parser.add_argument("--output_dir", required=True, help="where predictions.csv, the overlays and predict.json go")
     parser.add_argument("--support", default=None, help="folder of normal images: few-shot scoring (else zero-shot)")
+    parser.add_argument("--save_bank", default=None, metavar="PATH",
+                        help="with --support: also write the memory bank built from it, for later --bank runs")
+    parser.add_argument("--bank", default=None, metavar="PATH",
+                        help="few-shot scoring from a bank written by --save_bank (instead of --support; "
+                             "same checkpoint, CLIP weights and settings)")
     parser.add_argument("--masks", default=None, help="folder of masks (by file name or stem) drawn as contours")
     parser.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the checkpoint's)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
@@ -261,9 +278,15 @@ def predict(args: argparse.Namespace) -> int:
     ckpt = Path(args.ckpt)
     state, meta = read_adapters(ckpt)
     settings = resolve_settings(args, meta, str(ckpt), tuple(name for name, _, _ in _FACTS))
+    if args.bank is not None and args.support is not None:
+        raise MVFAError("--bank and --support both given: a saved bank replaces the support folder; pass one")
+    if args.save_bank is not None and args.support is None:
+        raise MVFAError("--save_bank needs --support FOLDER (the normal images the bank is built from)")
+    if args.bank is not None and not Path(args.bank).is_file():
+        raise MVFAError(f"--bank {args.bank} not found: write one with --support FOLDER --save_bank {args.bank}")
     images = input_images(Path(args.input), report)
     masks = MaskFinder(Path(args.masks) if args.masks else None)
-    few_shot = args.support is not None
+    few_shot = args.support is not None or args.bank is not None
     mode = "few-shot" if few_shot else "zero-shot"
 
     # Statistics and threshold: the checkpoint's when they fit this scoring mode.
@@ -295,9 +318,17 @@ def predict(args: argparse.Namespace) -> int:
     model.float_with_block_workspace()  # the frozen blocks stay in the checkpoint's dtype, computed in fp32
     bank = None
     if few_shot:
-        support_images = load_support(Path(args.support), settings.img_size, report)
-        bank = build_memory_bank(model, support_images, args.batch_size, precision,
-                                 branches=(bank_branch(settings.has_masks),))
+        branch = bank_branch(settings.has_masks)
+        identity = {"weights_sha256": model.fingerprint(), "model_name": settings.model_name, "img_size": settings.img_size,
+                    "features_list": list(settings.features_list), "branch": branch, "precision": precision}
+        if args.bank is not None:
+            bank = read_memory_bank(args.bank, identity, device)
+        else:
+            support_images = load_support(Path(args.support), settings.img_size, report)
+            bank = build_memory_bank(model, support_images, args.batch_size, precision, branches=(branch,))
+            if args.save_bank is not None:
+                save_memory_bank(bank, branch, identity, args.save_bank)
+                print(f"memory bank of {args.support} ({support_images.shape[0]} augmented images) -> {args.save_bank}")
     for note in notes:
         print(note)
 
@@ -385,6 +416,7 @@ def _write_outputs(output_dir, rows, args, ckpt, mode, settings, normalization, 
         "checkpoint": str(ckpt),
         "mode": mode,
         "support": args.support,
+        "bank": args.bank,
         "model_name": settings.model_name,
         "img_size": settings.img_size,
         "features_list": list(settings.features_list),

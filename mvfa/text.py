@@ -18,7 +18,7 @@ from CLIP.tokenizer import tokenize
 
 from .errors import MVFAError
 from .heap import trim_heap
-from .model import save_checkpoint
+from .model import hash_tensors, save_checkpoint
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
 
 CACHE_ENV = "MVFA_CACHE_DIR"
@@ -60,11 +60,7 @@ def text_tower_fingerprint(clip_model: CLIP) -> str:
     one tensor at a time. The value is the one the former `.numpy().tobytes()` form gave.
     """
     digest = hashlib.sha256(json.dumps({"quick_gelu": clip_model.config.quick_gelu}).encode())
-    for name, tensor in clip_model.state_dict().items():
-        if name.startswith("visual."):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
+    hash_tensors(digest, ((name, t) for name, t in clip_model.state_dict().items() if not name.startswith("visual.")))
     return digest.hexdigest()
 
 

@@ -282,6 +282,49 @@ def test_bad_files_are_reported_and_skipped(trained, tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
+def test_saved_memory_bank_gives_the_same_predictions(trained, tmp_path, capsys):
+    """--support FOLDER --save_bank PATH, then --bank PATH without the support: the same CSV, bit for bit."""
+    images, _ = flat_test_folder(trained, "Brain", tmp_path / "images")
+    support = support_folder(trained, "Brain", tmp_path / "support")
+    bank = tmp_path / "banks" / "brain-bank.pt"
+    ckpt = trained["ckpt"]["Brain"]
+    assert predict.main(predict_argv(trained, ckpt, images, tmp_path / "built", "--support", str(support),
+                                     "--save_bank", str(bank), "--no_overlays")) == 0
+    assert f"-> {bank}" in capsys.readouterr().out and bank.is_file()
+    assert [p.name for p in bank.parent.iterdir()] == [bank.name]  # no temporary file left
+    assert predict.main(predict_argv(trained, ckpt, images, tmp_path / "saved", "--bank", str(bank), "--no_overlays")) == 0
+    capsys.readouterr()
+    assert (tmp_path / "built" / "predictions.csv").read_text() == (tmp_path / "saved" / "predictions.csv").read_text()
+    summary = json.loads((tmp_path / "saved" / "predict.json").read_text())
+    assert summary["mode"] == "few-shot" and summary["bank"] == str(bank) and summary["support"] is None
+
+
+def test_saved_memory_bank_bad_uses(trained, tmp_path, capsys):
+    """Each misuse of --bank / --save_bank: one line, exit 2, no predictions written."""
+    images, _ = flat_test_folder(trained, "Brain", tmp_path / "images")
+    support = support_folder(trained, "Brain", tmp_path / "support")
+    bank = tmp_path / "bank.pt"
+    assert predict.main(predict_argv(trained, trained["ckpt"]["Brain"], images, tmp_path / "ok", "--support", str(support),
+                                     "--save_bank", str(bank), "--no_overlays")) == 0
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(bank.read_bytes()[:1000])
+    cases = [
+        (["--bank", str(bank), "--support", str(support)], "Brain", "--bank and --support both given"),
+        (["--save_bank", str(tmp_path / "b2.pt")], "Brain", "--save_bank needs --support"),
+        (["--bank", str(tmp_path / "absent.pt")], "Brain", "not found: write one with --support"),
+        (["--bank", str(corrupt)], "Brain", "is not a readable memory bank"),
+        (["--bank", str(trained["ckpt"]["Brain"])], "Brain", "is not a memory bank file"),
+        (["--bank", str(bank)], "Chest", "does not match this run: its weights_sha256 is"),  # other adapters
+    ]
+    capsys.readouterr()
+    for index, (extra, obj, expected) in enumerate(cases):
+        out = tmp_path / f"out{index}"
+        code = predict.main(predict_argv(trained, trained["ckpt"][obj], images, out, *extra))
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, (extra, err)
+        assert "Traceback" not in err and not (out / "predictions.csv").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Normalisation and thresholds as functions
 
