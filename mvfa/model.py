@@ -95,6 +95,9 @@ class AdaptedViT(nn.Module):
         if all(p.dtype == torch.float32 for p in blocks.parameters()):
             self._block_workspace = None
             return
+        shapes = [[tuple(p.shape) for p in block.parameters()] for block in blocks]
+        if any(shape != shapes[0] for shape in shapes):
+            raise ValueError("float_with_block_workspace needs blocks of one shape (one workspace serves them all)")
         self._block_workspace = _BlockWorkspace(copy.deepcopy(blocks[0]).float())
 
     @property

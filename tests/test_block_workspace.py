@@ -81,3 +81,16 @@ def test_fp32_blocks_need_no_workspace():
     model = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), STAGES)
     model.float_with_block_workspace()
     assert model._block_workspace is None
+
+
+def test_blocks_of_another_shape_are_refused():
+    """One workspace serves every block: a block of another shape (here a narrower MLP) is an error."""
+    from CLIP.model import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    model = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), STAGES)
+    width = model.visual.conv1.out_channels
+    model.visual.transformer.resblocks[1] = ResidualAttentionBlock(width, 2, 2.0, False)
+    model.visual.half()
+    with pytest.raises(ValueError, match="blocks of one shape"):
+        model.float_with_block_workspace()
