@@ -36,7 +36,7 @@ from dataset.medical import ImageSet, Sample
 from . import scoring
 from .distributed import SINGLE, Dist, NumpyCollective, all_gather_cat, all_reduce, is_secondary_rank
 from .errors import MVFAError
-from .files import save_torch_atomic
+from .files import load_torch_data, save_torch_atomic
 from .metrics import auroc, compute_metrics, pixel_auroc, sharded_pixel_metrics
 from .model import AdaptedViT
 
@@ -239,17 +239,19 @@ def save_memory_bank(bank: MemoryBank, branch: str, identity: dict, path: str | 
     save_torch_atomic(state, path)
 
 
-def read_memory_bank(path: str | Path, identity: dict, device: torch.device, flag: str = "--bank") -> MemoryBank:
-    """A bank written by `save_memory_bank`, checked against the `identity` of the model that will use
-    it: a bank of other weights, sizes or precision would give other scores, so it is an error."""
+def check_bank_file(path: str | Path, flag: str = "--bank") -> Path:
+    """`path` as a Path when it is a file; else the one-line error that says how to write one."""
     path = Path(path)
     if not path.is_file():
         raise MVFAError(f"{flag} {path} not found: write one with --support FOLDER --save_bank {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or foreign files
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MVFAError(f"{flag} {path} is not a readable memory bank ({first_line[:200]})") from None
+    return path
+
+
+def read_memory_bank(path: str | Path, identity: dict, device: torch.device, flag: str = "--bank") -> MemoryBank:
+    """A bank written by `save_memory_bank`, checked against the `identity` of the model that will use
+    it: a bank of other weights, sizes or precision would give other scores, so it is an error."""
+    path = check_bank_file(path, flag)
+    state = load_torch_data(path, "memory bank", MVFAError, shown=f"{flag} {path}")
     if not isinstance(state, dict) or state.get("format") != BANK_FILE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise MVFAError(f"{flag} {path} is not a memory bank file (format {found!r}, expected {BANK_FILE_FORMAT!r})")

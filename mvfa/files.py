@@ -1,4 +1,5 @@
-"""Writing files whole or not at all: a temporary file beside the target, renamed onto it at the end."""
+"""Files written whole or not at all (a temporary file beside the target, renamed onto it at the end),
+and torch files read as data with a one-line error."""
 from __future__ import annotations
 
 import os
@@ -41,3 +42,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def save_torch_atomic(obj, path: str | Path) -> None:
     with atomic_target(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch_data(path: str | Path, what: str, error: type[Exception], shown: str | None = None):
+    """`torch.load(path, weights_only=True)` on the CPU; a file torch cannot read raises
+    `error("<shown> is not a readable <what> (<the first line of torch's message>)")` (shown: the path)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise error(f"{shown or path} is not a readable {what} ({first_line[:200]})") from None

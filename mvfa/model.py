@@ -19,7 +19,7 @@ from torch import nn
 from CLIP.model import CLIP
 
 from .errors import CheckpointFormatError
-from .files import save_torch_atomic
+from .files import load_torch_data, save_torch_atomic
 
 STREAM_KEEP = 0.8  # weight of the backbone stream after an adapter stage
 ADAPTER_MIX = 0.1  # weight of each adapter's output (seg and det) added to the stream
@@ -220,11 +220,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointFormatError(f"adapter checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or foreign files
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointFormatError(f"{path} is not a readable adapter checkpoint ({first_line[:200]})") from None
+    state = load_torch_data(path, "adapter checkpoint", CheckpointFormatError)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path} holds a {type(state).__name__}, not an adapter checkpoint dict")
     return state

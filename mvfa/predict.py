@@ -54,6 +54,7 @@ from .evaluation import (
     TensorSet,
     bank_branch,
     build_memory_bank,
+    check_bank_file,
     evaluate,
     read_memory_bank,
     save_memory_bank,
@@ -282,8 +283,8 @@ def predict(args: argparse.Namespace) -> int:
         raise MVFAError("--bank and --support both given: a saved bank replaces the support folder; pass one")
     if args.save_bank is not None and args.support is None:
         raise MVFAError("--save_bank needs --support FOLDER (the normal images the bank is built from)")
-    if args.bank is not None and not Path(args.bank).is_file():
-        raise MVFAError(f"--bank {args.bank} not found: write one with --support FOLDER --save_bank {args.bank}")
+    if args.bank is not None:  # before the model is built
+        check_bank_file(args.bank)
     images = input_images(Path(args.input), report)
     masks = MaskFinder(Path(args.masks) if args.masks else None)
     few_shot = args.support is not None or args.bank is not None
