@@ -471,6 +471,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     seed_everything(config.seed)
     started = time.time()
 
+    sources = []  # zero-shot training's source datasets
     if config.mode == "zero-shot" and config.train:
         sources = source_datasets_for_zero_shot(config.data_path, config.obj)
     target = open_dataset(config.data_path, config.obj)
@@ -481,13 +482,13 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
 
     test_samples = target.samples("test")
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
-    source_words = [_source_word(config, source) for source in sources] if config.mode == "zero-shot" and config.train else []
+    source_words = {source.name: _source_word(config, source) for source in sources}
     model, text_bank = build_model(config, device, visual_fp32_later=True)
     if config.compile:
         compile_model(model)
     text_features = text_bank(word)
-    for source_word in source_words:  # zero-shot training scores each source against its own prompts
-        text_bank(source_word)
+    # zero-shot training scores each source against its own prompts
+    source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
     text_bank.drop_text_tower()  # every word the run needs is encoded: free the text weights (0.5 GB for ViT-L)
     if config.train or config.compile:
         model.visual.float()
@@ -550,9 +551,9 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             selector = _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache)
             batches = few_shot_batches(config, few_shot, text_features, target.has_masks)
         else:
-            selector = _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache)
+            selector = _zero_shot_selector(config, target, sources, test_set, text_features, source_features, score, cache)
             batches = zero_shot_batches(
-                config, sources, lambda source: text_bank(_source_word(config, source)), budget.allow, dist
+                config, sources, lambda source: source_features[source.name], budget.allow, dist
             )
         best_state = train_loop(config, model, batches, selector, log_rows, device, dist)
         model.load_adapter_state(best_state["adapters"])
@@ -672,14 +673,14 @@ def _few_shot_selector(config, target, few_shot, test_set, text_features, score,
     return Selector(config, 1, scorer)
 
 
-def _zero_shot_selector(config, target, sources, test_set, text_features, text_bank, score, cache) -> Selector:
+def _zero_shot_selector(config, target, sources, test_set, text_features, source_features, score, cache) -> Selector:
     valid_sets = []
     if config.select == "valid":
         for source in sources:
             samples = source.samples("valid")
             if {s.label for s in samples} == {0, 1}:
                 data = cache(TensorSet.load(samples, config.img_size, config.num_workers, desc=f"{source.name} valid"))
-                valid_sets.append((source, data, text_bank(_source_word(config, source))))
+                valid_sets.append((source, data, source_features[source.name]))
         if not valid_sets:
             raise MVFAError("--select valid needs a source dataset whose valid split has both classes")
 
