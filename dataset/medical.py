@@ -70,6 +70,7 @@ MASK_FOLDERS: tuple[str, ...] = ("anomaly_mask", "label")
 
 SPLITS: tuple[str, ...] = ("valid", "test")
 DATASET_SUFFIX = "_AD"
+SEED_COMMENT = "#"  # a comment line in a seed file (the support's origin, written by the scripts)
 NORMAL_DIR = "good"
 ABNORMAL_DIR = "Ungood"
 IMAGE_DIR = "img"
@@ -382,8 +383,8 @@ _SEED_LINE = re.compile(r"^\s*([an])\s*-\s*(\d+)\s*:(.*)$")
 def _parse_seed_file(path: Path) -> dict[int, tuple[list[str], list[str]]]:
     """All iterates of a seed file: ``{i: (abnormal names, normal names)}``.
 
-    Lines are ``a-<i>: f1 f2 ...`` and ``n-<i>: ...`` (any whitespace; blank lines skipped; the
-    final newline optional, as in the release's files). Every iterate needs both lines, each listed
+    Lines are ``a-<i>: f1 f2 ...`` and ``n-<i>: ...`` (any whitespace; blank lines and ``#`` comment
+    lines skipped; the final newline optional, as in the release's files). Every iterate needs both lines, each listed
     once, naming at least one file without repeats.
     """
     try:
@@ -392,7 +393,7 @@ def _parse_seed_file(path: Path) -> dict[int, tuple[list[str], list[str]]]:
         raise DatasetError(f"cannot read seed file {path}: {exc}") from exc
     found: dict[tuple[str, int], tuple[list[str], int]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+        if not line.strip() or line.lstrip().startswith(SEED_COMMENT):
             continue
         match = _SEED_LINE.match(line)
         if match is None:
@@ -435,7 +436,8 @@ def read_seed_file(path: Path | str, iterate: int) -> tuple[list[str], list[str]
 
 
 def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
-    """Write ``support`` as lines ``a-<iterate>: ...`` / ``n-<iterate>: ...`` (release format), atomically.
+    """Write ``support`` as lines ``a-<iterate>: ...`` / ``n-<iterate>: ...`` (release format), atomically,
+    after a ``#`` comment line saying where the support came from (``support.source``).
 
     Lines of other iterates already in ``path`` are kept (the release format holds several
     iterates per file); this iterate's lines are replaced. The file is written to a temporary file in
@@ -451,7 +453,8 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
         if not name or any(ch.isspace() for ch in name):
             raise DatasetError(f"cannot write seed file {path}: file name {name!r} contains whitespace; rename the image")
     entries[iterate] = names
-    text = "".join(f"a-{i}: {' '.join(a)}\nn-{i}: {' '.join(n)}\n" for i, (a, n) in entries.items())
+    text = f"{SEED_COMMENT} iterate {iterate}: {support.source}\n"
+    text += "".join(f"a-{i}: {' '.join(a)}\nn-{i}: {' '.join(n)}\n" for i, (a, n) in entries.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

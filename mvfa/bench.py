@@ -62,7 +62,8 @@ from .evaluation import TensorSet, autocast_for, bank_branch, build_memory_bank,
 from .evaluation import prefix_bytes as evaluation_prefix_bytes
 from .model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
-from .training import Selector, compute_loss, few_shot_batches, make_optimizers, train_loop, train_step
+from .replay import ReleaseRandom
+from .training import ZERO_SHOT_EVALS_PER_EPOCH, Selector, after_epoch, compute_loss, few_shot_batches, make_optimizers, train_loop, train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("forward", "train_step", "protocol", "auroc", "memory", "startup", "process")
@@ -74,7 +75,7 @@ FEW_SHOT_BANK_IMAGES = 44  # the augmented normal images
 BRAIN_TEST_IMAGES = 3715
 ZERO_SHOT_TRAIN_IMAGES = 8000  # about the sum of the five source datasets' test splits
 ZERO_SHOT_TEST_IMAGES = 1493
-ZERO_SHOT_EVALS = EPOCHS * engine.ZERO_SHOT_EVALS_PER_EPOCH
+ZERO_SHOT_EVALS = EPOCHS * ZERO_SHOT_EVALS_PER_EPOCH
 
 # Targets of the issue.
 TARGET_FORWARD_VS_MATMUL = 0.85  # CPU: forward FLOP/s / fp32 matmul FLOP/s
@@ -591,7 +592,7 @@ def _time_training(ctx: Context, config: engine.RunConfig, few_shot: engine.FewS
     """Two epochs of the engine's own training loop (training.train_loop) over the support at batch 1.
 
     Returns (seconds of the second epoch, seconds of the first beyond the second)."""
-    batches = few_shot_batches(config, few_shot, text_features, True)
+    batches = few_shot_batches(config, few_shot, text_features, True, ReleaseRandom(config.seed))
     stamps: list[float] = []
 
     def timed_batches(epoch: int):
@@ -599,7 +600,7 @@ def _time_training(ctx: Context, config: engine.RunConfig, few_shot: engine.FewS
         stamps.append(time.perf_counter())
         return batches(epoch)
 
-    selector = Selector(config, 1, lambda: (None, {}))
+    selector = Selector(after_epoch, lambda: (None, {}))
     state = ctx.model.adapter_state()
     with contextlib.redirect_stdout(io.StringIO()):
         train_loop(config, ctx.model, timed_batches, selector, [], ctx.device)

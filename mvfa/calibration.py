@@ -31,6 +31,7 @@ class CalibrationSettings(Protocol):
     num_workers: int
     eval_batch_size: int
     precision: str
+    scoring_dtypes: str  # release: on CUDA, score inside the autocast (mvfa.evaluation._branches)
     threshold_rule: str  # f1 or fpr
     target_fpr: float
 
@@ -60,7 +61,7 @@ def fit_reference(
     data = TensorSet.load(samples, config.img_size, config.num_workers, desc="reference")
     norm = fit_normalization(
         model, data.subset(normal), text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        source=f"{len(normal)} normal images of {what}", dist=dist,
+        source=f"{len(normal)} normal images of {what}", dist=dist, release_dtypes=config.scoring_dtypes == "release",
     )
     return data, norm, what
 
@@ -81,7 +82,7 @@ def calibrate(
         return {"normalization": None, "threshold": None, "calibration": {"skipped": str(err)}}
     result = evaluate(
         model, data, text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        desc="calibration", normalization=norm, metrics=False, dist=dist,
+        desc="calibration", normalization=norm, metrics=False, dist=dist, release_dtypes=config.scoring_dtypes == "release",
     )
     rule = config.threshold_rule
     abnormal = int(result.labels.sum())

@@ -25,8 +25,10 @@ from .engine import (
     CALIBRATION_RULES,
     DEFAULT_SEED_DIR,
     NORMALIZATIONS,
+    ORDERS,
     PRECISIONS,
     PREFIX_CACHE_MODES,
+    SCORING_DTYPES,
     SELECTIONS,
     RunConfig,
     run,
@@ -34,12 +36,13 @@ from .engine import (
 from .distributed import DEFAULT_TIMEOUT_S, Dist, fail, process_group
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
+from .training import EVAL_SCHEDULES
 from .text import default_cache_dir
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 RELEASE_DEFAULTS = {
-    "few-shot": {"obj": "Brain", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
-    "zero-shot": {"obj": "Liver", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
+    "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
+    "zero-shot": {"obj": "Retina_RESC", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
 }
 
 
@@ -72,6 +75,10 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
     added.add_argument("--output_dir", default=None, help="where metrics.json, predictions.csv and logs go")
     added.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     added.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast on CUDA (default fp16 there, fp32 on CPU)")
+    added.add_argument("--scoring_dtypes", choices=SCORING_DTYPES, default="release",
+                       help="CUDA with --precision fp16/bf16: release (the release's dtypes: memory bank forward in fp32 "
+                            "without autocast, text features and scoring under autocast) or fp32 (scoring in fp32 "
+                            "after the autocast forward); no effect on the CPU")
     added.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
     added.add_argument("--eval_batch_size", type=int, default=8)
     added.add_argument("--select", choices=SELECTIONS, default="test",
@@ -89,6 +96,17 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
     added.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
                        help="under torchrun: seconds a rank may wait in one collective before the job fails")
     if mode == "zero-shot" and train:
+        added.add_argument("--order", choices=ORDERS, default="release",
+                           help="order of each source's images before the release's shuffles: release (the file "
+                                "system's listing, as the release read it; replays exactly only on the same file "
+                                "system) or sorted (by name, the same everywhere)")
+        added.add_argument("--listings", default=None, metavar="JSON",
+                           help="replay a run recorded elsewhere: a JSON mapping image folders (relative to "
+                                "--data_path) to their file names in the recorded listing order")
+        added.add_argument("--eval_schedule", choices=EVAL_SCHEDULES, default="release",
+                           help="when the target is scored for selection: release (before steps 0, N//5, 2N//5, ... "
+                                "of each epoch, the latest tie wins) or final (after steps N/5, ..., N: the last "
+                                "evaluation scores the final adapters; the earliest tie wins)")
         added.add_argument("--ddp", action="store_true",
                            help="under torchrun: data-parallel training, each rank a part of every batch "
                                 "(effective batch: ranks x --batch_size); default: every rank trains the release's batches")
@@ -164,6 +182,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
         prefix_cache=args.prefix_cache,
         cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
         compile=args.compile,
+        scoring_dtypes=args.scoring_dtypes,
     )
     if mode == "few-shot":
         config.fewshot_seed_dirs = tuple(Path(p) for p in (args.fewshot_seed_dir or [DEFAULT_SEED_DIR]))
@@ -172,6 +191,9 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
     if train:
         config.threshold_rule, config.target_fpr = args.threshold_rule, args.target_fpr
         config.ddp = bool(getattr(args, "ddp", False))
+        if mode == "zero-shot":
+            config.order, config.eval_schedule = args.order, args.eval_schedule
+            config.listings = Path(args.listings) if args.listings else None
     else:
         config.normalize, config.save_maps = args.normalize, args.save_maps
         if getattr(args, "only_normal", False):

@@ -63,7 +63,17 @@ from .evaluation import (
 from .model import AdaptedViT, read_checkpoint, save_checkpoint
 from .prompts import object_word
 from .text import TextFeatureBank
-from .training import Selector, few_shot_batches, train_loop, zero_shot_batches
+from .replay import ReleaseRandom, listing_of
+from .training import (
+    EVAL_SCHEDULES,
+    Selector,
+    after_epoch,
+    final_zero_shot_points,
+    few_shot_batches,
+    release_zero_shot_points,
+    train_loop,
+    zero_shot_batches,
+)
 from .visualize import overlay, save_png
 
 MODES = ("few-shot", "zero-shot")
@@ -74,7 +84,8 @@ CPU_CACHE_SHARE = 0.25  # ... or of the machine's RAM
 PRECISIONS = ("fp32", "fp16", "bf16")
 NORMALIZATIONS = ("test", "valid", "checkpoint")
 CALIBRATION_RULES = (*THRESHOLD_RULES, "none")
-ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release evaluates the target 5 times per zero-shot epoch
+SCORING_DTYPES = ("release", "fp32")  # CUDA with --precision fp16/bf16: the release's dtypes, or fp32 scoring
+ORDERS = ("release", "sorted")  # zero-shot training: the file system's listing order (the release's) or sorted names
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
 TEST_LABEL_WARNING = (
     "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
@@ -123,6 +134,10 @@ class RunConfig:
     only_normal: bool = False  # few-shot test: k normal images as memory bank, zero-shot adapters (checkpoint), no abnormal image
     ddp: bool = False  # zero-shot training: data-parallel over the ranks of a torchrun job (each rank a part of every batch)
     compile: bool = False  # torch.compile the adapted model's forward (off: the release's eager kernels)
+    order: str = "release"  # zero-shot training: listing order of the sources' images (release: the file system's; sorted)
+    listings: Path | None = None  # zero-shot training: a JSON of recorded listings (folder -> names) to replay
+    scoring_dtypes: str = "release"  # CUDA autocast runs: release (the release's dtypes op for op) or fp32 (scoring in fp32)
+    eval_schedule: str = "release"  # zero-shot training: when the target is scored (release; final: after N/5 ... N steps)
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -143,9 +158,17 @@ class RunResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed the global generators, as the release does (a --pretrain none backbone draws from torch's);
+    the release's own draws are replayed on private generators (mvfa.replay)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def bank_precision(config: RunConfig) -> str:
+    """The memory bank's forward: without autocast (fp32) with the release's dtypes, as the release
+    builds it; else under the run's autocast."""
+    return "fp32" if config.scoring_dtypes == "release" else config.precision
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,15 +488,24 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         raise MVFAError(f"--save_maps {config.save_maps} is invalid: give no number (every image) or N >= 1")
     if config.only_normal and (config.train or config.mode != "few-shot" or config.checkpoint is None):
         raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
+    if config.order not in ORDERS:
+        raise MVFAError(f"--order {config.order!r} is not known: choose one of {', '.join(ORDERS)}")
+    if config.scoring_dtypes not in SCORING_DTYPES:
+        raise MVFAError(f"--scoring_dtypes {config.scoring_dtypes!r} is not known: choose one of {', '.join(SCORING_DTYPES)}")
+    if config.eval_schedule not in EVAL_SCHEDULES:
+        raise MVFAError(f"--eval_schedule {config.eval_schedule!r} is not known: choose one of {', '.join(EVAL_SCHEDULES)}")
     if config.ddp and not (config.mode == "zero-shot" and config.train):
         raise MVFAError("--ddp is for zero-shot training (train_zero.py): other runs train on one support set per rank")
     device = torch.device(config.device)
+    release_dtypes = config.scoring_dtypes == "release"
     seed_everything(config.seed)
     started = time.time()
 
     sources = []  # zero-shot training's source datasets
+    listings = None
     if config.mode == "zero-shot" and config.train:
         sources = source_datasets_for_zero_shot(config.data_path, config.obj)
+        listings = read_listings(config.listings) if config.listings is not None else None
     target = open_dataset(config.data_path, config.obj)
     try:
         word = object_word(target.name, config.prompt_name)
@@ -486,6 +518,10 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     model, text_bank = build_model(config, device, visual_fp32_later=True)
     if config.compile:
         compile_model(model)
+    replay = ReleaseRandom(config.seed)  # the release's draws: two random CLIP builds, then the adapters
+    if config.train:
+        replay.skip_clip_builds(load_config(config.model_name), config.img_size)
+        replay.init_adapters(model.seg_adapters, model.det_adapters)
     text_features = text_bank(word)
     # zero-shot training scores each source against its own prompts
     source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
@@ -517,14 +553,14 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         if few_shot is None:
             return None
         return build_memory_bank(
-            model, few_shot.normal_images, config.eval_batch_size, config.precision, few_shot.memory_cache,
+            model, few_shot.normal_images, config.eval_batch_size, bank_precision(config), few_shot.memory_cache,
             branches=(bank_branch(target.has_masks),),
         )
 
     def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating") -> EvalResult:
         return evaluate(
             model, data, features, has_masks, memory_bank(), config.eval_batch_size, config.precision, full, desc=desc,
-            dist=dist,
+            dist=dist, release_dtypes=release_dtypes,
         )
 
     budget = PrefixBudget(config.prefix_cache, device)
@@ -549,17 +585,18 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             print(TEST_LABEL_WARNING)
         if config.mode == "few-shot":
             selector = _few_shot_selector(config, target, few_shot, test_set, text_features, score, cache)
-            batches = few_shot_batches(config, few_shot, text_features, target.has_masks)
+            batches = few_shot_batches(config, few_shot, text_features, target.has_masks, replay)
         else:
             selector = _zero_shot_selector(config, target, sources, test_set, text_features, source_features, score, cache)
             batches = zero_shot_batches(
-                config, sources, lambda source: source_features[source.name], budget.allow, dist
+                config, sources, lambda source: source_features[source.name], budget.allow, replay,
+                listing_of(config.order, listings, config.data_path), dist,
             )
         best_state = train_loop(config, model, batches, selector, log_rows, device, dist)
         model.load_adapter_state(best_state["adapters"])
-        meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"]}
+        meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"], "best_step": best_state["step"]}
         if few_shot is not None:
-            meta["support"] = {"abnormal": [s.path.name for s in support.abnormal], "normal": [s.path.name for s in support.normal]}
+            meta["support"] = support_names(support)
         if config.threshold_rule != "none":
             meta.update(calibrate(config, model, target, text_features, memory_bank(), support_samples, dist))
         if config.save_model:
@@ -575,6 +612,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         model.load_adapter_state(state, source=str(checkpoint_path))
         meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
         print(f"loaded adapters from {checkpoint_path}")
+        if few_shot is not None and not config.only_normal:
+            warn_other_support(meta, support, checkpoint_path)
 
     source = str(checkpoint_path) if checkpoint_path else "the trained adapters"
     normalization = None  # --normalize test: the release's min-max over the test set
@@ -595,6 +634,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     result = evaluate(
         model, test_set, text_features, target.has_masks, memory_bank(), config.eval_batch_size, config.precision,
         True, desc=f"{target.name} test", normalization=normalization, score_under=score_under, dist=dist,
+        release_dtypes=release_dtypes,
     )
     metrics = {**result.metrics, "seconds": round(time.time() - started, 2)}
     print_release_lines(config.obj, metrics)
@@ -607,6 +647,12 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         "normalization": {"mode": config.normalize, **result.normalization.to_dict()},
         "config": json_ready(config),
     }
+    if few_shot is not None:
+        payload["support"] = {"source": support.source, **support_names(support)}
+    if config.train:
+        payload["training"] = {
+            "epoch_losses": best_state["epoch_losses"], "best_epoch": best_state["epoch"], "best_step": best_state["step"],
+        }
     if config.ddp:
         payload["config"].update(world_size=dist.world_size, effective_batch_size=dist.world_size * config.batch_size)
     if threshold is not None:
@@ -628,6 +674,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             chosen = evaluate(
                 model, test_set.subset(indices), text_features, False, memory_bank(), config.eval_batch_size,
                 config.precision, desc="maps", normalization=result.normalization, keep_maps=True, metrics=False, dist=dist,
+                release_dtypes=release_dtypes,
             )
             return rows_of_maps(chosen.maps, chosen.map_range, list(range(len(indices))), dist)
 
@@ -670,7 +717,7 @@ def _few_shot_selector(config, target, few_shot, test_set, text_features, score,
         result = score(data, text_features, target.has_masks, desc=f"{config.select} eval")
         return result.selection_score, {f"{config.select}_{k}": v for k, v in result.metrics.items()}
 
-    return Selector(config, 1, scorer)
+    return Selector(after_epoch, scorer, keep_ties=False, active=config.select != "last")
 
 
 def _zero_shot_selector(config, target, sources, test_set, text_features, source_features, score, cache) -> Selector:
@@ -695,7 +742,40 @@ def _zero_shot_selector(config, target, sources, test_set, text_features, source
             detail[f"valid_{source.name}"] = result.selection_score
         return float(np.mean(values)), detail
 
-    return Selector(config, ZERO_SHOT_EVALS_PER_EPOCH, scorer)
+    if config.eval_schedule == "release":  # before steps 0, N//5, 2N//5, ...; the latest tie wins
+        return Selector(release_zero_shot_points, scorer, keep_ties=True, active=config.select != "last")
+    return Selector(final_zero_shot_points, scorer, keep_ties=False, active=config.select != "last")
+
+
+def read_listings(path: Path) -> dict[str, list[str]]:
+    """--listings: a JSON object mapping image folders (relative to --data_path, e.g.
+    "Brain_AD/test/good/img") to the file names in the order a recorded run listed them."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MVFAError(f"--listings {path} is not a readable JSON file ({type(err).__name__}: {err})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v) for k, v in raw.items()
+    ):
+        raise MVFAError(f"--listings {path} must map folder names to lists of file names, e.g. "
+                        '{"Brain_AD/test/good/img": ["0001.png", ...]}')
+    return raw
+
+
+def support_names(support) -> dict[str, list[str]]:
+    return {"abnormal": [s.path.name for s in support.abnormal], "normal": [s.path.name for s in support.normal]}
+
+
+def warn_other_support(meta: dict, support, checkpoint_path: Path) -> None:
+    """test_few: one line when the checkpoint was trained on another support than the memory bank's."""
+    recorded = meta.get("support")
+    if not isinstance(recorded, dict) or recorded == support_names(support):
+        return
+    differs = [kind for kind in ("abnormal", "normal") if recorded.get(kind) != support_names(support)[kind]]
+    print(
+        f"warning: {checkpoint_path} was trained on another support ({' and '.join(differs)} images differ) than "
+        f"this run's {support.source}: pass the --shot/--iterate/--fewshot_seed_dir of its training"
+    )
 
 
 def _source_word(config: RunConfig, source: MedicalDataset) -> str:

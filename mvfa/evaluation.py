@@ -416,11 +416,14 @@ class _Branches:
 def _branches(
     model: AdaptedViT, data: TensorSet, text_features: torch.Tensor, has_masks: bool, memory_bank: MemoryBank | None,
     batch_size: int, precision: str, memory_chunk_elements: int, desc: str, det_maps: bool = False,
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | None = None, release_dtypes: bool = False,
 ):
     """Yield the raw branches batch by batch (the one forward pass every scoring path shares).
 
     shard: only the batches of images [start, stop), start a multiple of batch_size.
+    release_dtypes: score inside the forward's autocast, as the release does on CUDA (fp16 patch-text
+    products, bank similarities and upsampling); otherwise the scoring runs in fp32 after it. On the
+    CPU there is no autocast and both are the same fp32 computation.
     """
     device = next(model.parameters()).device
     size = model.image_size
@@ -433,24 +436,36 @@ def _branches(
         with autocast_for(device, precision):
             images = None if batch_cache is not None else data.image_batch(start, stop, device)
             tokens = _adapted_tokens(model, images, batch_cache, start // batch_size)
-        tokens = tokens.patches()
-        zero_score = scoring.zero_shot_image_score(tokens.det, text_features)
-        zero_map = None
-        if has_masks:
-            zero_map = scoring.zero_shot_map(tokens.seg, text_features, size)
-        elif det_maps:
-            zero_map = scoring.zero_shot_map(tokens.det, text_features, size)
-        few_grids = few_map = few_mean = None
-        if memory_bank is not None:
-            branch = bank_branch(has_masks)
-            few_grids = scoring.memory_distance_grids(
-                getattr(tokens, branch), memory_bank.stages(branch), memory_chunk_elements, normalized=True
-            )
-            few_map = scoring.upsample_and_sum(few_grids, size)
-            if not has_masks:
-                few_mean = few_map.mean(dim=(1, 2))
-        yield _Branches(start, stop, zero_score, zero_map, few_grids, few_map, few_mean)
-        del tokens  # not alive during the next batch's forward (4 stages x seg and det x the batch's tokens)
+        with autocast_for(device, precision) if release_dtypes else contextlib.nullcontext():
+            branches = _score_branches(tokens.patches(), text_features, has_masks, memory_bank, memory_chunk_elements,
+                                       size, det_maps)
+        yield _Branches(start, stop, *branches)
+        del tokens, branches  # not alive during the next batch's forward (4 stages x seg and det x the batch's tokens)
+
+
+def _score_branches(
+    tokens, text_features: torch.Tensor, has_masks: bool, memory_bank: MemoryBank | None, memory_chunk_elements: int,
+    size: int, det_maps: bool,
+) -> tuple:
+    """(zero score, zero map, few grids, few map, few mean) of a batch's patch tokens."""
+    zero_score = scoring.zero_shot_image_score(tokens.det, text_features)
+    zero_map = None
+    if has_masks:
+        zero_map = scoring.zero_shot_map(tokens.seg, text_features, size)
+    elif det_maps:
+        zero_map = scoring.zero_shot_map(tokens.det, text_features, size)
+    few_grids = few_map = few_mean = None
+    if memory_bank is not None:
+        branch = bank_branch(has_masks)
+        few_grids = scoring.memory_distance_grids(
+            getattr(tokens, branch), memory_bank.stages(branch), memory_chunk_elements, normalized=True
+        )
+        few_map = scoring.upsample_and_sum(few_grids, size)
+        if not has_masks:
+            few_mean = few_map.mean(dim=(1, 2))
+    return zero_score, zero_map, few_grids, few_map, few_mean
+
+
 
 
 def _fixed_batch(
@@ -501,6 +516,7 @@ def fit_normalization(
     source: str = "",
     memory_chunk_elements: int = 1 << 24,
     dist: Dist = SINGLE,
+    release_dtypes: bool = False,
 ) -> Normalization:
     """Min and max of every branch over `data` (meant for normal images not in the support).
 
@@ -512,7 +528,8 @@ def fit_normalization(
         raise MVFAError("cannot fit the normalisation on an empty image set")
     stats = _MinMax()
     for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
-                           memory_chunk_elements, "fitting normalisation", shard=dist.batch_shard(len(data), batch_size)):
+                           memory_chunk_elements, "fitting normalisation", shard=dist.batch_shard(len(data), batch_size),
+                           release_dtypes=release_dtypes):
         stats.update("zero_score", batch.zero_score)
         if has_masks:
             stats.update("zero_map", batch.zero_map)
@@ -568,6 +585,7 @@ def evaluate(
     score_under: Normalization | None = None,
     metrics: bool = True,
     dist: Dist = SINGLE,
+    release_dtypes: bool = False,
 ) -> EvalResult:
     """Score every image of `data`; memory_bank None -> zero-shot, else few-shot (the release's fusion).
 
@@ -578,10 +596,12 @@ def evaluate(
     score_under: additionally report the image scores under these statistics (`fixed_scores`).
     metrics False: no metrics (e.g. a set of one class).
     dist: several ranks share the work (module docstring); every rank must call with the same data.
+    release_dtypes: on CUDA, score inside the autocast as the release does (`_branches`).
     """
     if normalization is not None:
         return _evaluate_fixed(model, data, text_features, has_masks, memory_bank, batch_size, precision, full_metrics,
-                               memory_chunk_elements, desc, normalization, keep_maps, score_under, metrics, dist)
+                               memory_chunk_elements, desc, normalization, keep_maps, score_under, metrics, dist,
+                               release_dtypes)
     if keep_maps and not has_masks:
         raise ValueError("maps of a dataset without masks need a fixed normalization")
     device = next(model.parameters()).device
@@ -599,7 +619,7 @@ def evaluate(
     few_min, few_max = torch.tensor(torch.inf, device=device), torch.tensor(-torch.inf, device=device)
     few_grids = [] if few_shot and has_masks else None
     for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
-                           memory_chunk_elements, desc, shard=shard):
+                           memory_chunk_elements, desc, shard=shard, release_dtypes=release_dtypes):
         start, stop = batch.start - shard[0], batch.stop - shard[0]
         zero_scores[start:stop] = batch.zero_score
         if has_masks:
@@ -669,7 +689,7 @@ def _metrics(result: EvalResult, maps: torch.Tensor | None, has_masks: bool, ful
 def _evaluate_fixed(
     model, data, text_features, has_masks, memory_bank, batch_size, precision, full_metrics, memory_chunk_elements,
     desc, normalization: Normalization, keep_maps: bool, score_under: Normalization | None, metrics: bool,
-    dist: Dist = SINGLE,
+    dist: Dist = SINGLE, release_dtypes: bool = False,
 ) -> EvalResult:
     """evaluate() under fixed statistics: batch by batch, nothing depends on the other images."""
     device = next(model.parameters()).device
@@ -685,7 +705,8 @@ def _evaluate_fixed(
     fixed_scores = torch.empty(local, device=device) if score_under is not None else None
     maps = torch.empty(local, size, size, device=device) if want_maps else None
     for batch in _branches(model, data, text_features, has_masks, memory_bank, batch_size, precision,
-                           memory_chunk_elements, desc, det_maps=want_maps and not has_masks, shard=shard):
+                           memory_chunk_elements, desc, det_maps=want_maps and not has_masks, shard=shard,
+                           release_dtypes=release_dtypes):
         start, stop = batch.start - shard[0], batch.stop - shard[0]
         scores, batch_map = _fixed_batch(batch, normalization, has_masks, few_shot, want_maps)
         image_scores[start:stop] = scores

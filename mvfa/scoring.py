@@ -84,10 +84,11 @@ def max_cosine_to_bank(
     if not normalized:
         bank = F.normalize(bank, dim=-1)
     chunk = max(1, max_elements // max(1, queries.shape[0]))
-    best = torch.full((queries.shape[0],), -torch.inf, device=queries.device)
+    best = None  # in the products' dtype: fp32, or fp16 under CUDA autocast (the release's dtype)
     for start in range(0, bank.shape[0], chunk):
-        best = torch.maximum(best, (queries @ bank[start : start + chunk].T).amax(dim=1))
-    return best
+        similarity = (queries @ bank[start : start + chunk].T).amax(dim=1)
+        best = similarity if best is None else torch.maximum(best, similarity)
+    return best if best is not None else torch.full((queries.shape[0],), -torch.inf, device=queries.device)
 
 
 def memory_distance_grids(

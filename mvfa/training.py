@@ -21,15 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from dataset.medical import ImageSet, MedicalDataset
+from dataset.medical import ABNORMAL_DIR, IMAGE_DIR, NORMAL_DIR, ImageSet, MedicalDataset, Sample
 
 from . import scoring
+from .errors import MVFAError
+from .replay import RELEASE_SOURCE_ORDER, ReleaseRandom
 from .distributed import SINGLE, Dist, average_gradients, broadcast_parameters
 from .evaluation import PIXEL_LEVELS, TensorSet, autocast_for, progress
 from .losses import BinaryDiceLoss, FocalLoss, det_loss
@@ -37,6 +40,7 @@ from .model import AdaptedViT
 
 ADAM_BETAS = (0.5, 0.999)
 MASK_THRESHOLD = 0.5
+ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release scores the target 5 times per zero-shot epoch
 
 
 @dataclass
@@ -170,7 +174,11 @@ def train_loop(
     config: LoopSettings, model: AdaptedViT, batches: Callable[[int], Iterable[tuple]], selector: Selector,
     log_rows: list[dict], device: torch.device, dist: Dist = SINGLE,
 ) -> dict:
-    """The loop: epochs of `batches(epoch)` (sized, iterable); `selector` scores the current adapters when due.
+    """The loop: epochs of `batches(epoch)` (sized, iterable); `selector` scores the current adapters
+    at its points of each epoch (the number of steps done: 0 is before the first step).
+
+    Returns the selected adapters (`adapters`, with `epoch`, `step`, `score`) and `epoch_losses`,
+    each epoch's mean loss (the release's printed `Loss:`).
 
     Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
     process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
@@ -186,53 +194,97 @@ def train_loop(
             f"data-parallel (--ddp): {dist.world_size} rank{'s' if dist.world_size > 1 else ''} x --batch_size "
             f"{config.batch_size} = effective batch {effective['effective_batch_size']} images per step"
         )
-    best = {"score": -float("inf"), "epoch": 0, "adapters": model.adapter_state()}
+    best = {"score": None, "epoch": 0, "step": 0, "adapters": model.adapter_state()}
+    epoch_losses: list[float] = []
+
+    def evaluate(epoch: int, done: int, losses: list[float]) -> None:
+        nonlocal best
+        broadcast_parameters(model.adapter_parameters(), dist)
+        value, detail = selector.score()
+        row = {"epoch": epoch, "step": done, "loss": float(np.mean(losses)) if losses else "", **effective, **detail}
+        log_rows.append(row)
+        if value is not None and selector.better(value, best["score"]):
+            best = {"score": value, "epoch": epoch, "step": done, "adapters": model.adapter_state()}
+
     for epoch in range(1, config.epoch + 1):
-        losses = []
+        losses: list[float] = []
         epoch_batches = batches(epoch)
         total = len(epoch_batches)
-        checkpoints = selector.due(total)
+        points = selector.points(total)
         bar = progress(epoch_batches, f"epoch {epoch}/{config.epoch}")
-        for step, (images, masks, labels, features, has_masks, prefix) in enumerate(bar, start=1):
+        for done, (images, masks, labels, features, has_masks, prefix) in enumerate(bar):
+            if done in points:
+                evaluate(epoch, done, losses)
             with autocast_for(device, config.precision):
                 parts = train_step(
                     model, optimizers, images.to(device), masks.to(device), labels.to(device),
                     features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
                 )
             losses.append(parts.total.item())
-            if step in checkpoints:
-                broadcast_parameters(model.adapter_parameters(), dist)
-                value, detail = selector.score()
-                row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), **effective, **detail}
-                log_rows.append(row)
-                if value is not None and value > best["score"]:
-                    best = {"score": value, "epoch": epoch, "adapters": model.adapter_state()}
-        summary = f"epoch {epoch}/{config.epoch}: loss {np.mean(losses) if losses else float('nan'):.4f}"
+        if total in points:
+            evaluate(epoch, total, losses)
+        epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        summary = f"epoch {epoch}/{config.epoch}: loss {epoch_losses[-1]:.4f}"
         if log_rows and log_rows[-1]["epoch"] == epoch:
             summary += "".join(
                 f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss", *effective)
             )
         print(summary, flush=True)
-    if config.select == "last" or config.epoch == 0:
+    if config.select == "last" or best["score"] is None:
         broadcast_parameters(model.adapter_parameters(), dist)
-        best = {"score": None, "epoch": config.epoch, "adapters": model.adapter_state()}
+        best = {"score": None, "epoch": config.epoch, "step": None, "adapters": model.adapter_state()}
     else:
-        print(f"selected epoch {best['epoch']} ({config.select} {best['score']:.4f})")
-    return best
+        print(f"selected epoch {best['epoch']} step {best['step']} ({config.select} {best['score']:.4f})")
+    return {**best, "epoch_losses": epoch_losses}
+
+
+# When the adapters are scored for model selection, as a function of the epoch's number of steps N;
+# each returns the numbers of steps done at the evaluations (0: before the first step).
+def after_epoch(steps: int) -> list[int]:
+    """The few-shot release: once, after the epoch's last step."""
+    return [steps]
+
+
+def release_zero_shot_points(steps: int) -> list[int]:
+    """The zero-shot release: before every step whose 0-based index is a multiple of N // 5 (so the
+    untrained adapters are scored first, an epoch whose N is not a multiple of 5 has 6 evaluations,
+    and the state after the last step is never scored). N < 5 (where the release divides by zero):
+    before every step."""
+    every = max(1, steps // ZERO_SHOT_EVALS_PER_EPOCH)
+    return list(range(0, steps, every))
+
+
+def final_zero_shot_points(steps: int) -> list[int]:
+    """--eval_schedule final: after steps N/5, 2N/5, ..., N; the last evaluation scores the epoch's final adapters."""
+    if steps == 0:
+        return []
+    return sorted({max(1, steps * (i + 1) // ZERO_SHOT_EVALS_PER_EPOCH) for i in range(ZERO_SHOT_EVALS_PER_EPOCH)})
+
+
+EVAL_SCHEDULES = ("release", "final")
 
 
 class Selector:
-    """When (which steps of an epoch) and how the current adapters are scored for model selection."""
+    """When (the points of an epoch) and how the current adapters are scored for model selection,
+    and which score wins: a higher one, or with `keep_ties` also an equal one (the latest tie wins)."""
 
-    def __init__(self, config: LoopSettings, evals_per_epoch: int, scorer: Callable[[], tuple[float | None, dict]]) -> None:
-        self.evals_per_epoch = evals_per_epoch if config.select != "last" else 0
+    def __init__(
+        self, points: Callable[[int], list[int]], scorer: Callable[[], tuple[float | None, dict]],
+        keep_ties: bool = False, active: bool = True,
+    ) -> None:
+        self._points = points
         self.scorer = scorer
+        self.keep_ties = keep_ties
+        self.active = active  # --select last: nothing is scored
 
-    def due(self, steps: int) -> set[int]:
-        """The steps (from 1) of an epoch of `steps` batches after which the adapters are scored."""
-        if self.evals_per_epoch == 0 or steps == 0:
-            return set()
-        return {max(1, (steps * (i + 1)) // self.evals_per_epoch) for i in range(self.evals_per_epoch)}
+    def points(self, steps: int) -> set[int]:
+        """The numbers of steps done (0 to `steps`) at which an epoch of `steps` batches is scored."""
+        return set(self._points(steps)) if self.active else set()
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value >= best if self.keep_ties else value > best
 
     def score(self) -> tuple[float | None, dict]:
         """(the selection value, None for none; the log row's entries) of the current adapters."""
@@ -240,15 +292,19 @@ class Selector:
 
 
 def few_shot_batches(
-    config: LoopSettings, few_shot: FewShotSupport, text_features: torch.Tensor, has_masks: bool,
+    config: LoopSettings, few_shot: FewShotSupport, text_features: torch.Tensor, has_masks: bool, replay: ReleaseRandom,
 ) -> Callable[[int], list[tuple]]:
-    """Each epoch: the augmented support (abnormal label 1, normal label 0), shuffled, in batches."""
-    generator = torch.Generator().manual_seed(config.seed)
+    """Each epoch: the augmented support (abnormal label 1, normal label 0) in the release's shuffled
+    order, in batches. `replay` also makes the release's other draws of the epoch (the memory bank's
+    shuffled support pass and the test pass of its evaluation), whatever this run evaluates."""
     count = len(few_shot.support_labels)
+    bank_count = int((few_shot.support_labels == 0).sum())
     mask_flags = torch.full((count,), has_masks, dtype=torch.bool)
 
     def batches(epoch: int) -> list:
-        order = torch.randperm(count, generator=generator)
+        order = torch.tensor(replay.shuffled_pass(count), dtype=torch.long)
+        replay.shuffled_pass(bank_count)  # the evaluation's memory-bank loader
+        replay.loader_pass()  # ... and its test loader
         out = []
         for start in range(0, count, config.batch_size):
             index = order[start : start + config.batch_size]
@@ -262,22 +318,55 @@ def few_shot_batches(
     return batches
 
 
+def release_source_order(sources: list[MedicalDataset]) -> list[MedicalDataset]:
+    """The release's order of zero-shot sources (RELEASE_SOURCE_ORDER), other datasets after it by name."""
+    rank = {name: i for i, name in enumerate(RELEASE_SOURCE_ORDER)}
+    return sorted(sources, key=lambda d: (rank.get(d.name, len(rank)), d.name))
+
+
+def listed_items(source: MedicalDataset, samples: list[Sample], first: int, listing: Callable[[Path], list[str]]) -> list[int]:
+    """Indices (from `first`) of a source's test samples in the release's item order: the listing of
+    test/good/img, then of test/Ungood/img. A listing must name exactly the folder's images."""
+    by_name = {}
+    for offset, sample in enumerate(samples):
+        by_name[(sample.label, sample.path.name)] = first + offset
+    items = []
+    for label, kind in ((0, NORMAL_DIR), (1, ABNORMAL_DIR)):
+        folder = source.root / "test" / kind / IMAGE_DIR
+        names = [n for n in listing(folder) if (label, n) in by_name]
+        expected = {n for (lab, n) in by_name if lab == label}
+        if len(names) != len(expected) or set(names) != expected:
+            missing = sorted(expected - set(names))[:3]
+            raise MVFAError(
+                f"the listing of {folder} does not name each of its {len(expected)} images once"
+                f"{' (missing ' + ', '.join(missing) + ')' if missing else ' (repeated names)'}: "
+                "check --listings, or run with --order sorted"
+            )
+        items += [by_name[(label, n)] for n in names]
+    return items
+
+
 def zero_shot_batches(
     config: LoopSettings, sources: list[MedicalDataset], text_features_of: Callable[[MedicalDataset], torch.Tensor],
-    may_decode: Callable[[int], bool], dist: Dist = SINGLE,
+    may_decode: Callable[[int], bool], replay: ReleaseRandom, listing: Callable[[Path], list[str]], dist: Dist = SINGLE,
 ) -> Callable[[int], Iterable[tuple]]:
-    """Each epoch: the source datasets' test splits, shuffled; each image with its own dataset's text.
+    """Each epoch: the source datasets' test splits in the release's order; each image with its own
+    dataset's text features.
 
+    The release's epoch (ReleaseRandom.zero_shot_batches): each source's `listing` order (the file
+    system's, as the release read it, unless --order sorted or --listings say otherwise) shuffled
+    with Python's random and cut into --batch_size batches, the batch list shuffled, then visited in
+    a shuffling DataLoader's order; `replay` also makes the draws of the epoch's evaluations.
     `text_features_of(source)` gives a source's text features. The sources are decoded once into
     uint8 tensors when `may_decode(nbytes)` allows their size (the engine's prefix-cache budget; the
-    release decodes every PNG every epoch; --prefix_cache off keeps that). Either way an epoch's order is
-    the one a shuffling DataLoader draws from the seeded generator, so the batches are the same.
+    release decodes every PNG every epoch; --prefix_cache off keeps that); the batches are the same.
     """
-    features, flags, samples, source_of = [], [], [], []
-    for index, source in enumerate(sources):
+    features, flags, samples, source_of, source_items = [], [], [], [], []
+    for index, source in enumerate(release_source_order(sources)):
         features.append(text_features_of(source))
         flags.append(source.has_masks)
         split = source.samples("test")
+        source_items.append(listed_items(source, split, len(samples), listing))
         samples.extend(split)
         source_of.extend([index] * len(split))
     all_features = torch.stack(features)
@@ -305,20 +394,20 @@ def zero_shot_batches(
         batch = default_collate([dataset[i] for i in indices])
         return as_batch(index, batch["image"], batch["mask"], batch["label"])
 
-    generator = torch.Generator().manual_seed(config.seed)
     data_parallel = config.ddp and dist.active
     per_step = config.batch_size * (dist.world_size if data_parallel else 1)
     rank_offset = dist.rank * config.batch_size if data_parallel else 0
 
     class EpochBatches:
-        """One epoch: the shuffled order cut into steps of `per_step` images, this rank's run of each."""
+        """One epoch: the release's batches of `per_step` images in its order (--ddp: the effective
+        batch of every rank together, of which this rank takes its run)."""
 
         def __init__(self) -> None:
-            order = epoch_order(len(dataset), generator)
-            self.parts = []
-            for first in range(0, len(order), per_step):
-                start = first + rank_offset
-                self.parts.append(order[start : min(start + config.batch_size, first + per_step, len(order))])
+            release = replay.zero_shot_batches(source_items, per_step)
+            order = replay.shuffled_pass(len(release))
+            for _ in release_zero_shot_points(len(release)):
+                replay.loader_pass()  # the test loader of each of the release's evaluations
+            self.parts = [release[i][rank_offset : rank_offset + config.batch_size] for i in order]
 
         def __len__(self) -> int:
             return len(self.parts)
@@ -342,16 +431,3 @@ def zero_shot_batches(
                 yield as_batch(torch.as_tensor(part, dtype=torch.long), batch["image"], batch["mask"], batch["label"])
 
     return lambda epoch: EpochBatches()
-
-
-def epoch_order(count: int, generator: torch.Generator) -> list[int]:
-    """The order in which `DataLoader(..., shuffle=True, generator=generator)` visits `count` items.
-
-    A shuffling DataLoader draws from its generator when an epoch starts (the workers' base seed,
-    then the sampler's seed), so drawing through an identical DataLoader over the indices keeps the
-    release's epoch orders for a given seed whether images come from disk or from memory.
-    """
-    if count == 0:
-        return []
-    shuffle = DataLoader(range(count), batch_size=count, shuffle=True, generator=generator)
-    return next(iter(shuffle)).tolist()

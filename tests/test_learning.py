@@ -33,7 +33,7 @@ import pytest
 
 from dataset.synthetic import generate_benchmark
 from mvfa import cli
-from tests.scripts_helpers import TINY_STAGES, write_tiny_clip
+from tests.scripts_helpers import NO_SEED_LISTS, TINY_STAGES, write_tiny_clip
 
 IMG_SIZE = "112"
 
@@ -53,6 +53,8 @@ def metrics_after(main, root, clip, obj: str, epochs: int, tag: str, *extra: str
         "--learning_rate", "1e-3", "--threshold_rule", "none", "--save_path", str(out / "ckpt"),
         "--output_dir", str(out), "--device", "cpu", *extra,
     ]
+    if main is cli.main_train_few:  # a support drawn from --seed: the shipped lists name BMAD files
+        argv += ["--fewshot_seed_dir", str(root / NO_SEED_LISTS)]
     assert main(argv) == 0
     return json.loads((out / "metrics.json").read_text())["metrics"]
 

@@ -552,7 +552,7 @@ def test_seed_file_round_trip(tmp_path: Path) -> None:
     path = seeds / "Brain" / "4-shot.txt"
     write_seed_file(path, drawn, 5)
     text = path.read_text()
-    assert text.endswith("\n") and text.startswith("a-5: ") and "\nn-5: " in text
+    assert text.endswith("\n") and text.startswith("# iterate 5: random draw (seed 7") and "\na-5: " in text and "\nn-5: " in text
     assert read_seed_file(path, 5) == (_names(drawn.abnormal), _names(drawn.normal))
     again = select_support(ds, 4, 5, 999, [seeds])
     assert again.abnormal == drawn.abnormal and again.normal == drawn.normal

@@ -211,7 +211,7 @@ def test_test_few_only_normal(done, tmp_path, capsys):
     # run from it uses the same normal images
     assert "its a-0 line names the drawn abnormal images, not used here" in printed
     written = tmp_path / "out" / "1-shot.txt"
-    assert [line.split(":")[0] for line in written.read_text().splitlines()] == ["a-0", "n-0"]
+    assert [line.split(":")[0] for line in written.read_text().splitlines()] == ["# iterate 0", "a-0", "n-0"]
     seeds = tmp_path / "seeds" / "Brain"
     seeds.mkdir(parents=True)
     (seeds / "1-shot.txt").write_text(written.read_text())

@@ -65,7 +65,10 @@ def test_train_few_then_test_few(bench, tmp_path, capsys):
     log = read_csv(out / "train_log.csv")
     assert [int(row["epoch"]) for row in log] == [1, 2] and "test_pixel_auroc" in log[0]
     support = (out / "2-shot.txt").read_text().splitlines()
-    assert support[0].startswith("a-0: ") and support[1].startswith("n-0: ") and len(support[0].split()) == 3
+    assert support[0].startswith("# iterate 0: random draw (seed 111, iterate 0")  # where the support came from
+    assert support[1].startswith("a-0: ") and support[2].startswith("n-0: ") and len(support[1].split()) == 3
+    assert metrics["support"]["source"].startswith("random draw (seed 111, iterate 0")
+    assert metrics["support"]["abnormal"] == support[1].split()[1:]
     assert f"Brain AUC : {round(metrics['metrics']['image_auroc'], 4)}" in printed
 
     # test_few finds the checkpoint by its name and reproduces the selected epoch's numbers.
