@@ -24,10 +24,12 @@ The archive is a zip file whose records all sit under one folder `<archive>/`:
 
 `torch.jit.load` compiles the code and runs it (e.g. a class's `__setstate__`); an unrestricted
 pickle would call whatever global the pickle names. Here the pickle goes through `_ArchiveUnpickler`,
-whose `find_class` knows five things only: `_rebuild_tensor_v2` (mapped to our own `_rebuild_tensor`,
-which checks the view against its storage), the storage dtype names (mapped to dtypes), and
-`collections.OrderedDict`, plus every `__torch__.*` class, mapped to `_ScriptObject`, an inert
-placeholder that records the state it is given. Any other global is refused (nothing is imported).
+whose `find_class` is a fixed table: `_rebuild_tensor_v2` (mapped to our own `_rebuild_tensor`, which
+checks the view against its storage), the storage dtype names (mapped to dtypes),
+`collections.OrderedDict`, TorchScript's typed-list and type-tag helpers of `torch.jit._pickle`
+(mapped to functions that return their first argument), and every `__torch__.*` class, mapped to
+`_ScriptObject`, an inert placeholder that records the state it is given. Any other global is refused
+(nothing is imported).
 `persistent_load` reads the storage bytes from the zip record into a tensor of the named dtype.
 The code records are read as text only, for the two declaration lines (`ast.literal_eval` of a list
 of strings); a class that defines `__setstate__` would need its code run to restore its state, so
@@ -88,6 +90,8 @@ _STORAGE_DTYPES = {
 _DECLARATION = re.compile(r"^\s+(__parameters__|__buffers__) = (\[.*\])\s*$")
 _CLASS_LINE = re.compile(r"^class (\w+)\b")
 _STORAGE_KEY = re.compile(r"^\w+$")
+# TorchScript's pickler wraps typed lists and tagged containers in these; each returns its first argument.
+_PASS_THROUGH = frozenset({"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"})
 
 
 class _ArchiveError(Exception):
@@ -146,6 +150,10 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     return storage.flat.as_strided(size, stride, offset)
 
 
+def _first_argument(value, *_):
+    return value
+
+
 class _ArchiveUnpickler(pickle.Unpickler):
     """Unpickles `data.pkl` of a TorchScript archive without importing or calling anything of its choosing."""
 
@@ -167,6 +175,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _PASS_THROUGH:
+            return _first_argument
         raise _ArchiveError(f"its data.pkl names {module}.{name}, which a weights file has no use for (refused, nothing run)")
 
     def persistent_load(self, pid) -> _Storage:
@@ -250,26 +260,29 @@ class _Declarations:
             text = self.archive.read(record).decode("utf-8")
         except KeyError:
             raise _ArchiveError(f"its code record {record} is missing (needed to tell parameters from other attributes)") from None
-        classes: dict[str, dict[str, list[str]]] = {}
+        declared: dict[str, dict[str, list[str]]] = {}  # class -> {"__parameters__": [...], "__buffers__": [...]}
+        restoring: set[str] = set()  # classes that define __setstate__
         current = None
         for line in text.splitlines():
             if match := _CLASS_LINE.match(line):
-                current = classes.setdefault(match.group(1), {})
+                current = match.group(1)
+                declared.setdefault(current, {})
             elif current is not None and (match := _DECLARATION.match(line)):
                 names = ast.literal_eval(match.group(2))
                 if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
                     raise _ArchiveError(f"{record} declares {match.group(1)} as {match.group(2)[:80]}")
-                current[match.group(1)] = names
+                declared[current][match.group(1)] = names
             elif current is not None and line.lstrip().startswith("def __setstate__("):
-                current["__setstate__"] = []
-        found = {}
-        for name, declared in classes.items():
-            if "__setstate__" in declared:
-                raise _ArchiveError(
-                    f"class {module}.{name} restores its state with its own code (__setstate__), which is not run"
-                )
-            found[name] = (declared["__parameters__"], declared["__buffers__"]) if "__parameters__" in declared and "__buffers__" in declared else None
-        return found
+                restoring.add(current)
+        if restoring:
+            raise _ArchiveError(
+                f"class {module}.{min(restoring)} restores its state with its own code (__setstate__), which is not run"
+            )
+        # a module class declares its parameters (and its buffers; no line: none); other classes are not modules
+        return {
+            name: (lines["__parameters__"], lines.get("__buffers__", [])) if "__parameters__" in lines else None
+            for name, lines in declared.items()
+        }
 
 
 def _collect(obj: _ScriptObject, prefix: str, declarations: _Declarations, out: dict[str, torch.Tensor], above: set[int]) -> None:

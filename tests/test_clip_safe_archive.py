@@ -342,3 +342,14 @@ def test_a_state_given_to_a_storage_or_a_tensor_is_refused(checkpoints, tmp_path
         with pytest.raises(CheckpointError) as err:
             read_torchscript_state_dict(path)
         assert expected in one_line(err, path)
+
+
+def test_typed_list_helpers_pass_their_value_through():
+    """TorchScript's pickler writes typed lists as torch.jit._pickle.build_intlist([...]) etc."""
+    import io
+
+    from CLIP.loading import _ArchiveUnpickler
+
+    data = b"\x80\x02ctorch.jit._pickle\nbuild_intlist\n](K\x01K\x02e\x85Rctorch.jit._pickle\nrestore_type_tag\n(}" + \
+        helpers._unicode("Dict[str, int]") + b"tR\x86."
+    assert _ArchiveUnpickler(io.BytesIO(data), None, "x/").load() == ([1, 2], {})
