@@ -5,11 +5,13 @@
 The output holds the weights under OpenAI's key names in their original dtype (the three integer
 hyper-parameter entries of the archive are dropped), so it loads with `torch.load(weights_only=True)`
 and with `CLIP.create_model(..., pretrained=OUTPUT)` without TorchScript. Any accepted checkpoint form
-is read (see `CLIP.loading.read_state_dict`). When the input's file name is the OpenAI file name of a
-registered config, its sha256 is checked first. The output is written to a temporary file beside it
-and moved into place, so an interrupted run never leaves a partial file under the output name.
+is read (see `CLIP.loading.read_state_dict`): the archive is read as data, nothing in it is run, under
+any file name. When a registered config has OpenAI's published sha256 (by the input's file name, else by
+the architecture of its weights), one line says whether the input is that file: information, not the
+safety mechanism. The output is written to a temporary file beside it and moved into place, so an
+interrupted run never leaves a partial file under the output name.
 
-Exit codes: 0 written; 1 sha256 mismatch (nothing written); 2 bad input or output (one line on stderr).
+Exit codes: 0 written; 2 bad input or output (one line on stderr, nothing written).
 """
 from __future__ import annotations
 
@@ -54,10 +56,6 @@ def describe(config: CLIPConfig) -> str:
     )
 
 
-class ShaMismatch(Exception):
-    pass
-
-
 def convert(source: Path, target: Path, force: bool = False) -> tuple[dict[str, torch.Tensor], CLIPConfig, str]:
     """Write `source`'s weights to `target` as a plain state dict.
 
@@ -69,15 +67,6 @@ def convert(source: Path, target: Path, force: bool = False) -> tuple[dict[str, 
         raise CheckpointError(f"output {target} is a folder; give a file path")
     if target.exists() and not force:
         raise CheckpointError(f"output {target} already exists; pass --force to overwrite it")
-    known = registered_openai_files().get(source.name)
-    if known is not None and known[1]:
-        name, expected = known
-        found = sha256_of(source)
-        if found != expected.lower():
-            raise ShaMismatch(
-                f"sha256 mismatch for {source}: {found}, but OpenAI's {source.name} (config {name}) has {expected}; "
-                "the file is corrupt, truncated or not OpenAI's; nothing written"
-            )
     state_dict = read_state_dict(source)
     try:
         config = infer_config(state_dict)
@@ -98,6 +87,23 @@ def convert(source: Path, target: Path, force: bool = False) -> tuple[dict[str, 
     return state_dict, config, sha256_of(target)
 
 
+def published_sha256_note(source: Path, config: CLIPConfig) -> str | None:
+    """One line saying whether `source` is OpenAI's published file for its model (by its file name, else
+    by the architecture of its weights), or None when no published sha256 is registered for either."""
+    known = registered_openai_files().get(source.name)
+    name = known[0] if known is not None and known[1] else matching_registered_config(config)
+    registered = load_config(name) if name is not None else None
+    if registered is None or not registered.openai_file or not registered.openai_sha256:
+        return None
+    found = sha256_of(source)
+    if found == registered.openai_sha256.lower():
+        return f"input sha256 {found}: OpenAI's published {registered.openai_file} (config {name})"
+    return (
+        f"input sha256 {found}: not OpenAI's published {registered.openai_file} (config {name}, sha256 "
+        f"{registered.openai_sha256}); its weights were read as data, nothing in the file was run"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m CLIP.convert",
@@ -110,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state_dict, config, digest = convert(args.input, args.output, force=args.force)
-    except ShaMismatch as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except CLIPError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(state_dict)} tensors ({', '.join(dtypes)}) to {args.output}")
     print(f"architecture: {describe(config)}" + (f" (registered config {registered})" if registered else ""))
     print(f"sha256: {digest}")
+    note = published_sha256_note(args.input, config)
+    if note:
+        print(note)
     return 0
 
 

@@ -2,18 +2,51 @@
 
 Accepted forms of OpenAI CLIP weights:
 - OpenAI's TorchScript archive (e.g. `ViT-L-14-336px.pt`, fp16, with the integer entries
-  `input_resolution`, `context_length`, `vocab_size`); the only form that needs `torch.jit.load`;
+  `input_resolution`, `context_length`, `vocab_size`), read as data by `read_torchscript_state_dict`;
 - a plain state dict, a dict holding it under `state_dict`, keys with a `module.` prefix;
-  these load with `torch.load(weights_only=True)`: a checkpoint is data, not code.
+  these load with `torch.load(weights_only=True)`.
+
+A checkpoint is data, not code: nothing in a weights file is ever run, whatever its name or sha256.
+
+OpenAI's TorchScript archive, and why reading it runs nothing
+-------------------------------------------------------------
+The archive is a zip file whose records all sit under one folder `<archive>/`:
+- `data.pkl`: a pickle of the module tree. Each module is an object of a TorchScript class
+  (`GLOBAL __torch__.<module path> <class>`, NEWOBJ, then BUILD with a dict of its attributes:
+  parameters, buffers, submodules, `training`, ...). Each tensor is
+  `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)`, where the
+  storage is a persistent id `("storage", torch.<Dtype>Storage, key, location, numel)`;
+- `data/<key>`: the raw bytes of that storage (`numel` elements, the byte order in `byteorder`);
+- `code/<module path>.py`: the TorchScript source of the classes. Each module class declares its
+  parameters and buffers on two lines, `__parameters__ = ["weight", "bias", ]` and `__buffers__ = [...]`;
+  its other tensor attributes are not part of `state_dict()`;
+- `constants.pkl`, `constants/`, `version`, `byteorder`, `.data/serialization_id`, debug records.
+
+`torch.jit.load` compiles the code and runs it (e.g. a class's `__setstate__`); an unrestricted
+pickle would call whatever global the pickle names. Here the pickle goes through `_ArchiveUnpickler`,
+whose `find_class` is a fixed table: `_rebuild_tensor_v2` (mapped to our own `_rebuild_tensor`, which
+checks the view against its storage), the storage dtype names (mapped to dtypes),
+`collections.OrderedDict`, TorchScript's typed-list and type-tag helpers of `torch.jit._pickle`
+(mapped to functions that return their first argument), and every `__torch__.*` class, mapped to
+`_ScriptObject`, an inert placeholder that records the state it is given. Any other global is refused
+(nothing is imported).
+`persistent_load` reads the storage bytes from the zip record into a tensor of the named dtype.
+The code records are read as text only, for the two declaration lines (`ast.literal_eval` of a list
+of strings); a class that defines `__setstate__` would need its code run to restore its state, so
+such an archive is refused. The state dict is then collected as `torch.jit.load(path).state_dict()`
+orders it: per module its parameters, its buffers, then its submodules (None values skipped).
 """
 from __future__ import annotations
 
+import ast
+import collections
 import hashlib
 import math
 import pickle
 import re
-import warnings
+import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +80,235 @@ def is_torchscript_archive(path: Path) -> bool:
     )
 
 
+# --- OpenAI's TorchScript archive, read as data (see the module docstring) -------------------------
+
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+_DECLARATION = re.compile(r"^\s+(__parameters__|__buffers__) = (\[.*\])\s*$")
+_CLASS_LINE = re.compile(r"^class (\w+)\b")
+_STORAGE_KEY = re.compile(r"^\w+$")
+# TorchScript's pickler wraps typed lists and tagged containers in these; each returns its first argument.
+_PASS_THROUGH = frozenset({"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"})
+
+
+class _ArchiveError(Exception):
+    """What is wrong inside the archive (read_torchscript_state_dict adds the file name)."""
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """Stands for `torch.<Dtype>Storage` in a pickle: only its dtype is used."""
+
+    dtype: torch.dtype
+
+    def __setstate__(self, state) -> None:  # BUILD would otherwise write into the object's __dict__
+        raise _ArchiveError("its data.pkl gives a storage type a state")
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """A storage record read from `data/<key>`: its elements as a flat tensor."""
+
+    key: str
+    flat: torch.Tensor
+
+    def __setstate__(self, state) -> None:
+        raise _ArchiveError(f"its data.pkl gives storage {self.key} a state")
+
+
+class _ScriptObject:
+    """Stands for an object of a TorchScript class (`__torch__.*`): it records the arguments and the
+    state the pickle gives it, and has no other behaviour."""
+
+    qualified_name = ""
+
+    def __new__(cls, *args):
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> torch.Tensor:
+    """Our `_rebuild_tensor_v2`: a view of a storage record, checked to lie inside it."""
+    if not isinstance(storage, _Storage):
+        raise _ArchiveError(f"a tensor is built from a {type(storage).__name__}, not a storage record")
+    integers = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else None
+    if integers is None or len(size) != len(stride) or not all(type(n) is int and n >= 0 for n in integers):
+        raise _ArchiveError(f"a tensor of storage {storage.key} has a malformed offset, size or stride ({offset!r}, {size!r}, {stride!r})")
+    extent = offset + sum((n - 1) * step for n, step in zip(size, stride)) + 1 if all(size) else 0
+    if extent > storage.flat.numel():
+        raise _ArchiveError(f"a tensor of size {list(size)} reaches element {extent} of storage {storage.key}, which holds {storage.flat.numel()}")
+    return storage.flat.as_strided(size, stride, offset)
+
+
+def _first_argument(value, *_):
+    return value
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles `data.pkl` of a TorchScript archive without importing or calling anything of its choosing."""
+
+    def __init__(self, handle, archive: zipfile.ZipFile, prefix: str) -> None:
+        super().__init__(handle)
+        self.archive, self.prefix = archive, prefix
+        self.storages: dict[str, _Storage] = {}
+        self.classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualified = f"{module}.{name}"
+            if qualified not in self.classes:
+                self.classes[qualified] = type("ScriptObject", (_ScriptObject,), {"qualified_name": qualified})
+            return self.classes[qualified]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _PASS_THROUGH:
+            return _first_argument
+        raise _ArchiveError(f"its data.pkl names {module}.{name}, which a weights file has no use for (refused, nothing run)")
+
+    def persistent_load(self, pid) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise _ArchiveError(f"its data.pkl refers to {str(pid)[:80]!r}, not to a storage record")
+        _, kind, key, _location, numel = pid
+        if not (isinstance(key, str) and _STORAGE_KEY.match(key) and type(numel) is int and numel >= 0):
+            raise _ArchiveError(f"malformed storage reference {str(pid)[:80]!r}")
+        if key in self.storages:
+            if self.storages[key].flat.dtype != kind.dtype:
+                raise _ArchiveError(f"storage {key} is referred to as {kind.dtype} and as {self.storages[key].flat.dtype}")
+            return self.storages[key]
+        record = f"{self.prefix}data/{key}"
+        try:
+            info = self.archive.getinfo(record)
+        except KeyError:
+            raise _ArchiveError(f"the storage record {record} is missing") from None
+        size = numel * kind.dtype.itemsize
+        if info.file_size != size:
+            raise _ArchiveError(f"the record {record} holds {info.file_size} bytes, not the {size} of {numel} {kind.dtype} elements")
+        buffer = bytearray(size)
+        with self.archive.open(info) as stream:
+            if stream.readinto(buffer) != size:
+                raise _ArchiveError(f"the record {record} ends early")
+        flat = torch.frombuffer(buffer, dtype=kind.dtype) if size else torch.empty(0, dtype=kind.dtype)
+        self.storages[key] = _Storage(key, flat)
+        return self.storages[key]
+
+
+def read_torchscript_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """`torch.jit.load(path).state_dict()` (same keys in the same order, dtypes and bytes), read as data:
+    nothing of the archive is run. Any problem is a one-line CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_archive(archive)
+    except _ArchiveError as err:
+        raise CheckpointError(f"{path} was not loaded: {err}; use OpenAI's published file or a plain state dict") from None
+    except Exception as err:  # a corrupt zip record, a malformed pickle, ...
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path} is not a readable CLIP checkpoint (corrupt TorchScript archive: {type(err).__name__}"
+            f"{': ' + reason if reason else ''}); download it again"
+        ) from None
+
+
+def _read_archive(archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
+    names = archive.namelist()
+    prefix = names[0].split("/")[0] + "/" if names and "/" in names[0] else ""
+    if not prefix or f"{prefix}data.pkl" not in names:
+        raise _ArchiveError("it has no <archive>/data.pkl record: not a TorchScript archive")
+    if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != sys.byteorder.encode():
+        raise _ArchiveError(f"its tensors are stored in another byte order than this machine's ({sys.byteorder})")
+    with archive.open(f"{prefix}data.pkl") as handle:
+        root = _ArchiveUnpickler(handle, archive, prefix).load()
+    declarations = _Declarations(archive, prefix)
+    if not isinstance(root, _ScriptObject) or declarations.of(root) is None:
+        raise _ArchiveError(f"its data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    state_dict: dict[str, torch.Tensor] = {}
+    _collect(root, "", declarations, state_dict, set())
+    return state_dict
+
+
+class _Declarations:
+    """The `__parameters__` and `__buffers__` lines of each class in the archive's code records, read as text."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str) -> None:
+        self.archive, self.prefix = archive, prefix
+        self.files: dict[str, dict[str, tuple[list[str], list[str]] | None]] = {}
+
+    def of(self, obj: _ScriptObject) -> tuple[list[str], list[str]] | None:
+        """(parameters, buffers) of a module class; None for a class that is not a module."""
+        module, _, name = obj.qualified_name.rpartition(".")
+        if module not in self.files:
+            self.files[module] = self._read(module)
+        return self.files[module].get(name)
+
+    def _read(self, module: str) -> dict[str, tuple[list[str], list[str]] | None]:
+        record = f"{self.prefix}code/{module.replace('.', '/')}.py"
+        try:
+            text = self.archive.read(record).decode("utf-8")
+        except KeyError:
+            raise _ArchiveError(f"its code record {record} is missing (needed to tell parameters from other attributes)") from None
+        declared: dict[str, dict[str, list[str]]] = {}  # class -> {"__parameters__": [...], "__buffers__": [...]}
+        restoring: set[str] = set()  # classes that define __setstate__
+        current = None
+        for line in text.splitlines():
+            if match := _CLASS_LINE.match(line):
+                current = match.group(1)
+                declared.setdefault(current, {})
+            elif current is not None and (match := _DECLARATION.match(line)):
+                names = ast.literal_eval(match.group(2))
+                if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                    raise _ArchiveError(f"{record} declares {match.group(1)} as {match.group(2)[:80]}")
+                declared[current][match.group(1)] = names
+            elif current is not None and line.lstrip().startswith("def __setstate__("):
+                restoring.add(current)
+        if restoring:
+            raise _ArchiveError(
+                f"class {module}.{min(restoring)} restores its state with its own code (__setstate__), which is not run"
+            )
+        # a module class declares its parameters (and its buffers; no line: none); other classes are not modules
+        return {
+            name: (lines["__parameters__"], lines.get("__buffers__", [])) if "__parameters__" in lines else None
+            for name, lines in declared.items()
+        }
+
+
+def _collect(obj: _ScriptObject, prefix: str, declarations: _Declarations, out: dict[str, torch.Tensor], above: set[int]) -> None:
+    """Add a module's parameters, then its buffers, then its submodules' entries (as Module.state_dict does)."""
+    if id(obj) in above:
+        raise _ArchiveError(f"module {prefix.rstrip('.')} contains itself")
+    state = obj.state
+    if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
+        raise _ArchiveError(f"module {prefix.rstrip('.') or 'root'} ({obj.qualified_name}) has a {type(state).__name__} state, not a dict of attributes")
+    parameters, buffers = declarations.of(obj)
+    for name in (*parameters, *buffers):
+        if name not in state:
+            raise _ArchiveError(f"{prefix}{name} is declared by {obj.qualified_name} but has no value")
+        value = state[name]
+        if value is None:
+            continue
+        if not torch.is_tensor(value):
+            raise _ArchiveError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+        if value.requires_grad or getattr(value, "_backward_hooks", None):  # only a BUILD on the tensor sets these
+            raise _ArchiveError(f"{prefix}{name} carries autograd state, which a weights file has no use for")
+        out[prefix + name] = value
+    for name, value in state.items():
+        if isinstance(value, _ScriptObject) and declarations.of(value) is not None:
+            _collect(value, f"{prefix}{name}.", declarations, out, above | {id(obj)})
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read any accepted checkpoint form into a plain state dict (original dtypes, metadata dropped)."""
     path = Path(path)
@@ -54,11 +316,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"CLIP checkpoint not found: {path}")
     try:
         if is_torchscript_archive(path):
-            with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI ships TorchScript
-                warnings.simplefilter("ignore", FutureWarning)
-                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+            raw = read_torchscript_state_dict(path)  # one-line CheckpointError of its own
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:  # the weights-only unpickler also raises KeyError, IndexError, ... on junk
         raise CheckpointError(f"{path} is not a readable CLIP checkpoint ({_load_failure(err)})") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):

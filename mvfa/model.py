@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ STREAM_KEEP = 0.8  # weight of the backbone stream after an adapter stage
 ADAPTER_MIX = 0.1  # weight of each adapter's output (seg and det) added to the stream
 LEAKY_SLOPE = 0.01
 CHECKPOINT_KEYS = ("seg_adapters", "det_adapters")
+META_NUMBERS = ("threshold", "target_fpr")  # numbers the test scripts and predict read from a checkpoint's meta
+_ADAPTER_KEY = re.compile(r"^\d+\.fc[12]\.0\.weight$")
 
 
 class ResidualAdapter(nn.Module):
@@ -158,11 +162,11 @@ class AdaptedViT(nn.Module):
         }
 
     def load_adapter_state(self, state: dict, source: str = "adapter checkpoint") -> None:
+        """Load {"seg_adapters": ..., "det_adapters": ...}; a malformed or unfitting state raises a
+        one-line CheckpointFormatError naming `source` and the entry at fault (nothing is loaded then)."""
+        check_adapter_groups(state, source)
         for name in CHECKPOINT_KEYS:
-            if name not in state:
-                raise CheckpointFormatError(f"{source} has no {name!r} entry (found {sorted(state)[:5]})")
-            module: nn.ModuleList = getattr(self, name)
-            expected = module.state_dict()
+            expected = getattr(self, name).state_dict()
             found = state[name]
             for key, tensor in expected.items():
                 if key not in found:
@@ -176,12 +180,17 @@ class AdaptedViT(nn.Module):
                         f"in the checkpoint, {tuple(tensor.shape)} in the model (another backbone?)"
                     )
             extra = sorted(set(found) - set(expected))
+            if extra and not _ADAPTER_KEY.match(extra[0]):
+                raise CheckpointFormatError(
+                    f"{source}: unexpected entry {name}.{extra[0]} (adapter weights are named like '0.fc1.0.weight')"
+                )
             if extra:
                 raise CheckpointFormatError(
                     f"{source} does not fit this model: unexpected {name}.{extra[0]} "
                     f"(the checkpoint has more stages than --features_list {' '.join(map(str, self.stages))})"
                 )
-            module.load_state_dict({k: v.to(torch.float32) for k, v in found.items()})
+        for name in CHECKPOINT_KEYS:
+            getattr(self, name).load_state_dict({k: v.to(torch.float32) for k, v in state[name].items()})
 
 
 def hash_tensors(digest, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -215,12 +224,55 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     save_torch_atomic(state, path)
 
 
+def check_adapter_groups(state, source: str | Path) -> None:
+    """The structure of an adapter state: a dict whose `seg_adapters` and `det_adapters` are dicts of
+    floating-point tensors under string keys; otherwise a one-line CheckpointFormatError."""
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(
+            f"{source} holds a {type(state).__name__}, not an adapter checkpoint dict {{'seg_adapters': ..., 'det_adapters': ...}}"
+        )
+    for name in CHECKPOINT_KEYS:
+        if name not in state:
+            raise CheckpointFormatError(f"{source} has no {name!r} entry (found {sorted(map(str, state))[:5]})")
+        group = state[name]
+        if not isinstance(group, dict):
+            raise CheckpointFormatError(
+                f"{source}: {name} is a {type(group).__name__}, expected a dict of adapter weights ('0.fc1.0.weight': tensor, ...)"
+            )
+        for key, value in group.items():
+            if not isinstance(key, str):
+                raise CheckpointFormatError(f"{source}: {name} has the key {key!r} ({type(key).__name__}), expected names like '0.fc1.0.weight'")
+            if not torch.is_tensor(value):
+                raise CheckpointFormatError(f"{source}: {name}.{key} is a {type(value).__name__}, not a tensor")
+            if not value.is_floating_point():
+                raise CheckpointFormatError(f"{source}: {name}.{key} has dtype {value.dtype}, expected floating-point weights")
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """Load an adapter checkpoint as data (`weights_only=True`)."""
+    """Load an adapter checkpoint as data (`weights_only=True`) and check it: the structure
+    (check_adapter_groups), no other top-level entry than `meta`, finite weights, and a `meta` dict whose
+    `threshold` and `target_fpr` are finite numbers when present. Each problem is a one-line
+    CheckpointFormatError naming the file. (Whether it fits the model: AdaptedViT.load_adapter_state.)"""
     path = Path(path)
     if not path.is_file():
         raise CheckpointFormatError(f"adapter checkpoint not found: {path}")
     state = load_torch_data(path, "adapter checkpoint", CheckpointFormatError)
-    if not isinstance(state, dict):
-        raise CheckpointFormatError(f"{path} holds a {type(state).__name__}, not an adapter checkpoint dict")
+    check_adapter_groups(state, path)
+    unknown = sorted(str(key) for key in state if key not in (*CHECKPOINT_KEYS, "meta"))
+    if unknown:
+        raise CheckpointFormatError(
+            f"{path}: unexpected top-level entry {unknown[0]!r} (an adapter checkpoint holds 'seg_adapters', "
+            "'det_adapters' and optionally 'meta')"
+        )
+    for name in CHECKPOINT_KEYS:
+        for key, value in state[name].items():
+            if not torch.isfinite(value).all():
+                raise CheckpointFormatError(f"{path}: {name}.{key} holds NaN or infinite values (a diverged training run?)")
+    meta = state.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{path}: 'meta' is a {type(meta).__name__}, expected a dict")
+    for field in META_NUMBERS:
+        value = (meta or {}).get(field)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise CheckpointFormatError(f"{path}: meta[{field!r}] is {str(value)[:40]!r} ({type(value).__name__}), expected a finite number")
     return state

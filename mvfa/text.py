@@ -1,7 +1,11 @@
 """Text features of the prompt ensemble: T = [t_normal, t_abnormal], shape [embed_dim, 2].
 
 They depend only on the text tower's weights, the activation and the prompts, so they are cached on
-disk (`<cache_dir>/text/<key>.pt`), keyed by a fingerprint of exactly those.
+disk (`<cache_dir>/text/<key>.pt`), keyed by a fingerprint of exactly those. An entry also records
+that fingerprint, the word and the format, and is used only when they match and its features are
+float32 [embed_dim, 2] finite unit columns; any other entry (foreign, malformed, unreadable) is
+recomputed and atomically replaced, with a one-line note. A cache folder that cannot be written
+turns the disk cache off for the run, with a one-line note.
 """
 from __future__ import annotations
 
@@ -95,17 +99,60 @@ class TextFeatureBank:
         if not self.clip_model.has_text_tower:
             raise MVFAError(f"text features for {object_word!r} were asked for after the text tower was dropped")
         device = next(self.clip_model.parameters()).device
-        features = None
-        path = self.cache_path(object_word) if self.cache_dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                features = torch.load(path, map_location="cpu", weights_only=True)["features"]
-            except Exception:  # an unreadable cache entry is recomputed and rewritten
-                features = None
+        features = self._read_cached(object_word) if self.cache_dir is not None else None
         if features is None:
             features = encode_prompt_ensemble(self.clip_model, object_word).cpu()
-            if path is not None:
-                save_checkpoint({"features": features, "object_word": object_word}, path)
+            if self.cache_dir is not None:
+                self._write_cached(object_word, features)
         self._features[object_word] = features.to(device)
         return self._features[object_word]
 
+    def _read_cached(self, object_word: str) -> torch.Tensor | None:
+        """The cached features, or None (absent, or unusable: then a note says why)."""
+        path = self.cache_path(object_word)
+        try:
+            if not path.is_file():
+                return None
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unreadable file or foreign data: torch raises several types
+            problem = f"is unreadable ({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]})"
+        else:
+            problem = self._entry_problem(entry, object_word)
+        if problem is None:
+            return entry["features"]
+        print(f"note: text-feature cache entry {path} {problem}; recomputing and replacing it")
+        return None
+
+    def _entry_problem(self, entry, object_word: str) -> str | None:
+        """What makes a cache entry unusable for this text tower and word, or None."""
+        if not isinstance(entry, dict):
+            return f"holds a {type(entry).__name__}, not a dict"
+        if entry.get("format") != CACHE_FORMAT or "fingerprint" not in entry:
+            return "was written in another format (it records no fingerprint of the text weights)"
+        if entry["fingerprint"] != self._fingerprint or entry.get("object_word") != object_word:
+            return "was computed for other text weights or another word"
+        features = entry.get("features")
+        expected = (self.clip_model.config.embed_dim, 2)
+        if not torch.is_tensor(features):
+            return f"holds features of type {type(features).__name__}, not a tensor"
+        if features.dtype != torch.float32 or tuple(features.shape) != expected:
+            return f"holds {features.dtype} features of shape {tuple(features.shape)}, not float32 {expected}"
+        if not torch.isfinite(features).all():
+            return "holds NaN or infinite features"
+        if (features.norm(dim=0) - 1).abs().max() > 1e-3:
+            return "holds features that are not unit vectors"
+        return None
+
+    def _write_cached(self, object_word: str, features: torch.Tensor) -> None:
+        """Write (atomically) the entry; a folder that cannot be written turns the disk cache off for this run."""
+        path = self.cache_path(object_word)
+        entry = {"format": CACHE_FORMAT, "fingerprint": self._fingerprint, "object_word": object_word, "features": features}
+        try:
+            save_checkpoint(entry, path)
+        except (OSError, RuntimeError) as err:  # torch.save's writer raises RuntimeError for a failed write
+            reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            print(
+                f"note: cannot write the text-feature cache in {self.cache_dir} ({reason}); running without the disk "
+                f"cache (give a writable --cache_dir, or --cache_dir none)"
+            )
+            self.cache_dir = None

@@ -6,7 +6,10 @@ open_clip is only the independent reference; nothing here is copied from it.
 from __future__ import annotations
 
 import json
+import os
+import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,3 +203,123 @@ def tiny_checkpoints(tmp_path_factory) -> Checkpoints:
 def sample_images(size: int, count: int = 2, seed: int = 1) -> torch.Tensor:
     """Zero-mean images (as after CLIP's normalisation), so the embeddings depend strongly on them."""
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --- archives for the safe reader's tests: scripted modules and crafted (hostile) archives ------------
+
+
+class _ScriptedChild(nn.Module):
+    """A bias-free Linear (its declared `bias` is None), int and bool buffers, and a tensor attribute
+    that is neither parameter nor buffer (in data.pkl, not in state_dict())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2, bias=False)
+        self.register_buffer("count", torch.tensor(5))
+        self.register_buffer("flags", torch.tensor([True, False, True]))
+        self.plain = torch.ones(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.plain
+
+
+class _ScriptedRoot(nn.Module):
+    """Dtypes and layouts beyond OpenAI's: fp64, a transposed fp16 parameter, bf16 and int32 buffers, an
+    empty buffer, and a buffer that is a view into another one's storage (same storage record, offset 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.weight = nn.Parameter(torch.randn(4, 4, generator=generator, dtype=torch.float64))
+        self.child = _ScriptedChild()
+        self.transposed = nn.Parameter(torch.randn(5, 4, generator=generator).half().t())
+        self.register_buffer("bf", torch.randn(3, generator=generator).bfloat16())
+        self.register_buffer("ints", torch.arange(6, dtype=torch.int32).reshape(2, 3))
+        self.register_buffer("empty", torch.zeros(0, 4))
+        self.register_buffer("window", self.ints.view(-1)[2:5])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.child(x)
+
+
+def save_scripted_archive(path: Path) -> Path:
+    """A torch.jit.script archive (TorchScript's other writer) of `_ScriptedRoot`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_ScriptedRoot()), str(path))
+    return path
+
+
+class _SelfRestoring(nn.Module):
+    """A module whose TorchScript `__setstate__` runs when torch.jit.load reads it: it doubles the weights
+    (so jit.load's state dict differs from what was saved) and prints a line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.arange(3, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        print("archive code ran")
+        self.weight = state[0] * 2
+        self.training = state[1]
+
+
+def save_self_restoring_archive(path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_SelfRestoring()), str(path))
+    return path
+
+
+def rewrite_archive(source: Path, target: Path, change) -> Path:
+    """Copy a zip record by record; `change(name, data)` returns the new bytes (None drops the record)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = change(info.filename, old.read(info))
+            if data is not None:
+                new.writestr(info.filename, data)
+    return target
+
+
+def archive_prefix(path: Path) -> str:
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()[0].split("/")[0] + "/"
+
+
+def _unicode(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def global_call_pickle(module: str, name: str, argument: str, inside_module: bool = True) -> bytes:
+    """A protocol-2 pickle that calls `module.name(argument)` (GLOBAL, MARK, argument, TUPLE, REDUCE),
+    as the value of an attribute of a `__torch__` module object (as in a real data.pkl) or alone."""
+    call = b"c" + f"{module}\n{name}\n".encode() + b"(" + _unicode(argument) + b"tR"
+    if not inside_module:
+        return b"\x80\x02" + call + b"."
+    return b"\x80\x02c__torch__\nRoot\n)\x81}(" + _unicode("weight") + call + b"ub."
+
+
+class MarkerPayload:
+    """Pickled with `pickle.dumps`, its __reduce__ becomes `posix.system("touch <marker>")` (os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def code_payload(marker: Path) -> tuple[bytes, bytes]:
+    """Python that writes `marker` if anything executes it: a head and a tail for code records."""
+    head = f"import os\nos.system('touch {marker}')\nopen({str(marker)!r}, 'a').write('ran')\n".encode()
+    tail = f"\nopen({str(marker)!r}, 'a').write('ran')\n".encode()
+    return head, tail
