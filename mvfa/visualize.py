@@ -14,8 +14,8 @@ returns the figure:
     +------------------------------------------------------------+
 
 The left panel is the image untouched (with the ground-truth contour when a mask is known); the right
-panel shows the heatmap with an opacity that grows with the map value, so normal areas keep the
-image's own grey values instead of a blue tint. The colour bar carries the map's value range and its
+panel shows the heatmap with an opacity that grows with the map value (ALPHA_EXPONENT), so normal
+areas keep the image's own grey values instead of a blue tint. The colour bar carries the map's value range and its
 footer line says what that range is (e.g. "map (min-max over the test set)"). The predicted region
 (map >= pixel_threshold) is outlined in magenta when a pixel threshold is known.
 
@@ -42,7 +42,11 @@ MIN_DISPLAY_SIZE = 224  # small inputs are enlarged by a whole factor so that ov
 PREDICTED_COLOUR = (255, 0, 255)  # RGB: magenta outline of map >= pixel threshold (jet has no magenta)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (0, 0, 0)
-MAX_HEAT_ALPHA = 0.75  # opacity of the heatmap at the top of the scale; it falls linearly to 0 at the bottom
+MAX_HEAT_ALPHA = 0.75  # opacity of the heatmap at the top of the scale; 0 at the bottom
+# Opacity = MAX_HEAT_ALPHA * (scaled value) ** ALPHA_EXPONENT: squared, so that the middle of the scale
+# (where normal tissue lies under statistics fitted on normal images) stays mostly transparent (0.19
+# at 0.5) while high values show (0.75 at 1).
+ALPHA_EXPONENT = 2
 MARGIN = 8  # pixels around the figure's content
 PANEL_GAP = 8  # between the two panels
 BAR_GAP = 12  # between the map panel and the colour bar
@@ -281,7 +285,7 @@ def _figure(image, anomaly_map, mask, value_range, name, score, label, threshold
     if rgb.shape[:2] != (side, side):
         rgb = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_LINEAR)
     values, scaled = _scaled(cv2, anomaly_map, value_range, (side, side))
-    alpha = (MAX_HEAT_ALPHA * scaled)[..., None]
+    alpha = (MAX_HEAT_ALPHA * scaled**ALPHA_EXPONENT)[..., None]
     heat_panel = np.round(rgb * (1 - alpha) + _jet(cv2, scaled) * alpha).astype(np.uint8)
     image_panel = rgb.copy()
     if mask is not None:
