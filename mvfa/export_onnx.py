@@ -13,15 +13,17 @@ It uses torch.onnx's TorchScript exporter (dynamo=False), which needs the `onnx`
 (requirements-optional.txt). Attention (scaled_dot_product_attention) exports as its explicit
 MatMul/Softmax form, numerically the same. `--check` runs the file in onnxruntime and compares its
 tokens with PyTorch's.
+
+The CLIP weights are found as in mvfa.predict (--clip_ckpt, else the file recorded in the
+checkpoint, else OpenAI's file of the model) and recorded in `<output>.json`. The output path is
+checked before the model is built: a folder, or a place that cannot be written, is one error line.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,9 +32,20 @@ from torch import nn
 
 from .engine import build_adapted_model, write_atomic
 from .errors import MVFAError
+from .files import atomic_target
 from .model import AdaptedViT
-from .predict import USER_ERRORS, _one_line, add_model_flags, read_adapters, resolve_settings
-from .text import default_cache_dir
+from .predict import (
+    INTERRUPTED_EXIT,
+    USER_ERRORS,
+    _one_line,
+    add_model_flags,
+    cache_dir_of,
+    check_writable_file,
+    os_error_text,
+    read_adapters,
+    resolve_clip_weights,
+    resolve_settings,
+)
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
@@ -59,37 +72,21 @@ def export(model: AdaptedViT, path: Path, opset: int = DEFAULT_OPSET, metadata: 
 
     graph = TokenGraph(model).to("cpu").float().eval()
     example = torch.rand(2, 3, model.image_size, model.image_size)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_target(path) as tmp:  # whole or not at all, with the usual file mode
         with warnings.catch_warnings():  # the tracer's notes on Python-level shape checks, the exporter's deprecation
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                graph, (example,), tmp_name, dynamo=False, opset_version=opset,
+                graph, (example,), str(tmp), dynamo=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                 dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {1: "batch"} for name in OUTPUT_NAMES}},
             )
         if metadata:
-            proto = onnx.load(tmp_name)
+            proto = onnx.load(str(tmp))
             for key, value in metadata.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-            onnx.save(proto, tmp_name)
-        _readable(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _readable(path) -> None:
-    """Give a file made by mkstemp (mode 0600) the usual permissions under the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+            onnx.save(proto, str(tmp))
+    return Path(path)
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,19 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        output = Path(args.output)
+        check_writable_file(output, "--output")  # before the model is built
+        check_writable_file(output.with_name(output.name + ".json"), "--output's description")
         ckpt = Path(args.ckpt)
         state, meta = read_adapters(ckpt)
         settings = resolve_settings(args, meta, str(ckpt), ("model_name", "img_size", "features_list"))
-        cache_dir = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        clip, notes = resolve_clip_weights(args.clip_ckpt, meta, settings.model_name, str(ckpt))
+        for note in notes:
+            print(note)
         model, text_bank = build_adapted_model(
-            settings.model_name, settings.img_size, settings.features_list,
-            Path(args.clip_ckpt) if args.clip_ckpt else None, "openai", settings.quick_gelu, torch.device("cpu"), cache_dir,
+            settings.model_name, settings.img_size, settings.features_list, clip.path, "openai", settings.quick_gelu,
+            torch.device("cpu"), cache_dir_of(args),
         )
         model.load_adapter_state(state, source=str(ckpt))
         model.eval()
         description = {
             "format": "mvfa-onnx/1",
             "checkpoint": str(ckpt),
+            "clip_ckpt": str(clip.path),
+            "clip_ckpt_source": clip.source,
             "model_name": settings.model_name,
             "img_size": settings.img_size,
             "features_list": list(settings.features_list),
@@ -140,13 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             "outputs": f"{', '.join(OUTPUT_NAMES)}: float32 [stages, batch, 1 + grid^2, embed], class token first",
             "checkpoint_meta": meta,
         }
-        output = Path(args.output)
         export(model, output, args.opset, {"mvfa": {k: v for k, v in description.items() if k != "checkpoint_meta"}})
         if settings.object_word:
             description["text_features"] = text_bank(settings.object_word).cpu().tolist()  # [embed, 2]: normal, abnormal
         sidecar = output.with_name(output.name + ".json")
         write_atomic(sidecar, json.dumps(description, indent=2) + "\n")
-        _readable(sidecar)
         print(f"wrote {output} and {output.name}.json ({len(settings.features_list)} stages, input {settings.img_size} px)")
         if args.check:
             images = torch.rand(2, 3, settings.img_size, settings.img_size, generator=torch.Generator().manual_seed(0))
@@ -159,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted: nothing half-written at --output {args.output}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except OSError as err:  # a write that failed midway (disk full, ...)
+        print(f"error: {os_error_text(err)}: nothing half-written at --output {args.output}", file=sys.stderr)
+        return 1
     return 0
 
 

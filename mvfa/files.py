@@ -3,6 +3,8 @@ and torch files read as data with a one-line error."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,3 +54,42 @@ def load_torch_data(path: str | Path, what: str, error: type[Exception], shown: 
     except Exception as err:  # torch raises several types for corrupt or foreign files
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise error(f"{shown or path} is not a readable {what} ({first_line[:200]})") from None
+
+
+# mkstemp / mkdtemp names made by atomic_target and by folders written whole: ".<target name>.<8 random>.tmp"
+_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def temporary_target(name: str) -> str | None:
+    """The target file or folder name of a temporary ".<target>.<8 random>.tmp" name; None for other names."""
+    match = _TEMPORARY_NAME.match(name)
+    return match.group("target") if match else None
+
+
+def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> list[Path]:
+    """Remove the temporaries that interrupted whole-or-nothing writes left in `folder` (files of
+    `atomic_target`, folders staged for a rename), those of `target` only when it is given.
+
+    A write still in progress in another process would lose its temporary: call this only on a
+    folder that this process alone writes (an output folder of one run at a time)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        found = temporary_target(entry.name)
+        if found is None or (target is not None and found != target):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def default_folder_mode() -> int:
+    """0o777 less the process umask: what a plainly created folder would get (mkdtemp gives 0o700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask

@@ -18,12 +18,22 @@ whether the training data had masks; the release's checkpoints have none, so the
 --model_name, --img_size, --features_list, --prompt_name and --has_masks must say it (one error
 line names those missing). Without statistics the raw branch values are used (a note says so).
 
+The CLIP weights are --clip_ckpt when given, else the file the checkpoint's metadata records
+(`clip_ckpt`, when that file exists here), else OpenAI's file of the model in CLIP/ckpt/; a model
+without one (a tiny test model) and no recorded file is one error line that says which --clip_ckpt
+to pass. --model_name, --img_size or --features_list that contradict the metadata are an error.
+
 Outputs in --output_dir: predictions.csv (path, score, decision, map_max, overlay), one
-`<stem>_overlay.png` per image (heatmap over the image; the mask's contour with --masks) and
-predict.json (the settings used). Files in the input folder that are not images are reported
-("skipped notes.txt: not an image") and skipped; hidden files and sub-folders are ignored. An
-unreadable image is reported on one line and skipped; the exit code is then 1 (0 when every image
-was scored, 2 for bad flags, checkpoints or support images).
+`<stem>_<suffix>_overlay.png` per image (`a.png` -> `a_png_overlay.png`; names that differ only in
+case get `_2`, `_3`; a figure: the image, the map as a heatmap whose opacity grows with its value, a
+colour bar, the score and decision; the mask's contour with --masks) and predict.json (the settings
+used, the CLIP weights among them). They are written whole or not at all (see `OutputFolder`):
+--output_dir must be new, empty, or hold an earlier run's outputs, which --overwrite replaces.
+Files in the input folder that are not images are reported ("skipped notes.txt: not an image") and
+skipped, and so are special files (FIFOs, devices) named like images; hidden files and sub-folders
+are ignored. An unreadable image is reported on one line and skipped; the exit code is then 1 (0
+when every image was scored, 2 for bad flags, checkpoints, support images or output folders, 130
+when interrupted).
 """
 from __future__ import annotations
 
@@ -31,14 +41,21 @@ import argparse
 import csv
 import io
 import json
+import os
+import re
+import shutil
+import stat
 import sys
-from collections import Counter
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from CLIP.config import CKPT_DIR, load_config
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 from dataset.medical import IMAGE_SUFFIXES, Sample, load_image, load_mask
@@ -50,6 +67,7 @@ from .engine import build_adapted_model, write_atomic
 from .errors import MVFAError
 from .evaluation import (
     PIXEL_LEVELS,
+    MemoryBank,
     Normalization,
     TensorSet,
     bank_branch,
@@ -59,16 +77,22 @@ from .evaluation import (
     read_memory_bank,
     save_memory_bank,
 )
-from .model import read_checkpoint
+from .files import default_folder_mode, remove_stale_temporaries, temporary_target
+from .model import AdaptedViT, read_checkpoint
 from .text import default_cache_dir
 from .visualize import overlay, save_png
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 CHUNK = 32  # images decoded and scored at a time
+INTERRUPTED_EXIT = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 RELEASE_HINT = (
     "the release's checkpoints: --model_name ViT-L-14-336 --img_size 240 --features_list 6 12 18 24, "
     "--has_masks 1 for Brain, Liver and Retina_RESC, 0 for the others"
 )
+PREDICTIONS_FILE = "predictions.csv"
+SUMMARY_FILE = "predict.json"
+OVERLAY_NAME = re.compile(r"^.+_overlay(_\d+)?\.png$")  # what _overlay_names gives
+SHOWN_NAMES = 3  # names listed in an error about a folder's content
 
 
 @dataclass
@@ -91,6 +115,9 @@ _FACTS = (
     ("object_word", "object_word", "--prompt_name"),
     ("has_masks", "has_masks", "--has_masks"),
 )
+# Facts a flag may fill in but not contradict: other values build another model than the adapters'.
+# (--prompt_name may differ on purpose: another object word; --has_masks chooses the scoring branch.)
+_MUST_MATCH = ("model_name", "img_size", "features_list")
 
 
 def add_model_flags(parser: argparse.ArgumentParser, runtime: bool = True) -> None:
@@ -99,7 +126,9 @@ def add_model_flags(parser: argparse.ArgumentParser, runtime: bool = True) -> No
     runtime False (export): no --device and --precision.
     """
     group = parser.add_argument_group("model (default: the checkpoint's metadata)")
-    group.add_argument("--clip_ckpt", default=None, help="CLIP weights (default: CLIP/ckpt/<OpenAI file of the model>)")
+    group.add_argument("--clip_ckpt", default=None,
+                       help="CLIP weights (default: the file recorded in the checkpoint when it exists, "
+                            "else CLIP/ckpt/<OpenAI file of the model>)")
     group.add_argument("--model_name", default=None, help="CLIP config name or JSON path")
     group.add_argument("--img_size", type=int, default=None, help="model input size")
     group.add_argument("--features_list", type=int, nargs="+", default=None, help="adapter stages (1-indexed blocks)")
@@ -114,8 +143,13 @@ def add_model_flags(parser: argparse.ArgumentParser, runtime: bool = True) -> No
     group.add_argument("--cache_dir", default=None, help="text-feature cache (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
 
 
+def _fact_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def resolve_settings(args: argparse.Namespace, meta: dict, source: str, needed: tuple[str, ...]) -> ModelSettings:
-    """Flags first, then the checkpoint's metadata; the `needed` facts missing from both give one error line."""
+    """Flags first, then the checkpoint's metadata; the `needed` facts missing from both give one error
+    line, and so does a model flag (_MUST_MATCH) that contradicts the metadata."""
     flags = {
         "model_name": args.model_name,
         "img_size": args.img_size,
@@ -125,7 +159,18 @@ def resolve_settings(args: argparse.Namespace, meta: dict, source: str, needed: 
     }
     values, missing = {}, []
     for name, key, flag in _FACTS:
-        value = flags[name] if flags[name] is not None else meta.get(key)
+        stored = meta.get(key)
+        if name == "features_list" and stored is not None:
+            stored = tuple(int(v) for v in stored)
+        if name in _MUST_MATCH and flags[name] is not None and stored is not None:
+            same = str(flags[name]) == str(stored) if name == "model_name" else flags[name] == stored
+            if not same:
+                raise MVFAError(
+                    f"{flag} {_fact_text(flags[name])} does not match {source}, whose adapters were trained with "
+                    f"{key} {_fact_text(stored)}: drop {flag} (the checkpoint's metadata gives it) or pass the "
+                    "checkpoint trained for it"
+                )
+        value = flags[name] if flags[name] is not None else stored
         if name == "features_list" and value is not None:
             value = tuple(int(v) for v in value)
         values[name] = value
@@ -145,6 +190,53 @@ def resolve_settings(args: argparse.Namespace, meta: dict, source: str, needed: 
     )
 
 
+@dataclass(frozen=True)
+class ClipWeights:
+    """The CLIP weights file a run loads, and where that choice came from (recorded in the outputs)."""
+
+    path: Path
+    source: str  # "--clip_ckpt", "checkpoint metadata" or "OpenAI's file of the model"
+
+
+def resolve_clip_weights(flag: str | None, meta: dict, model_name: str, source: str) -> tuple[ClipWeights, list[str]]:
+    """(the CLIP weights to load, notes to print): --clip_ckpt, else the file the checkpoint's metadata
+    records as `clip_ckpt` when it exists here, else OpenAI's file of the model in CLIP/ckpt/.
+
+    The metadata's `clip_ckpt` is the path given at training (None: OpenAI's default file); older
+    checkpoints do not have it. Nothing found is one error line naming the --clip_ckpt to pass.
+    """
+    if flag is not None:
+        path = Path(flag)
+        if not path.is_file():
+            raise MVFAError(f"--clip_ckpt {path} not found: pass the CLIP weights file the adapters were trained with")
+        return ClipWeights(path, "--clip_ckpt"), []
+    recorded = meta.get("clip_ckpt")
+    recorded = str(recorded) if isinstance(recorded, (str, Path)) and str(recorded) else None
+    if recorded is not None and Path(recorded).is_file():
+        return ClipWeights(Path(recorded), "checkpoint metadata"), []
+    config = load_config(model_name)
+    default = CKPT_DIR / config.openai_file if config.openai_file else None
+    if default is not None and default.is_file():
+        notes = []
+        if recorded is not None:
+            notes.append(f"note: {source} was trained with the CLIP weights {recorded}, not found here: using "
+                         f"{default} instead (pass --clip_ckpt to choose)")
+        return ClipWeights(default, "OpenAI's file of the model"), notes
+    if recorded is not None:
+        why = f"it was trained with the CLIP weights {recorded}, which is not found here"
+        if default is not None:
+            why += f", and OpenAI's file {default} is absent too"
+        todo = f"pass --clip_ckpt {recorded} (or that file's new place)"
+    elif default is not None:
+        why = f"it was trained with OpenAI's {config.openai_file}, which is not found at {default}"
+        todo = f"download it there or pass --clip_ckpt PATH_TO_{config.openai_file}"
+    else:
+        why = (f"model {model_name!r} has no OpenAI weights file and the checkpoint does not record which CLIP "
+               "weights it was trained with")
+        todo = "pass --clip_ckpt PATH (the CLIP weights given to training with --clip_ckpt)"
+    raise MVFAError(f"no CLIP weights for {source}: {why}; {todo}")
+
+
 def read_adapters(path: Path) -> tuple[dict, dict]:
     """(adapter state, metadata dict: empty for the release's checkpoints)."""
     state = read_checkpoint(path)
@@ -152,18 +244,36 @@ def read_adapters(path: Path) -> tuple[dict, dict]:
     return state, meta if isinstance(meta, dict) else {}
 
 
-def build(args: argparse.Namespace, settings: ModelSettings, state: dict, source: str):
+def build(args: argparse.Namespace, settings: ModelSettings, state: dict, source: str, clip: ClipWeights):
     """The adapted model with the checkpoint's adapters, its text bank and the device, precision."""
     device = resolve_device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
-    cache_dir = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     model, text_bank = build_adapted_model(
-        settings.model_name, settings.img_size, settings.features_list, Path(args.clip_ckpt) if args.clip_ckpt else None,
-        "openai", settings.quick_gelu, device, cache_dir, visual_fp32_later=True,
+        settings.model_name, settings.img_size, settings.features_list, clip.path,
+        "openai", settings.quick_gelu, device, cache_dir_of(args), visual_fp32_later=True,
     )
     model.load_adapter_state(state, source=source)
     model.eval()
     return model, text_bank, device, precision
+
+
+def cache_dir_of(args: argparse.Namespace) -> Path | None:
+    return None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+def check_bank_shape(bank: MemoryBank, branch: str, model: AdaptedViT, path: str) -> None:
+    """A bank whose identity matches but whose tensors do not fit the model (another width or stage
+    count: a file from another version, or edited) is one error line, not a failure inside scoring."""
+    stages = bank.stages(branch)
+    width = int(model.visual.proj.shape[1])
+    rebuild = f"rebuild it with --support FOLDER --save_bank {path}"
+    if len(stages) != len(model.stages):
+        raise MVFAError(f"--bank {path} holds {len(stages)} stages of tokens, the model has {len(model.stages)} "
+                        f"adapter stages: {rebuild}")
+    for index, tokens in enumerate(stages, 1):
+        if tokens.ndim != 2 or int(tokens.shape[-1]) != width:
+            raise MVFAError(f"--bank {path} holds stage-{index} tokens of shape {list(tokens.shape)}, expected "
+                            f"[rows, {width}] (the model's token width): {rebuild}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,13 +284,29 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words ("a FIFO", "a broken link", ...)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return "a broken link" if path.is_symlink() else f"unreadable ({err.strerror or err})"
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file"))
+    return next((word for test, word in kinds if test(mode)), "a special file")
+
+
 def list_images(folder: Path, report) -> list[Path]:
-    """Image files directly in `folder`, by name; other files reported through `report` and skipped."""
+    """Image files directly in `folder`, by name; other files reported through `report` and skipped.
+
+    Only regular files (or links to them) are read: opening a FIFO named like an image would wait
+    for a writer forever."""
     images = []
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
         if path.name.startswith(".") or path.is_dir():
             continue
-        if is_image_name(path):
+        if not path.is_file():
+            report(f"skipped {path.name}: {file_kind(path)}, not a regular file")
+        elif is_image_name(path):
             images.append(path)
         else:
             report(f"skipped {path.name}: not an image (image files end in {'/'.join(IMAGE_SUFFIXES)})")
@@ -195,6 +321,8 @@ def input_images(path: Path, report) -> list[Path]:
         return images
     if not path.exists():
         raise MVFAError(f"--input {path} does not exist: pass an image or a folder of images")
+    if not path.is_file():
+        raise MVFAError(f"--input {path} is {file_kind(path)}, not a regular file: pass an image or a folder of images")
     if not is_image_name(path):
         raise MVFAError(f"--input {path} is not an image (image files end in {'/'.join(IMAGE_SUFFIXES)})")
     return [path]
@@ -238,6 +366,156 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def os_error_text(err: OSError) -> str:
+    """'cannot write <file> (<reason>)' from an OSError, on one line."""
+    where = f" {err.filename}" if err.filename else ""
+    return _one_line(f"cannot write{where} ({err.strerror or err})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(sorted(names)[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Before any work: `path` can be written as a file (not a folder; its folder exists or can be
+    made, and accepts new files: probed with a temporary file, removed at once). One error line else."""
+    if path.is_dir():
+        raise MVFAError(f"{flag} {path} is a folder: pass the path of a file")
+    if path.exists() and not path.is_file():
+        raise MVFAError(f"{flag} {path} is {file_kind(path)}: pass the path of a regular file")
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise MVFAError(f"{flag} {path} cannot be written: {existing} is a file, not a folder; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise MVFAError(f"{flag} {path} cannot be written ({err.strerror or err} in {existing}): "
+                        "choose a folder you can write to") from None
+
+
+class OutputFolder:
+    """predict's outputs, written whole or not at all.
+
+    A run writes many files (an overlay per image, predictions.csv, predict.json) over minutes;
+    written one by one into --output_dir, an interruption would leave overlays without a CSV, or
+    a new CSV beside the overlays of an earlier run. So every file goes into a staging folder
+    beside --output_dir (`.<name>.<random>.tmp`, same file system), which replaces --output_dir by
+    renames when the run is complete: an interruption (Ctrl-C, an error) removes the staging folder
+    and leaves --output_dir as it was, the earlier complete results or nothing. A killed run leaves
+    its staging folder; the next run with the same --output_dir removes it, and the `.<file>.<random>.tmp`
+    files of interrupted atomic writes inside --output_dir (mvfa.files).
+
+    As the folder is replaced whole, --output_dir must be new, empty, or hold only an earlier run's
+    outputs (predictions.csv, predict.json, *_overlay.png), which need --overwrite: files predict
+    did not write are never deleted. One run at a time per --output_dir (the cleaning above would
+    remove a concurrent run's staging folder). Checks happen at construction (no writes) and in
+    `staged` (the staging folder is made before any model is built, which proves the place writable).
+    """
+
+    def __init__(self, path: Path, overwrite: bool) -> None:
+        self.path = path
+        # absolute ("." and ".." get a name and a parent); a link to a folder: the folder is replaced
+        self.target = path.resolve() if path.is_symlink() else Path(os.path.abspath(path))
+        if self.target.exists() and not self.target.is_dir():
+            raise MVFAError(f"--output_dir {path} is {file_kind(self.target)}, not a folder: pass a folder path "
+                            "(it is created when missing)")
+        existing = _nearest_existing(self.target.parent)
+        if not existing.is_dir():
+            raise MVFAError(f"--output_dir {path} cannot be made: {existing} is a file, not a folder; choose another path")
+        if self.target.is_dir():
+            self._check_content(overwrite)
+
+    def _check_content(self, overwrite: bool) -> None:
+        try:
+            names = [e.name for e in self.target.iterdir() if temporary_target(e.name) is None]
+        except OSError as err:
+            raise MVFAError(f"--output_dir {self.path} cannot be read ({err.strerror or err}): choose another folder") from None
+        ours = [n for n in names if n in (PREDICTIONS_FILE, SUMMARY_FILE) or OVERLAY_NAME.match(n)]
+        others = [n for n in names if n not in ours]
+        if others:
+            raise MVFAError(
+                f"--output_dir {self.path} holds files predict did not write ({_listed(others)}): predict replaces the "
+                "folder whole when it finishes, so choose a new or empty folder"
+            )
+        if ours and not overwrite:
+            what = PREDICTIONS_FILE if PREDICTIONS_FILE in ours else _listed(ours)
+            raise MVFAError(f"--output_dir {self.path} already holds an earlier run's results ({what}): pass --overwrite "
+                            "to replace them, or choose another folder")
+        if not os.access(self.target, os.W_OK | os.X_OK):  # the folder itself moves aside when it is replaced
+            raise MVFAError(f"--output_dir {self.path} is read-only: choose a folder you can write to")
+
+    def contains(self, path: Path) -> bool:
+        """Whether `path` lies in the output folder (it would go when the folder is replaced)."""
+        return self.target.resolve() in Path(path).resolve().parents
+
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """Yield the staging folder; on success it becomes --output_dir, on any exception it is removed."""
+        parent = self.target.parent
+        remove_stale_temporaries(parent, self.target.name)
+        if self.target.is_dir():
+            remove_stale_temporaries(self.target)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=parent))
+        except OSError as err:
+            raise MVFAError(f"--output_dir {self.path} cannot be written ({err.strerror or err} in {parent}): predict "
+                            "writes its results beside it first; choose a folder you can write to") from None
+        try:
+            yield staging
+            os.chmod(staging, default_folder_mode())  # mkdtemp's 0700 -> what a plain mkdir gives
+            self._replace_with(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _replace_with(self, staging: Path) -> None:
+        if not self.target.exists():
+            os.rename(staging, self.target)
+            return
+        # The earlier folder moves into a holder first (a rename cannot replace a non-empty folder);
+        # an interruption between the two renames leaves no --output_dir, never a mixed one.
+        holder = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
+        earlier = holder / self.target.name
+        os.rename(self.target, earlier)
+        try:
+            os.rename(staging, self.target)
+        except BaseException:
+            os.rename(earlier, self.target)  # the earlier results go back
+            raise
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _overlay_names(paths: list[Path]) -> list[str]:
+    """One overlay name per input, never shared: `<stem>_<suffix>_overlay.png` (a.png -> a_png_overlay.png,
+    a_png.png -> a_png_png_overlay.png: suffixes hold no '_', so different names stay different);
+    names equal but for case (A.png, a.png) get _2, _3, ... in input order, for case-insensitive file systems."""
+    names, used = [], set()
+    for path in paths:
+        base = f"{path.stem}_{path.suffix.lstrip('.')}"
+        name, count = f"{base}_overlay.png", 1
+        while name.casefold() in used:
+            count += 1
+            name = f"{base}_overlay_{count}.png"
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
 # ------------------------------------------------------------------------------------------------
 # The command
 
@@ -246,7 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mvfa.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="adapter checkpoint (train_few/train_zero output, or the release's)")
     parser.add_argument("--input", required=True, help="an image, or a folder of images (not searched recursively)")
-    parser.add_argument("--output_dir", required=True, help="where predictions.csv, the overlays and predict.json go")
+    parser.add_argument("--output_dir", required=True,
+                        help="where predictions.csv, the overlays and predict.json go (a new or empty folder, "
+                             "or an earlier run's with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output_dir")
     parser.add_argument("--support", default=None, help="folder of normal images: few-shot scoring (else zero-shot)")
     parser.add_argument("--save_bank", default=None, metavar="PATH",
                         help="with --support: also write the memory bank built from it, for later --bank runs")
@@ -268,29 +549,29 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted: no partial results were written to --output_dir {args.output_dir}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except OSError as err:  # a write that failed midway (disk full, a folder removed under the run)
+        print(f"error: {os_error_text(err)}: no partial results were written to --output_dir {args.output_dir}; "
+              "free space or fix the folder and run again", file=sys.stderr)
+        return 1
 
 
-def predict(args: argparse.Namespace) -> int:
-    def report(line: str) -> None:
-        print(line, file=sys.stderr)
+@dataclass
+class _Scoring:
+    """How this run's scores are read: normalisation, threshold, and what the figures say about them."""
 
-    if args.batch_size < 1:
-        raise MVFAError(f"--batch_size {args.batch_size} is invalid: use 1 or more")
-    ckpt = Path(args.ckpt)
-    state, meta = read_adapters(ckpt)
-    settings = resolve_settings(args, meta, str(ckpt), tuple(name for name, _, _ in _FACTS))
-    if args.bank is not None and args.support is not None:
-        raise MVFAError("--bank and --support both given: a saved bank replaces the support folder; pass one")
-    if args.save_bank is not None and args.support is None:
-        raise MVFAError("--save_bank needs --support FOLDER (the normal images the bank is built from)")
-    if args.bank is not None:  # before the model is built
-        check_bank_file(args.bank)
-    images = input_images(Path(args.input), report)
-    masks = MaskFinder(Path(args.masks) if args.masks else None)
-    few_shot = args.support is not None or args.bank is not None
+    normalization: Normalization
+    calibrated: bool
+    threshold: float | None
+    threshold_source: str | None
+    notes: list[str]
+
+
+def _scoring(args: argparse.Namespace, meta: dict, ckpt: Path, settings: ModelSettings, few_shot: bool) -> _Scoring:
+    """Statistics and threshold: the checkpoint's when they fit this scoring mode."""
     mode = "few-shot" if few_shot else "zero-shot"
-
-    # Statistics and threshold: the checkpoint's when they fit this scoring mode.
     normalization, notes = None, []
     stored = stored_normalization(meta, str(ckpt))
     if stored is not None and not stored.missing(few_shot, settings.has_masks):
@@ -311,30 +592,81 @@ def predict(args: argparse.Namespace) -> int:
                          f"({'with' if meta.get('mode') == 'few-shot' else 'without'} --support): decisions left empty; pass --threshold")
         else:
             notes.append("note: no threshold for these scores: decisions left empty; pass --threshold")
+    return _Scoring(normalization, calibrated, threshold, threshold_source, notes)
 
-    output_dir = Path(args.output_dir)
-    model, text_bank, device, precision = build(args, settings, state, str(ckpt))
-    text_features = text_bank(settings.object_word)
-    text_bank.drop_text_tower()  # no other text is encoded: free the text weights
-    model.float_with_block_workspace()  # the frozen blocks stay in the checkpoint's dtype, computed in fp32
-    bank = None
-    if few_shot:
-        branch = bank_branch(settings.has_masks)
-        identity = {"weights_sha256": model.fingerprint(), "model_name": settings.model_name, "img_size": settings.img_size,
-                    "features_list": list(settings.features_list), "branch": branch, "precision": precision}
-        if args.bank is not None:
-            bank = read_memory_bank(args.bank, identity, device)
-        else:
-            support_images = load_support(Path(args.support), settings.img_size, report)
-            bank = build_memory_bank(model, support_images, args.batch_size, precision, branches=(branch,))
-            if args.save_bank is not None:
-                save_memory_bank(bank, branch, identity, args.save_bank)
-                print(f"memory bank of {args.support} ({support_images.shape[0]} augmented images) -> {args.save_bank}")
-    for note in notes:
-        print(note)
 
-    stems = Counter(p.stem for p in images)
-    shared_stems = {stem for stem, n in stems.items() if n > 1}
+def predict(args: argparse.Namespace) -> int:
+    """The command's work; every check that needs no model runs before the model is built."""
+    def report(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    if args.batch_size < 1:
+        raise MVFAError(f"--batch_size {args.batch_size} is invalid: use 1 or more")
+    if args.bank is not None and args.support is not None:
+        raise MVFAError("--bank and --support both given: a saved bank replaces the support folder; pass one")
+    if args.save_bank is not None and args.support is None:
+        raise MVFAError("--save_bank needs --support FOLDER (the normal images the bank is built from)")
+    output = OutputFolder(Path(args.output_dir), args.overwrite)
+    if args.save_bank is not None:
+        check_writable_file(Path(args.save_bank), "--save_bank")
+        if output.contains(Path(args.save_bank)):
+            raise MVFAError(f"--save_bank {args.save_bank} is inside --output_dir {args.output_dir}, which predict "
+                            "replaces whole: write the bank elsewhere")
+    ckpt = Path(args.ckpt)
+    state, meta = read_adapters(ckpt)
+    settings = resolve_settings(args, meta, str(ckpt), tuple(name for name, _, _ in _FACTS))
+    clip, clip_notes = resolve_clip_weights(args.clip_ckpt, meta, settings.model_name, str(ckpt))
+    if args.bank is not None:
+        check_bank_file(args.bank)
+    images = input_images(Path(args.input), report)
+    masks = MaskFinder(Path(args.masks) if args.masks else None)
+    few_shot = args.support is not None or args.bank is not None
+    mode = "few-shot" if few_shot else "zero-shot"
+    scoring = _scoring(args, meta, ckpt, settings, few_shot)
+    support_images = load_support(Path(args.support), settings.img_size, report) if args.support is not None else None
+
+    with output.staged() as staging:
+        model, text_bank, device, precision = build(args, settings, state, str(ckpt), clip)
+        text_features = text_bank(settings.object_word)
+        text_bank.drop_text_tower()  # no other text is encoded: free the text weights
+        model.float_with_block_workspace()  # the frozen blocks stay in the checkpoint's dtype, computed in fp32
+        bank = None
+        if few_shot:
+            branch = bank_branch(settings.has_masks)
+            identity = {"weights_sha256": model.fingerprint(), "model_name": settings.model_name, "img_size": settings.img_size,
+                        "features_list": list(settings.features_list), "branch": branch, "precision": precision}
+            if args.bank is not None:
+                bank = read_memory_bank(args.bank, identity, device)
+                check_bank_shape(bank, branch, model, args.bank)
+            else:
+                bank = build_memory_bank(model, support_images, args.batch_size, precision, branches=(branch,))
+                if args.save_bank is not None:
+                    save_memory_bank(bank, branch, identity, args.save_bank)
+                    print(f"memory bank of {args.support} ({support_images.shape[0]} augmented images) -> {args.save_bank}")
+        for note in clip_notes + scoring.notes:
+            print(note)
+        rows, failed = _score_images(args, images, masks, settings, scoring, few_shot, model, text_features, bank,
+                                     precision, staging, report)
+        _write_outputs(staging, rows, args, ckpt, clip, mode, settings, scoring, failed, images)
+
+    threshold = scoring.threshold
+    flagged = sum(1 for row in rows if row[2] == "abnormal")
+    summary = f"{len(rows)} images scored ({mode})"
+    if threshold is not None:
+        summary += f": {flagged} abnormal, {len(rows) - flagged} normal at threshold {threshold:.4f}"
+    if failed:
+        summary += f"; {failed} failed"
+    print(f"{summary} -> {args.output_dir}")
+    return 1 if failed else 0
+
+
+def _score_images(args, images, masks, settings, scoring, few_shot, model, text_features, bank, precision, folder, report):
+    """Score `images` in chunks; write each overlay into `folder`. (CSV rows, number of failures)."""
+    names = dict(zip(images, _overlay_names(images)))
+    threshold = scoring.threshold
+    # The image threshold is also a threshold on the map when the score is the map's maximum (few-shot
+    # with masks, under the same statistics): the predicted region is then where the map >= it.
+    pixel_threshold = threshold if few_shot and settings.has_masks and scoring.calibrated else None
     rows, failed = [], 0
     for start in range(0, len(images), CHUNK):
         chunk, tensors = [], []
@@ -354,7 +686,7 @@ def predict(args: argparse.Namespace) -> int:
         )
         result = evaluate(
             model, data, text_features, settings.has_masks, bank, args.batch_size, precision, desc="predicting",
-            normalization=normalization, keep_maps=True, metrics=False,
+            normalization=scoring.normalization, keep_maps=True, metrics=False,
         )
         for index, path in enumerate(chunk):
             score = float(result.image_scores[index])
@@ -366,24 +698,19 @@ def predict(args: argparse.Namespace) -> int:
                 if problem:
                     report(f"error: {problem}")
                     failed += 1
-                if calibrated:
+                if scoring.calibrated:
                     value_range = (0.0, 1.0)
+                    scale = "map (checkpoint normalisation; values above 1 shown as 1)"
                 else:  # raw values: each overlay spans its own map's range
                     value_range = (float(image_map.min()), float(image_map.max()))
-                overlay_name = _overlay_name(path, shared_stems)
-                save_png(overlay(data.images[index], image_map, mask, value_range), output_dir / overlay_name)
+                    scale = "raw map (no statistics in the checkpoint), this image's min to max"
+                overlay_name = names[path]
+                picture = overlay(data.images[index], image_map, mask, value_range, figure=True, name=path.name,
+                                  score=score, threshold=threshold, pixel_threshold=pixel_threshold, scale=scale)
+                save_png(picture, folder / overlay_name)
             rows.append([str(path), f"{score:.8f}", decision, f"{float(image_map.max()):.8f}", overlay_name])
             print(f"{path}: score {score:.4f}" + (f" {decision}" if decision else ""))
-
-    _write_outputs(output_dir, rows, args, ckpt, mode, settings, normalization, threshold, threshold_source, failed, images)
-    flagged = sum(1 for row in rows if row[2] == "abnormal")
-    summary = f"{len(rows)} images scored ({mode})"
-    if threshold is not None:
-        summary += f": {flagged} abnormal, {len(rows) - flagged} normal at threshold {threshold:.4f}"
-    if failed:
-        summary += f"; {failed} failed"
-    print(f"{summary} -> {output_dir}")
-    return 1 if failed else 0
+    return rows, failed
 
 
 def _mask_for(masks: MaskFinder, image: Path, size: int) -> tuple[torch.Tensor | None, str | None]:
@@ -400,21 +727,16 @@ def _mask_for(masks: MaskFinder, image: Path, size: int) -> tuple[torch.Tensor |
         return None, f"cannot read mask {path}: {_one_line(err)} (contour not drawn)"
 
 
-def _overlay_name(path: Path, shared_stems: set[str]) -> str:
-    """<stem>_overlay.png; <stem>_<suffix>_overlay.png when several inputs share the stem (a.png, a.jpg)."""
-    if path.stem in shared_stems:
-        return f"{path.stem}_{path.suffix.lstrip('.')}_overlay.png"
-    return f"{path.stem}_overlay.png"
-
-
-def _write_outputs(output_dir, rows, args, ckpt, mode, settings, normalization, threshold, threshold_source, failed, images):
+def _write_outputs(folder, rows, args, ckpt, clip, mode, settings, scoring, failed, images) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "score", "decision", "map_max", "overlay"])
     writer.writerows(rows)
-    write_atomic(output_dir / "predictions.csv", buffer.getvalue())
+    write_atomic(folder / PREDICTIONS_FILE, buffer.getvalue())
     summary = {
         "checkpoint": str(ckpt),
+        "clip_ckpt": str(clip.path),
+        "clip_ckpt_source": clip.source,
         "mode": mode,
         "support": args.support,
         "bank": args.bank,
@@ -423,15 +745,15 @@ def _write_outputs(output_dir, rows, args, ckpt, mode, settings, normalization, 
         "features_list": list(settings.features_list),
         "object_word": settings.object_word,
         "has_masks": settings.has_masks,
-        "normalization": normalization.to_dict(),
-        "threshold": threshold,
-        "threshold_source": threshold_source,
+        "normalization": scoring.normalization.to_dict(),
+        "threshold": scoring.threshold,
+        "threshold_source": scoring.threshold_source,
         "images": len(images),
         "scored": len(rows),
         "abnormal": sum(1 for row in rows if row[2] == "abnormal"),
         "failed": failed,
     }
-    write_atomic(output_dir / "predict.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

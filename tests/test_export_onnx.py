@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from mvfa.model import AdaptedViT, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
 
 
-def tiny_adapters(tmp_path: Path, meta: bool = True) -> tuple[Path, Path, AdaptedViT]:
+def tiny_adapters(tmp_path: Path, meta: bool = True, **extra_meta) -> tuple[Path, Path, AdaptedViT]:
     clip_path = write_tiny_clip(tmp_path / "tiny.pt")
     clip = create_model(TINY_MODEL, TINY_SIZE, pretrained=clip_path)
     torch.manual_seed(1)
@@ -22,7 +24,7 @@ def tiny_adapters(tmp_path: Path, meta: bool = True) -> tuple[Path, Path, Adapte
     state = model.adapter_state()
     if meta:
         state["meta"] = {"model_name": TINY_MODEL, "img_size": TINY_SIZE, "features_list": [int(s) for s in TINY_STAGES],
-                         "object_word": "Brain", "has_masks": True, "quick_gelu": False}
+                         "object_word": "Brain", "has_masks": True, "quick_gelu": False, **extra_meta}
     save_checkpoint(state, tmp_path / "adapters.pth")
     return tmp_path / "adapters.pth", clip_path, model
 
@@ -57,3 +59,20 @@ def test_checkpoint_without_metadata_needs_flags(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--model_name" in err and "--img_size" in err and "--features_list" in err and "--prompt_name" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_uses_the_clip_weights_recorded_in_the_checkpoint(tmp_path, capsys):
+    """No --clip_ckpt: the metadata's clip_ckpt; the description records it; usual file modes."""
+    pytest.importorskip("onnx")
+    ckpt, clip_path, _ = tiny_adapters(tmp_path, clip_ckpt=str(tmp_path / "tiny.pt"))
+    output = tmp_path / "out" / "model.onnx"
+    umask = os.umask(0o022)
+    try:
+        assert export_onnx.main(["--ckpt", str(ckpt), "--output", str(output), "--cache_dir", "none"]) == 0
+    finally:
+        os.umask(umask)
+    description = json.loads((tmp_path / "out" / "model.onnx.json").read_text())
+    assert description["clip_ckpt"] == str(clip_path) and description["clip_ckpt_source"] == "checkpoint metadata"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["model.onnx", "model.onnx.json"]  # no temporary left
+    for path in output.parent.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name

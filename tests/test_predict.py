@@ -26,7 +26,7 @@ from mvfa.evaluation import (
     threshold_metrics,
 )
 from mvfa.model import AdaptedViT, save_checkpoint
-from mvfa.visualize import display_size
+from mvfa.visualize import display_size, figure_layout
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 N_VALID, N_TEST = (6, 6), (5, 5)
@@ -155,7 +155,8 @@ def test_predict_equals_test_few(trained, tmp_path, capsys, obj, normalize, save
         assert score == pytest.approx(expected[name], abs=1e-5), name
         assert row["decision"] == ("abnormal" if score >= meta["threshold"] else "normal")
         picture = np.asarray(Image.open(out / row["overlay"]))
-        assert picture.shape == (display_size(TINY_SIZE), display_size(TINY_SIZE), 3)
+        layout = figure_layout(TINY_SIZE)
+        assert picture.shape == (layout.height, layout.width, 3)
         if masks is not None and name.startswith("Ungood"):  # the mask's contour, in green
             assert (picture == [0, 255, 0]).all(axis=-1).any(), name
     summary = json.loads((out / "predict.json").read_text())
@@ -245,7 +246,7 @@ def test_release_checkpoint_needs_flags(trained, tmp_path, capsys):
     assert code == 0 and "holds no normalisation statistics" in printed
     rows = read_csv(tmp_path / "out" / "predictions.csv")
     assert len(rows) == 1 and rows[0]["decision"] == ("abnormal" if float(rows[0]["score"]) >= 0.1 else "normal")
-    assert (tmp_path / "out" / "0000_overlay.png").is_file()
+    assert (tmp_path / "out" / "0000_png_overlay.png").is_file()
 
     # the test scripts' --normalize checkpoint needs statistics too
     argv = tiny_argv(trained["data"], trained["clip"], tmp_path, tmp_path / "test", "Brain", "--shot", str(SHOT),
