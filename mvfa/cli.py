@@ -36,6 +36,7 @@ from .engine import (
 from .distributed import DEFAULT_TIMEOUT_S, Dist, fail, process_group
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
+from .run_log import LOGGERS
 from .training import EVAL_SCHEDULES
 from .text import default_cache_dir
 
@@ -114,6 +115,9 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
         added.add_argument("--fewshot_seed_dir", action="append", default=None,
                            help=f"folder of <obj>/<k>-shot.txt support lists (default {DEFAULT_SEED_DIR}); repeatable")
     if train:
+        added.add_argument("--logger", choices=LOGGERS, default="none",
+                           help="also send the training curves (loss per step, every evaluation) to tensorboard "
+                                "(<output_dir>/tensorboard; needs the tensorboard package)")
         added.add_argument("--threshold_rule", choices=CALIBRATION_RULES, default="f1",
                            help="after training, fit normalisation statistics on valid normal images (not the support) "
                                 "and choose a threshold on valid data: f1 (best F1), fpr (--target_fpr of valid normal "
@@ -191,6 +195,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
     if train:
         config.threshold_rule, config.target_fpr = args.threshold_rule, args.target_fpr
         config.ddp = bool(getattr(args, "ddp", False))
+        config.logger = args.logger
         if mode == "zero-shot":
             config.order, config.eval_schedule = args.order, args.eval_schedule
             config.listings = Path(args.listings) if args.listings else None

@@ -23,7 +23,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ from .files import write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
+    autocast_for,
     MemoryBank,
     PrefixCache,
     TensorSet,
@@ -64,6 +65,7 @@ from .model import AdaptedViT, read_checkpoint, save_checkpoint
 from .prompts import object_word
 from .text import TextFeatureBank
 from .replay import ReleaseRandom, listing_of
+from .run_log import LOGGERS, RunLogger, make_logger
 from .training import (
     EVAL_SCHEDULES,
     Selector,
@@ -85,7 +87,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 NORMALIZATIONS = ("test", "valid", "checkpoint")
 CALIBRATION_RULES = (*THRESHOLD_RULES, "none")
 SCORING_DTYPES = ("release", "fp32")  # CUDA with --precision fp16/bf16: the release's dtypes, or fp32 scoring
-ORDERS = ("release", "sorted")  # zero-shot training: the file system's listing order (the release's) or sorted names
+ORDERS = ("release", "sorted")
+# settings that only training reads: recorded in the checkpoint, and left out of a test run's config
+TRAINING_SETTINGS = ("epoch", "learning_rate", "batch_size", "det_loss", "order", "eval_schedule")
+TRAINING_ONLY = (*TRAINING_SETTINGS, "listings", "threshold_rule", "target_fpr", "ddp", "save_model")  # zero-shot training: the file system's listing order (the release's) or sorted names
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
 TEST_LABEL_WARNING = (
     "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
@@ -137,6 +142,7 @@ class RunConfig:
     order: str = "release"  # zero-shot training: listing order of the sources' images (release: the file system's; sorted)
     listings: Path | None = None  # zero-shot training: a JSON of recorded listings (folder -> names) to replay
     scoring_dtypes: str = "release"  # CUDA autocast runs: release (the release's dtypes op for op) or fp32 (scoring in fp32)
+    logger: str = "none"  # training: none, or tensorboard (event files under <output_dir>/tensorboard)
     eval_schedule: str = "release"  # zero-shot training: when the target is scored (release; final: after N/5 ... N steps)
     extra: dict = field(default_factory=dict)
 
@@ -259,6 +265,10 @@ def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -
         "iterate": config.iterate if config.mode == "few-shot" else -1,
         "seed": config.seed,
         "select": config.select,
+        # the CLIP weights (absolute, so predict finds them from any folder; None: OpenAI's file of the model)
+        "pretrain": config.pretrain,
+        "clip_ckpt": str(Path(config.clip_ckpt).resolve()) if config.clip_ckpt is not None else None,
+        **{key: getattr(config, key) for key in TRAINING_SETTINGS},
     }
 
 
@@ -398,14 +408,26 @@ def print_release_lines(obj: str, metrics: dict) -> None:
 # Overlays of the test images (--save_maps)
 
 
+MAP_SCALES = {
+    "test": "map (min-max over the test set)", "valid": "map (valid normalisation)",
+    "checkpoint": "map (checkpoint normalisation)",
+}
+
+
 def map_overlays(
-    config: RunConfig, result: EvalResult, data: TensorSet, maps_of, folder: Path
+    config: RunConfig, result: EvalResult, data: TensorSet, maps_of, folder: Path, threshold: float | None = None,
 ) -> list[Path]:
-    """Overlays of the test images (every one, or the --save_maps N highest and N lowest) and an index.csv.
+    """Overlay figures of the test images (every one, or the --save_maps N highest and N lowest) and an index.csv.
 
     `maps_of(indices)` gives the maps of the chosen images ([n, S, S], on the run's normalised scale),
     or None on a rank that writes nothing (several ranks call this together: maps_of is collective).
+    `threshold`: the checkpoint's decision threshold; each figure then states the decision, on the
+    scores it applies to (`result.fixed_scores` when the maps are on another normalisation), and
+    few-shot maps with masks (whose maximum is the image score) show the region above it.
     """
+    on_threshold_scale = result.fixed_scores is None
+    decision_scores = np.asarray(result.image_scores if on_threshold_scale else result.fixed_scores)
+    pixel_threshold = threshold if on_threshold_scale and config.mode == "few-shot" and result.masks is not None else None
     scores = np.asarray(result.image_scores)
     count = len(scores)
     order = np.argsort(-scores, kind="stable")
@@ -431,7 +453,12 @@ def map_overlays(
             name = f"{prefix}{kind}_{path.stem}_{path.suffix.lstrip('.')}.png"
         used.add(name)
         mask = data.masks[index] if result.masks is not None and int(result.labels[index]) else None
-        written.append(save_png(overlay(data.images[index], image_map, mask, (0.0, 1.0)), folder / name))
+        figure = overlay(
+            data.images[index], image_map, mask, (0.0, 1.0), figure=True, name=path.name,
+            score=float(decision_scores[index]), label=int(result.labels[index]), threshold=threshold,
+            pixel_threshold=pixel_threshold, scale=MAP_SCALES[config.normalize],
+        )
+        written.append(save_png(figure, folder / name))
         rows.append([name, _shown(path, config.data_path), int(result.labels[index]), f"{float(scores[index]):.8f}", int(rank[index])])
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
@@ -490,6 +517,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
     if config.order not in ORDERS:
         raise MVFAError(f"--order {config.order!r} is not known: choose one of {', '.join(ORDERS)}")
+    if config.logger not in LOGGERS:
+        raise MVFAError(f"--logger {config.logger!r} is not known: choose one of {', '.join(LOGGERS)}")
     if config.scoring_dtypes not in SCORING_DTYPES:
         raise MVFAError(f"--scoring_dtypes {config.scoring_dtypes!r} is not known: choose one of {', '.join(SCORING_DTYPES)}")
     if config.eval_schedule not in EVAL_SCHEDULES:
@@ -497,6 +526,9 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     if config.ddp and not (config.mode == "zero-shot" and config.train):
         raise MVFAError("--ddp is for zero-shot training (train_zero.py): other runs train on one support set per rank")
     device = torch.device(config.device)
+    if device.type == "cpu" and config.precision != "fp32":  # autocast_for uses no autocast on the CPU
+        print(f"note: --precision {config.precision} has no effect on the CPU: this run computes in fp32")
+        config = replace(config, precision="fp32")
     release_dtypes = config.scoring_dtypes == "release"
     seed_everything(config.seed)
     started = time.time()
@@ -522,6 +554,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     if config.train:
         replay.skip_clip_builds(load_config(config.model_name), config.img_size)
         replay.init_adapters(model.seg_adapters, model.det_adapters)
+    if release_dtypes and device.type == "cuda" and config.precision != "fp32":  # the release encodes prompts under autocast
+        text_bank.encoding_autocast = (f"autocast-{config.precision}", lambda: autocast_for(device, config.precision))
     text_features = text_bank(word)
     # zero-shot training scores each source against its own prompts
     source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
@@ -533,6 +567,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     if dist.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)
+    logger = make_logger(config.logger, config.output_dir) if config.train and dist.is_main else RunLogger()
 
     few_shot = None
     if config.mode == "few-shot":
@@ -592,7 +627,10 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
                 config, sources, lambda source: source_features[source.name], budget.allow, replay,
                 listing_of(config.order, listings, config.data_path), dist,
             )
-        best_state = train_loop(config, model, batches, selector, log_rows, device, dist)
+        try:
+            best_state = train_loop(config, model, batches, selector, log_rows, device, dist, logger)
+        finally:
+            logger.close()
         model.load_adapter_state(best_state["adapters"])
         meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"], "best_step": best_state["step"]}
         if few_shot is not None:
@@ -647,6 +685,11 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         "normalization": {"mode": config.normalize, **result.normalization.to_dict()},
         "config": json_ready(config),
     }
+    if not config.train:  # the training settings are the checkpoint's, not this script's defaults
+        for key in TRAINING_ONLY:
+            payload["config"].pop(key, None)
+        payload["training"] = {k: meta[k] for k in ("mode", "obj", "seed", "select", "best_epoch", "best_step",
+                                                    "shot", "iterate", *TRAINING_SETTINGS) if k in meta}
     if few_shot is not None:
         payload["support"] = {"source": support.source, **support_names(support)}
     if config.train:
@@ -678,7 +721,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             )
             return rows_of_maps(chosen.maps, chosen.map_range, list(range(len(indices))), dist)
 
-        written = map_overlays(config, result, test_set, maps_of, config.output_dir / "maps")
+        written = map_overlays(config, result, test_set, maps_of, config.output_dir / "maps",
+                               threshold[0] if threshold is not None else None)
         print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
     if dist.is_main:
         write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))

@@ -9,9 +9,11 @@ turns the disk cache off for the run, with a one-line note.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,11 +74,17 @@ class TextFeatureBank:
     """Text features per object word: computed once per word, and cached on disk across runs.
 
     cache_dir None disables the disk cache (features are still computed once per word and process).
+    encoding_autocast: a context (e.g. CUDA fp16 autocast, as the release encodes its prompts) to
+    encode under, and its name, which keeps its features apart in the cache; None: plain fp32.
     """
 
-    def __init__(self, clip_model: CLIP, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, clip_model: CLIP, cache_dir: Path | None = None,
+        encoding_autocast: tuple[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
+    ) -> None:
         self.clip_model = clip_model
         self.cache_dir = cache_dir
+        self.encoding_autocast = encoding_autocast
         self._features: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
 
@@ -84,6 +92,8 @@ class TextFeatureBank:
         if self._fingerprint is None:
             self._fingerprint = text_tower_fingerprint(self.clip_model)
         prompts = [CACHE_FORMAT, self._fingerprint, object_word, NORMAL_STATES, ABNORMAL_STATES, TEMPLATES]
+        if self.encoding_autocast is not None:
+            prompts.append(self.encoding_autocast[0])
         key = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:32]
         return self.cache_dir / "text" / f"{key}.pt"
 
@@ -101,7 +111,8 @@ class TextFeatureBank:
         device = next(self.clip_model.parameters()).device
         features = self._read_cached(object_word) if self.cache_dir is not None else None
         if features is None:
-            features = encode_prompt_ensemble(self.clip_model, object_word).cpu()
+            with self.encoding_autocast[1]() if self.encoding_autocast is not None else contextlib.nullcontext():
+                features = encode_prompt_ensemble(self.clip_model, object_word).cpu()
             if self.cache_dir is not None:
                 self._write_cached(object_word, features)
         self._features[object_word] = features.to(device)

@@ -19,6 +19,8 @@ RunConfig), so that this module never imports the engine.
 """
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from dataset.medical import ABNORMAL_DIR, IMAGE_DIR, NORMAL_DIR, ImageSet, Medic
 from . import scoring
 from .errors import MVFAError
 from .replay import RELEASE_SOURCE_ORDER, ReleaseRandom
+from .run_log import RunLogger
 from .distributed import SINGLE, Dist, average_gradients, broadcast_parameters
 from .evaluation import PIXEL_LEVELS, TensorSet, autocast_for, progress
 from .losses import BinaryDiceLoss, FocalLoss, det_loss
@@ -41,6 +44,7 @@ from .model import AdaptedViT
 ADAM_BETAS = (0.5, 0.999)
 MASK_THRESHOLD = 0.5
 ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release scores the target 5 times per zero-shot epoch
+PROGRESS_LINE_S = 60.0  # output to a file: a progress line at most this often
 
 
 @dataclass
@@ -172,13 +176,16 @@ class FewShotSupport(Protocol):
 
 def train_loop(
     config: LoopSettings, model: AdaptedViT, batches: Callable[[int], Iterable[tuple]], selector: Selector,
-    log_rows: list[dict], device: torch.device, dist: Dist = SINGLE,
+    log_rows: list[dict], device: torch.device, dist: Dist = SINGLE, logger: RunLogger | None = None,
 ) -> dict:
     """The loop: epochs of `batches(epoch)` (sized, iterable); `selector` scores the current adapters
     at its points of each epoch (the number of steps done: 0 is before the first step).
 
     Returns the selected adapters (`adapters`, with `epoch`, `step`, `score`) and `epoch_losses`,
-    each epoch's mean loss (the release's printed `Loss:`).
+    each epoch's mean loss (the release's printed `Loss:`). `log_rows` gets a row per evaluation, or
+    per epoch when nothing is scored (--select last); `logger` (e.g. TensorBoard) every step's loss
+    and every row. Where stderr is no terminal (a log file), a line reports progress every
+    PROGRESS_LINE_S seconds.
 
     Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
     process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
@@ -196,13 +203,21 @@ def train_loop(
         )
     best = {"score": None, "epoch": 0, "step": 0, "adapters": model.adapter_state()}
     epoch_losses: list[float] = []
+    logger = logger if logger is not None else RunLogger()
+    steps_done = 0  # over the run: the logger's step axis
+    last_line = time.monotonic()
+    to_terminal = sys.stderr.isatty()
+
+    def add_row(row: dict) -> None:
+        log_rows.append(row)
+        logger.row(row, steps_done)
 
     def evaluate(epoch: int, done: int, losses: list[float]) -> None:
         nonlocal best
         broadcast_parameters(model.adapter_parameters(), dist)
         value, detail = selector.score()
         row = {"epoch": epoch, "step": done, "loss": float(np.mean(losses)) if losses else "", **effective, **detail}
-        log_rows.append(row)
+        add_row(row)
         if value is not None and selector.better(value, best["score"]):
             best = {"score": value, "epoch": epoch, "step": done, "adapters": model.adapter_state()}
 
@@ -221,9 +236,16 @@ def train_loop(
                     features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
                 )
             losses.append(parts.total.item())
+            steps_done += 1
+            logger.scalar("train/loss", losses[-1], steps_done)
+            if not to_terminal and time.monotonic() - last_line >= PROGRESS_LINE_S:
+                last_line = time.monotonic()
+                print(f"epoch {epoch}/{config.epoch} step {done + 1}/{total}: mean loss {np.mean(losses):.4f}", flush=True)
         if total in points:
             evaluate(epoch, total, losses)
         epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        if not selector.active:  # nothing scored: the epoch's loss is the log's row
+            add_row({"epoch": epoch, "step": total, "loss": epoch_losses[-1], **effective})
         summary = f"epoch {epoch}/{config.epoch}: loss {epoch_losses[-1]:.4f}"
         if log_rows and log_rows[-1]["epoch"] == epoch:
             summary += "".join(

@@ -26,7 +26,7 @@ from mvfa.evaluation import (
     threshold_metrics,
 )
 from mvfa.model import AdaptedViT, save_checkpoint
-from mvfa.visualize import display_size, figure_layout
+from mvfa.visualize import figure_layout
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 N_VALID, N_TEST = (6, 6), (5, 5)
@@ -137,7 +137,8 @@ def test_predict_equals_test_few(trained, tmp_path, capsys, obj, normalize, save
     assert len(index) == (2 if save_maps[1:] == ["1"] else sum(N_TEST))
     for row in index:
         picture = Image.open(test_out / "maps" / row["file"])
-        assert picture.size == (display_size(TINY_SIZE),) * 2
+        layout = figure_layout(TINY_SIZE)  # the titled figure: image, map over it, colour bar
+        assert picture.size == (layout.width, layout.height)
     if len(index) == 2:
         assert [row["file"].split("_")[0] for row in index] == ["high01", "low01"]
         assert int(index[0]["rank"]) == 1 and int(index[1]["rank"]) == sum(N_TEST)

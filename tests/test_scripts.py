@@ -75,7 +75,13 @@ def test_train_few_then_test_few(bench, tmp_path, capsys):
     test_out = tmp_path / "test"
     code, printed, _ = run_script(cli.main_test_few, tiny_argv(bench["data"], bench["clip"], save, test_out, "Brain", "--shot", "2"), capsys)
     assert code == 0 and f"loaded adapters from {checkpoint}" in printed
-    tested = json.loads((test_out / "metrics.json").read_text())["metrics"]
+    tested_payload = json.loads((test_out / "metrics.json").read_text())
+    # the training settings are the checkpoint's, not the test script's defaults (--epoch 50, ...)
+    assert tested_payload["training"]["epoch"] == 2 and tested_payload["training"]["learning_rate"] == 1e-3
+    assert (tested_payload["training"]["best_epoch"], tested_payload["training"]["best_step"]) == (
+        metrics["training"]["best_epoch"], metrics["training"]["best_step"])
+    assert "epoch" not in tested_payload["config"] and "learning_rate" not in tested_payload["config"]
+    tested = tested_payload["metrics"]
     assert tested["image_auroc"] == metrics["metrics"]["image_auroc"]
     assert tested["pixel_auroc"] == pytest.approx(metrics["metrics"]["pixel_auroc"], abs=1e-12)
     assert read_csv(test_out / "predictions.csv") == predictions
@@ -97,10 +103,13 @@ def test_no_mask_dataset_select_valid_and_last(bench, tmp_path, capsys):
         assert "Chest AUC : " in printed and "pAUC" not in printed
         metrics = json.loads((out / "metrics.json").read_text())["metrics"]
         assert "pixel_auroc" not in metrics
+        log = read_csv(out / "train_log.csv")
         if select == "valid":
-            assert "valid_image_auroc" in read_csv(out / "train_log.csv")[0]
-        else:
-            assert not (out / "train_log.csv").exists()
+            assert "valid_image_auroc" in log[0]
+        else:  # nothing is scored: one row per epoch with its mean loss, as printed
+            assert [(row["epoch"], row["step"]) for row in log] == [("1", "11")]  # 2 x 2 x 11 images / batch 4
+            epoch_loss = json.loads((out / "metrics.json").read_text())["training"]["epoch_losses"][0]
+            assert float(log[0]["loss"]) == pytest.approx(epoch_loss) and f"loss {epoch_loss:.4f}" in printed
 
 
 def test_train_zero_then_test_zero(bench, tmp_path, capsys):
