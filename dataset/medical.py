@@ -537,6 +537,7 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp's 0o600 would make the list private to its writer
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -544,6 +545,13 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
         except OSError:
             pass
         raise
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode a plainly created file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @dataclass

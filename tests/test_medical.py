@@ -1,6 +1,7 @@
 """The data layer: layout, ordering, masks, pixel loading, few-shot support, zero-shot sources."""
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -643,6 +644,25 @@ def test_seed_file_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["4-shot.txt"]
     with pytest.raises(DatasetError, match="iterate -1"):
         write_seed_file(path, other, -1)
+
+
+def test_seed_file_is_written_whole_with_the_usual_mode(tmp_path: Path, monkeypatch) -> None:
+    """The file gets a plain file's mode (not mkstemp's 0o600); a failed write leaves the old file and no temporary."""
+    ds = _few_shot_data(tmp_path, n=8)
+    path = tmp_path / "out" / "4-shot.txt"
+    write_seed_file(path, select_support(ds, 4, 0, 7, []), 0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    before = path.read_text()
+
+    def broken_replace(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dataset.medical.os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_seed_file(path, select_support(ds, 4, 1, 7, []), 1)
+    assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["4-shot.txt"]
 
 
 def test_support_dataclass_fields() -> None:
