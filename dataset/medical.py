@@ -62,6 +62,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "mask_array",
+    "open_checked",
     "MASK_ON",
     "ImageSet",
     "read_seed_file",
@@ -280,6 +281,12 @@ def source_datasets_for_zero_shot(data_path: Path | str, target: str) -> list[Me
 # Pixels
 
 
+def open_checked(path: Path | str) -> Image.Image:
+    """Open and fully decode ``path`` (Pillow decodes lazily, so truncation shows only on ``load``);
+    an unreadable file raises DatasetError naming it."""
+    return _open_checked(path)
+
+
 def _open_checked(path: Path | str) -> Image.Image:
     """Open and fully decode ``path`` (Pillow decodes lazily, so truncation shows only on ``load``)."""
     try:
@@ -329,7 +336,11 @@ def _values_text(values: np.ndarray) -> str:
     return ", ".join(shown[:half] + ["..."] + shown[-half:]) + f" ({len(shown)} values)"
 
 
-def mask_array(img: Image.Image, path: Path | str) -> np.ndarray:
+MASK_ADVICE = "save it with 0 and 255 only (python -m dataset.prepare --binarize_masks converts a folder of masks)"
+"""What a bad mask's error line tells to do (dataset.prepare, which can convert, says its own)."""
+
+
+def mask_array(img: Image.Image, path: Path | str, advice: str = MASK_ADVICE) -> np.ndarray:
     """The pixels of a decoded mask as a uint8 array [H, W] of 0 and :data:`MASK_ON`; a bad mask raises.
 
     What a mask is: a single-channel image (modes ``1``, ``L``, ``LA`` with the alpha ignored, or
@@ -338,8 +349,9 @@ def mask_array(img: Image.Image, path: Path | str) -> np.ndarray:
     Anything else raises :class:`DatasetError` naming the file and the values found: the release
     would read a 0/1 mask (or grey levels up to 127) as empty and grey levels above 127 as anomaly,
     which silently gives wrong pixel metrics. The check is one pass over the decoded pixels.
+    ``advice`` ends the error line (what to do).
     """
-    fix = "save it with 0 and 255 only, e.g. through python -m dataset.prepare --binarize_masks (values > 0 become 255)"
+    fix = advice
     if _is_16bit(img):
         raw = np.asarray(img)
         values = np.unique(raw)
@@ -361,19 +373,18 @@ def mask_array(img: Image.Image, path: Path | str) -> np.ndarray:
         if differ:
             raise DatasetError(
                 f"mask {path} is a colour image (its R, G, B channels differ at {differ} pixels): a mask is single-channel "
-                f"(or RGB with equal channels) with 0 (background) and {MASK_ON} (anomaly) only; save it as greyscale "
-                f"0/{MASK_ON}, e.g. through python -m dataset.prepare --binarize_masks (any channel > 0 becomes {MASK_ON})"
+                f"(or RGB with equal channels) with 0 (background) and {MASK_ON} (anomaly) only; {fix}"
             )
         grey = rgb[..., 0]
     values = np.flatnonzero(np.bincount(grey.ravel(), minlength=MASK_ON + 1))
     if not set(values.tolist()) <= {0, MASK_ON}:
         if set(values.tolist()) <= {0, 1}:
-            why = f"a 0/1 mask reads as empty; multiply it by {MASK_ON}"
+            why = "a 0/1 mask reads as empty"
         else:
-            why = "grey levels are not read reliably (the release reads values up to 127 as background)"
+            why = "grey levels would read as background up to 127 and as anomaly above"
         raise DatasetError(
-            f"mask {path} holds values {_values_text(values)}: a mask holds only 0 (background) and {MASK_ON} (anomaly); "
-            f"{why}: {fix}"
+            f"mask {path} holds values {_values_text(values)}: a mask holds only 0 (background) and {MASK_ON} (anomaly) "
+            f"({why}); {fix}"
         )
     return np.ascontiguousarray(grey, dtype=np.uint8)
 
