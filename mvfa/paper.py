@@ -1,6 +1,8 @@
 """The paper's published tables (AUC %, METHOD.md section 7), for side-by-side reports."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # Dataset -> the name of its row in the paper's tables, in the paper's row order.
 PAPER_ROWS: dict[str, str] = {
     "Histopathology": "HIS",
@@ -18,12 +20,29 @@ PAPER_AUC: dict[tuple[str, str], dict[str, float]] = {
     ("4-shot", "det"): {"Histopathology": 82.71, "Chest": 81.95, "Retina_OCT2017": 99.38, "Brain": 92.44, "Liver": 81.18, "Retina_RESC": 96.18},
     ("4-shot", "loc"): {"Brain": 97.30, "Liver": 99.73, "Retina_RESC": 98.97},
 }
+# The paper's own average row: over all six datasets (det) or the three with masks (loc). A run on a
+# subset compares with paper_mean over the same subset, never with these.
 PAPER_AVERAGE: dict[tuple[str, str], float] = {
     ("zero-shot", "det"): 80.43,
     ("zero-shot", "loc"): 93.39,
     ("4-shot", "det"): 88.97,
     ("4-shot", "loc"): 98.67,
 }
+
+
+def paper_mean(column: tuple[str, str], datasets: Iterable[str]) -> float | None:
+    """The paper's mean AUC (%) of `column` over exactly `datasets`; None when there are none or one has no value."""
+    table = PAPER_AUC.get(column, {})
+    values = [table.get(name) for name in datasets]
+    if not values or any(value is None for value in values):
+        return None
+    return sum(values) / len(values)
+
+
+def row_names(datasets: Iterable[str]) -> str:
+    """'ChestXray, BrainMRI': the paper's row names of `datasets`, in the paper's order."""
+    chosen = set(datasets)
+    return ", ".join(row for name, row in PAPER_ROWS.items() if name in chosen)
 
 
 def format_cell(value: float | None) -> str:
