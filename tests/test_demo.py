@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -390,7 +390,7 @@ def test_valid_mask_forms_read_alike(tmp_path: Path, kind: str) -> None:
 @pytest.mark.parametrize(
     "kind,expected",
     [
-        ("zero one", "holds values 0, 1: a mask holds only 0 (background) and 255 (anomaly); a 0/1 mask reads as empty"),
+        ("zero one", "holds values 0, 1: a mask holds only 0 (background) and 255 (anomaly) (a 0/1 mask reads as empty)"),
         ("grey", "holds values 0, 100, 255:"),
         ("many greys", "holds values 0, 1, 2, ..., 253, 254, 255 (256 values)"),
         ("colour", "colour image (its R, G, B channels differ at 9 pixels)"),
