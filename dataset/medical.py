@@ -22,6 +22,13 @@ Decisions (each is repeated where it applies):
 * Masks are matched to images by file name, falling back to the stem (``0001.jpeg`` -> ``0001.png``)
   when the exact name is absent; never by path string replacement or listing order. Extra mask
   files without an image are ignored.
+* A mask is a single-channel image (or RGB with equal channels; alpha ignored) holding only 0
+  (background) and 255 (anomaly), or 0 and 65535 in a 16-bit file; see :func:`mask_array`. Any other
+  value (a 0/1 mask, grey levels, JPEG noise, colour) stops the run with one line naming the file
+  and the values found, rather than being read as (partly) empty as the release would.
+  ``python -m dataset.prepare --binarize_masks`` converts such masks explicitly. An all-zero mask of
+  an abnormal image is accepted here (the image keeps its image-level label and adds no anomalous
+  pixel); ``dataset.prepare`` warns about it.
 * Image pixels follow the release exactly for 8-bit data (RGB conversion, bicubic resize to
   (size, size), ToTensor in [0, 1], no mean/std normalisation); 16-bit greyscale is scaled to 8 bit
   first (see :func:`load_image`), where the release would clip it.
@@ -54,6 +61,9 @@ __all__ = [
     "open_dataset",
     "load_image",
     "load_mask",
+    "mask_array",
+    "open_checked",
+    "MASK_ON",
     "ImageSet",
     "read_seed_file",
     "write_seed_file",
@@ -67,6 +77,12 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 
 MASK_FOLDERS: tuple[str, ...] = ("anomaly_mask", "label")
 """Mask folder names inside ``<split>/Ungood``, in order of preference (BMAD itself uses ``label``)."""
+
+MASK_ON = 255
+"""The anomaly value of an 8-bit mask (background: 0); the release reads ``value / 255 > 0.5``."""
+MASK_ON_16BIT = 65535
+"""The anomaly value of a 16-bit mask (scaled to :data:`MASK_ON` like 16-bit images)."""
+_SHOWN_VALUES = 6  # at most this many distinct mask values are listed in an error (then elided)
 
 SPLITS: tuple[str, ...] = ("valid", "test")
 DATASET_SUFFIX = "_AD"
@@ -266,6 +282,12 @@ def source_datasets_for_zero_shot(data_path: Path | str, target: str) -> list[Me
 # Pixels
 
 
+def open_checked(path: Path | str) -> Image.Image:
+    """Open and fully decode ``path`` (Pillow decodes lazily, so truncation shows only on ``load``);
+    an unreadable file raises DatasetError naming it."""
+    return _open_checked(path)
+
+
 def _open_checked(path: Path | str) -> Image.Image:
     """Open and fully decode ``path`` (Pillow decodes lazily, so truncation shows only on ``load``)."""
     try:
@@ -302,11 +324,77 @@ def _rgb_tensor(img: Image.Image, size: int, path: Path | str) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255)
 
 
+def _is_16bit(img: Image.Image) -> bool:
+    return img.mode.startswith("I;16") or img.mode == "I"
+
+
+def _values_text(values: np.ndarray) -> str:
+    """'0, 1' or '0, 3, 7, ..., 254, 255 (200 values)': the distinct values of a mask, for an error line."""
+    shown = [str(int(v)) for v in values]
+    if len(shown) <= _SHOWN_VALUES:
+        return ", ".join(shown)
+    half = _SHOWN_VALUES // 2
+    return ", ".join(shown[:half] + ["..."] + shown[-half:]) + f" ({len(shown)} values)"
+
+
+MASK_ADVICE = "save it with 0 and 255 only (python -m dataset.prepare --binarize_masks converts a folder of masks)"
+"""What a bad mask's error line tells to do (dataset.prepare, which can convert, says its own)."""
+
+
+def mask_array(img: Image.Image, path: Path | str, advice: str = MASK_ADVICE) -> np.ndarray:
+    """The pixels of a decoded mask as a uint8 array [H, W] of 0 and :data:`MASK_ON`; a bad mask raises.
+
+    What a mask is: a single-channel image (modes ``1``, ``L``, ``LA`` with the alpha ignored, or
+    a palette / RGB / RGBA image whose R, G and B channels are equal, alpha ignored) whose values are
+    only 0 (background) and 255 (anomaly); in a 16-bit file 0 and 65535. An all-zero mask is allowed.
+    Anything else raises :class:`DatasetError` naming the file and the values found: the release
+    would read a 0/1 mask (or grey levels up to 127) as empty and grey levels above 127 as anomaly,
+    which silently gives wrong pixel metrics. The check is one pass over the decoded pixels.
+    ``advice`` ends the error line (what to do).
+    """
+    fix = advice
+    if _is_16bit(img):
+        raw = np.asarray(img)
+        values = np.unique(raw)
+        if not set(values.tolist()) <= {0, MASK_ON_16BIT}:
+            raise DatasetError(
+                f"mask {path} is a 16-bit image holding values {_values_text(values)}: a mask holds only 0 (background) "
+                f"and {MASK_ON_16BIT} (anomaly) in 16 bit, or 0 and {MASK_ON} in 8 bit; {fix}"
+            )
+        return np.where(raw == MASK_ON_16BIT, MASK_ON, 0).astype(np.uint8)
+    if img.mode == "F":
+        raise DatasetError(f"mask {path} is a 32-bit float image (mode F): save it as an 8-bit image with 0 and {MASK_ON} only")
+    if img.mode in ("1", "L"):
+        grey = np.asarray(img.convert("L"))
+    elif img.mode == "LA":
+        grey = np.asarray(img.getchannel("L"))
+    else:
+        rgb = np.asarray(img.convert("RGB"))
+        differ = int(np.count_nonzero((rgb[..., 0] != rgb[..., 1]) | (rgb[..., 0] != rgb[..., 2])))
+        if differ:
+            raise DatasetError(
+                f"mask {path} is a colour image (its R, G, B channels differ at {differ} pixels): a mask is single-channel "
+                f"(or RGB with equal channels) with 0 (background) and {MASK_ON} (anomaly) only; {fix}"
+            )
+        grey = rgb[..., 0]
+    values = np.flatnonzero(np.bincount(grey.ravel(), minlength=MASK_ON + 1))
+    if not set(values.tolist()) <= {0, MASK_ON}:
+        if set(values.tolist()) <= {0, 1}:
+            why = "a 0/1 mask reads as empty"
+        else:
+            why = "grey levels would read as background up to 127 and as anomaly above"
+        raise DatasetError(
+            f"mask {path} holds values {_values_text(values)}: a mask holds only 0 (background) and {MASK_ON} (anomaly) "
+            f"({why}); {fix}"
+        )
+    return np.ascontiguousarray(grey, dtype=np.uint8)
+
+
 def _mask_tensor(img: Image.Image, size: int, path: Path | str) -> torch.Tensor:
-    grey = _to_8bit(img, path).convert("L").resize((size, size), Image.NEAREST)
+    """A checked mask (:func:`mask_array`), nearest-resized, as [1, size, size] floats 0/1 (the release's reading)."""
+    grey = Image.fromarray(mask_array(img, path), mode="L").resize((size, size), Image.NEAREST)
     array = np.array(grey, dtype=np.uint8)
-    values = torch.from_numpy(array).float().div(255).unsqueeze(0)
-    return (values > 0.5).float()
+    return torch.from_numpy(array > MASK_ON // 2).float().unsqueeze(0)
 
 
 def load_image(path: Path | str, size: int) -> torch.Tensor:
@@ -329,9 +417,9 @@ def load_image(path: Path | str, size: int) -> torch.Tensor:
 def load_mask(path: Path | str, size: int) -> torch.Tensor:
     """The release's mask preprocessing: float tensor [1, size, size] of 0/1.
 
-    PIL open, ``convert("L")``, nearest resize, ``/ 255``, binarised at ``> 0.5`` (so a mask stored
-    as 0/1 values reads as empty, as in the release: masks must use 0/255). 16-bit masks are
-    scaled like images first.
+    PIL open, nearest resize, ``/ 255``, binarised at ``> 0.5``, after checking that the mask holds
+    only 0 and 255 (0 and 65535 in 16 bit; :func:`mask_array`): a 0/1 or grey mask, which the release
+    would read as (partly) empty, raises DatasetError naming the file and its values.
     """
     return _mask_tensor(_open_checked(path), size, path)
 
@@ -340,7 +428,8 @@ class ImageSet(Dataset):
     """Samples as tensors: ``{"image": [3,S,S], "mask": [1,S,S], "label": int, "path": str}``.
 
     Normal images and datasets without masks get an all-zero mask. A mask must have its image's
-    original size (checked before resizing). Holds only paths, so it pickles for worker processes.
+    original size and hold only 0 and 255 (:func:`mask_array`), both checked once per decoding,
+    before resizing. Holds only paths, so it pickles for worker processes.
     """
 
     def __init__(self, samples: Sequence[Sample], img_size: int) -> None:
@@ -462,6 +551,7 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp's 0o600 would make the list private to its writer
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -469,6 +559,13 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
         except OSError:
             pass
         raise
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode a plainly created file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @dataclass

@@ -15,6 +15,21 @@ with it is finished and skipped when the command is run again). results.csv (one
 run) and results.md (the paper's layout: paper / release mean±std / leak-free mean±std (n=test
 images)) are rewritten atomically from every finished run after each run.
 
+results.md names what the numbers were made with (backbone, CLIP weights, epochs, data, shots and
+splits, protocols), read from the runs' own metrics.json, and its title says "the paper's settings"
+only when every run used them (mvfa.paper.PAPER_SETTINGS: ViT-L-14-336, OpenAI's weights file by its
+sha256, 240 px, stages 6 12 18 24, 50 epochs, batch 1, the release's learning rates and loss) on all
+six datasets; otherwise it lists the differences. The average row averages each column over the
+datasets that have runs in it, names them, and sets the paper's mean over the same datasets beside it.
+
+Before a run, <run_dir>/data.json records a fingerprint of the data it reads (few-shot: the target
+dataset; zero-shot: every dataset under --data_path, the sources included): per dataset, the sha256
+of its files' sorted relative paths and contents (hidden files skipped). Contents, not sizes and
+mtimes: one read of the data per invocation (sha256 runs at several hundred MB/s, seconds beside
+trainings of hours), and it holds when the data is copied elsewhere (new mtimes) and catches an edit
+that keeps a file's size. A finished run whose data changed is refused with one line, as one made
+with other settings is; a finished run without data.json (made before it existed) is reused with a note.
+
 Under `torchrun --nproc_per_node N` the runs go side by side, one per rank (each on its own GPU,
 cuda:LOCAL_RANK, single-process inside): rank r takes runs r, r + N, ... First every run but the
 normal-only ones, then (after all ranks are done, since they read the zero-shot runs' checkpoints)
@@ -24,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -32,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from CLIP.config import CKPT_DIR, load_config
+from CLIP.loading import sha256_of
 from dataset.medical import find_datasets, select_support
 
 from .cli import guarded, resolve_device
@@ -39,7 +57,15 @@ from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, qui
 from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, RunConfig, json_ready, run, write_atomic
 from .errors import MVFAError
 from .losses import DET_LOSS_FORMS
-from .paper import PAPER_AUC, PAPER_ROWS, format_cell
+from .paper import (
+    PAPER_AUC,
+    PAPER_LEARNING_RATES,
+    PAPER_ROWS,
+    PAPER_SETTINGS,
+    format_cell,
+    paper_mean,
+    row_names,
+)
 from .text import default_cache_dir
 
 PROTOCOLS = {"release": ("test", "test"), "leakfree": ("valid", "valid")}  # protocol -> (select, normalize)
@@ -52,8 +78,13 @@ FINGERPRINT = ("model_name", "clip_ckpt", "pretrain", "img_size", "features_list
 CSV_FIELDS = (
     "dataset", "paper_row", "setting", "shot", "only_normal", "split", "protocol", "select", "normalize", "support",
     "image_auroc", "pixel_auroc", "image_ap", "pixel_ap", "pixel_aupro", "n_images", "n_normal", "n_abnormal",
-    "seconds", "run_dir",
+    "seconds", "run_dir", "data_sha256",
 )
+DATA_FILE = "data.json"  # a run's data fingerprint, written before the run
+DATA_METHOD = "sha256 of each dataset's sorted relative file paths and file contents (hidden files skipped)"
+HASH_CHUNK = 1 << 20
+SHORT_HASH = 12  # hex digits shown in results.md
+UNVERIFIED = "maybe OpenAI's weights"  # marks the one difference that may not be one (see report_title)
 
 
 @dataclass(frozen=True)
@@ -165,8 +196,56 @@ def fingerprint(config: dict) -> dict:
     return {k: config.get(k) for k in FINGERPRINT}
 
 
-def check_finished(plan: Plan, config: RunConfig, root: Path) -> bool:
-    """True when the run has results made with the same settings; an error when made with others."""
+def hash_dataset(root: Path) -> str:
+    """sha256 over a dataset folder: each non-hidden file's relative path and contents, in sorted path order."""
+    digest = hashlib.sha256()
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    for path in files:
+        relative = path.relative_to(root).as_posix().encode()
+        digest.update(len(relative).to_bytes(8, "little") + relative)
+        contents = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                contents.update(chunk)
+        digest.update(contents.digest())
+    return digest.hexdigest()
+
+
+class DataFingerprints:
+    """Each dataset's hash, computed once per invocation (the data must not change while reproduce runs)."""
+
+    def __init__(self, data_path: Path) -> None:
+        self.data_path = Path(data_path)
+        self.hashes: dict[str, str] = {}
+
+    def of(self, names: list[str]) -> dict[str, str]:
+        present = find_datasets(self.data_path)
+        for name in names:
+            if name not in self.hashes:
+                self.hashes[name] = hash_dataset(present[name].root)
+        return {name: self.hashes[name] for name in names}
+
+    def for_plan(self, plan: Plan) -> dict[str, str]:
+        """The datasets a run reads: few-shot its target; zero-shot every dataset under --data_path (the sources)."""
+        names = sorted(find_datasets(self.data_path)) if plan.mode == "zero-shot" else [plan.dataset]
+        return self.of(names)
+
+
+def combined_hash(datasets: dict[str, str]) -> str:
+    """One sha256 for a run's datasets (name: hash pairs in name order)."""
+    return hashlib.sha256("".join(f"{k}:{v};" for k, v in sorted(datasets.items())).encode()).hexdigest()
+
+
+def write_data_file(plan: Plan, root: Path, data: DataFingerprints) -> None:
+    payload = {"data_path": str(data.data_path), "method": DATA_METHOD, "datasets": data.for_plan(plan)}
+    write_atomic(plan.run_dir(root) / DATA_FILE, json.dumps(payload, indent=2) + "\n")
+
+
+def check_finished(plan: Plan, config: RunConfig, root: Path, data: DataFingerprints | None = None) -> bool:
+    """True when the run has results made with the same settings on the same data; an error when not."""
     path = plan.run_dir(root) / "metrics.json"
     if not path.is_file():
         return False
@@ -176,6 +255,22 @@ def check_finished(plan: Plan, config: RunConfig, root: Path) -> bool:
     if differ:
         raise MVFAError(
             f"{path} was made with other settings ({', '.join(f'{k} {stored[k]} vs {wanted[k]}' for k in differ)}): "
+            "use another --output_dir or delete that run"
+        )
+    if data is None:
+        return True
+    data_file = plan.run_dir(root) / DATA_FILE
+    if not data_file.is_file():
+        print(f"note: {plan.run_dir(root)} has no {DATA_FILE} (made before data fingerprints): reused, its data unchecked")
+        return True
+    was = json.loads(data_file.read_text()).get("datasets", {})
+    now = data.for_plan(plan)
+    changed = sorted(name for name in set(was) | set(now) if was.get(name) != now.get(name))
+    if changed:
+        what = ", ".join(f"{name}_AD {'added' if name not in was else 'removed' if name not in now else 'changed'}"
+                         for name in changed)
+        raise MVFAError(
+            f"{plan.run_dir(root)} was made on other data ({what} under {data.data_path} since that run): "
             "use another --output_dir or delete that run"
         )
     return True
@@ -217,7 +312,7 @@ def collect(root: Path, data_path: Path) -> list[dict]:
             "split": int(split_dir.name[len("split"):]), "protocol": protocol,
             "select": "none (zero-shot adapters)" if only_normal else config.get("select"),
             "normalize": config.get("normalize"), "support": support_of(payload, data_path),
-            "run_dir": split_dir.relative_to(root).as_posix(),
+            "run_dir": split_dir.relative_to(root).as_posix(), "data_sha256": stored_data_hash(split_dir),
         }
         for key in CSV_FIELDS:
             if key not in row:
@@ -227,6 +322,12 @@ def collect(root: Path, data_path: Path) -> list[dict]:
     protocols = list(PROTOCOLS)
     rows.sort(key=lambda r: (order.index(r["dataset"]), r["shot"], r["only_normal"], protocols.index(r["protocol"]), r["split"]))
     return rows
+
+
+def stored_data_hash(run_dir: Path) -> str:
+    """The combined hash of a run's data.json ('' for a run made before fingerprints)."""
+    path = run_dir / DATA_FILE
+    return combined_hash(json.loads(path.read_text())["datasets"]) if path.is_file() else ""
 
 
 def rows_csv(rows: list[dict]) -> str:
@@ -298,34 +399,164 @@ def results_table(rows: list[dict], datasets: list[str]) -> str:
         lines.append(f"| {PAPER_ROWS[name]} | " + " | ".join(cells) + " |")
     averages = []
     for column in columns:
-        papers = [paper_value(*column, d) for d in datasets if paper_value(*column, d) is not None]
-        ours = [average_values(values[(column, p)]) for p in PROTOCOLS]
-        used = sorted({d for p in PROTOCOLS for d in values[(column, p)]})
-        if not papers and not any(ours):
+        over = [d for d in PAPER_ROWS if any(d in values[(column, p)] for p in PROTOCOLS)]
+        if not over:  # no run yet: the paper's mean over the datasets of the table that it reports
+            over = [d for d in PAPER_ROWS if d in datasets and paper_value(*column, d) is not None]
+        if not over:
             averages.append("-")
             continue
-        paper = float(np.mean(papers)) if papers else None
-        cell = " / ".join([format_cell(paper)] + [format_stats(v) for v in ours])
-        averages.append(cell + (f" (n={sum(n_images.get(d, 0) for d in used)})" if used else ""))
+        # a protocol missing one of the datasets has no average (it would be over other datasets)
+        ours = [average_values(values[(column, p)]) if set(values[(column, p)]) == set(over) else [] for p in PROTOCOLS]
+        setting = "zero-shot" if column[0] == "zero-shot" else column[0]
+        cell = " / ".join([format_cell(paper_mean((setting, column[1]), over))] + [format_stats(v) for v in ours])
+        n = f"n={sum(n_images[d] for d in over)}; " if all(d in n_images for d in over) else ""
+        averages.append(f"{cell} ({n}over {row_names(over)})")
     lines.append("| average | " + " | ".join(averages) + " |")
     return "\n".join(lines)
 
 
-def report(rows: list[dict], datasets: list[str], args: argparse.Namespace) -> str:
+_WEIGHTS_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, hashed once per invocation
+
+
+def weights_identity(config: dict) -> tuple[str, bool]:
+    """(what the CLIP weights were, True when they are OpenAI's published file of the paper's model by sha256)."""
+    if config.get("pretrain") == "none":
+        return "random (--pretrain none)", False
+    name = config.get("model_name")
+    try:
+        model = load_config(name)
+    except Exception:  # noqa: BLE001 - an unregistered JSON config: no published file to compare with
+        model = None
+    path = Path(config["clip_ckpt"]) if config.get("clip_ckpt") else (
+        CKPT_DIR / model.openai_file if model is not None and model.openai_file else None)
+    if path is None:
+        return "unknown (no --clip_ckpt recorded)", False
+    if not path.is_file():
+        return f"{path} (no longer there: not checked)", False
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _WEIGHTS_SHA256:
+        _WEIGHTS_SHA256[key] = sha256_of(path)
+    digest = _WEIGHTS_SHA256[key]
+    if model is not None and model.openai_sha256 and digest == model.openai_sha256:
+        return f"{path} (OpenAI's {model.openai_file}, sha256 checked)", True
+    return f"{path} (sha256 {digest[:SHORT_HASH]}…; not OpenAI's published file)", False
+
+
+def _values(configs: list[dict], key: str) -> list:
+    """The distinct values of a setting over the runs, in first-seen order."""
+    seen = []
+    for config in configs:
+        value = config.get(key)
+        if value not in seen:
+            seen.append(value)
+    return seen
+
+
+def _shown(values: list) -> str:
+    return ", ".join(" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in values)
+
+
+def run_configs(root: Path, rows: list[dict]) -> list[dict]:
+    """Each finished run's stored settings, with its mode and (under "_data") its data fingerprints."""
+    configs = []
+    for row in rows:
+        payload = json.loads((root / row["run_dir"] / "metrics.json").read_text())
+        data_file = root / row["run_dir"] / DATA_FILE
+        data = json.loads(data_file.read_text()).get("datasets", {}) if data_file.is_file() else {}
+        configs.append({**payload.get("config", {}), "mode": payload.get("mode"), "_data": data})
+    return configs
+
+
+def settings_report(rows: list[dict], configs: list[dict], datasets: list[str], args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(markdown list of what the runs were made with, the differences from the paper's settings)."""
+    if not configs:  # nothing finished yet: what this invocation asked for
+        configs = [{**vars(args), "mode": "few-shot", "learning_rate": args.few_learning_rate,
+                    "features_list": list(args.features_list), "data_path": args.data_path}]
+    differ = []
+    for key, want in PAPER_SETTINGS.items():
+        found = _values(configs, key)
+        if found != [want]:
+            differ.append(f"{key} {_shown(found)} (paper: {_shown([want])})")
+    for mode, want in PAPER_LEARNING_RATES.items():
+        found = _values([c for c in configs if c.get("mode") == mode and not c.get("only_normal")], "learning_rate")
+        if found and found != [want]:
+            differ.append(f"{mode} learning rate {_shown(found)} (paper: {want})")
+    if any(c.get("quick_gelu") for c in configs):
+        differ.append("QuickGELU (the release ran exact GELU)")
+    weights = {}
+    for config in configs:
+        key = (config.get("model_name"), config.get("clip_ckpt"), config.get("pretrain"))
+        if key not in weights:
+            weights[key] = weights_identity(config)
+    if not all(ok for _, ok in weights.values()):
+        unverifiable = all(c.get("pretrain") != "none" and c.get("model_name") == PAPER_SETTINGS["model_name"] for c in configs)
+        differ.append("CLIP weights not OpenAI's published file by sha256"
+                      + (f" ({UNVERIFIED}: a converted copy has another sha256)" if unverifiable else ""))
+    missing = [d for d in PAPER_ROWS if d not in datasets]
+    if missing:
+        differ.append(f"datasets {row_names(datasets)} only ({row_names(missing)} absent)")
+
+    n_images = {}
+    for row in rows:
+        if row["n_images"] != "":
+            n_images.setdefault(row["dataset"], row["n_images"])
+    hashes: dict[str, list[str]] = {}
+    for config in configs:
+        for name, digest in config.get("_data", {}).items():
+            if digest[:SHORT_HASH] not in hashes.setdefault(name, []):
+                hashes[name].append(digest[:SHORT_HASH])
+    protocols = sorted({r["protocol"] for r in rows}, key=list(PROTOCOLS).index) or list(args.protocols)
+    shots = sorted({int(r["shot"]) for r in rows if r["setting"] != "zero-shot"}) or list(args.shots)
+    splits = max((int(r["split"]) + 1 for r in rows if r["setting"] != "zero-shot"), default=args.splits)
+    lines = [
+        f"- backbone: {_shown(_values(configs, 'model_name'))}, input {_shown(_values(configs, 'img_size'))} px, "
+        f"adapter stages {_shown(_values(configs, 'features_list'))}",
+        "- CLIP weights: " + "; ".join(text for text, _ in weights.values()),
+        f"- training: epochs {_shown(_values(configs, 'epoch'))}, batch {_shown(_values(configs, 'batch_size'))}, "
+        f"learning rate {_shown(_values([c for c in configs if c.get('mode') == 'few-shot'], 'learning_rate')) or '-'} "
+        f"(k-shot) / {_shown(_values([c for c in configs if c.get('mode') == 'zero-shot'], 'learning_rate')) or '-'} "
+        f"(zero-shot), det loss {_shown(_values(configs, 'det_loss'))}, seed {_shown(_values(configs, 'seed'))}, "
+        f"precision {_shown(_values(configs, 'precision'))}",
+        f"- data: {_shown(_values(configs, 'data_path'))}: "
+        + ", ".join(f"{PAPER_ROWS[d]} ({n_images[d]} test images)" if d in n_images else PAPER_ROWS[d] for d in datasets)
+        + (f"; fingerprints ({DATA_METHOD}): " + ", ".join(f"{n} {'/'.join(h)}" for n, h in sorted(hashes.items()))
+           if hashes else ""),
+        f"- k-shot: k = {', '.join(map(str, shots))}, {splits} support splits per k; zero-shot: leave-one-out, one run per protocol",
+        "- protocols: " + ", ".join(f"{p} (--select {PROTOCOLS[p][0]} --normalize {PROTOCOLS[p][1]})" for p in protocols),
+    ]
+    return "\n".join(lines), differ
+
+
+def report_title(differ: list[str]) -> str:
+    """'the paper's settings' only when nothing differs; an unchecked weights file alone says 'not verified'."""
+    if not differ:
+        return "# MVFA results (the paper's settings)"
+    only_weights = len(differ) == 1 and UNVERIFIED in differ[0]
+    if only_weights:
+        return f"# MVFA results (not verified as the paper's settings: {differ[0]})"
+    return f"# MVFA results (NOT the paper's settings: {'; '.join(differ)})"
+
+
+def report(rows: list[dict], datasets: list[str], args: argparse.Namespace, configs: list[dict] | None = None) -> str:
     runs = {(r["setting"], r["protocol"]): 0 for r in rows}
     for r in rows:
         runs[(r["setting"], r["protocol"])] += 1
     counts = ", ".join(f"{s} {p}: {n}" for (s, p), n in sorted(runs.items()))
+    settings, differ = settings_report(rows, configs or [], datasets, args)
     return (
-        "# MVFA: the paper's tables reproduced\n\n"
+        f"{report_title(differ)}\n\n"
+        f"Made with (read from the runs' metrics.json):\n\n{settings}\n\n"
         "Each cell: the paper's AUC (%) / ours under the release's protocol (selection on test labels, min-max over "
         "the test set) / ours leak-free (selection on valid data, normalisation fitted on valid normal images), as "
         f"mean±std (sample std) over support splits; (n=…) is the number of test images. k-shot uses k normal and k "
         f"abnormal labelled valid images per split (split 0: the release's seed file where present, then "
         f"deterministic draws); normal-only k-shot uses the k normal images as memory bank with the zero-shot "
-        f"adapters and no abnormal image. Zero-shot has no support and one run per protocol (seed {args.seed}). "
-        f"The paper reports 4-shot only ('-' elsewhere). The average row: the mean over the datasets present "
-        f"(the paper's column likewise), its std over the splits every dataset has.\n\n"
+        f"adapters and no abnormal image. Zero-shot has no support and one run per protocol. "
+        f"The paper reports 4-shot only ('-' elsewhere). The average row: per column, the mean over the datasets "
+        f"named in the cell (those with runs in that column), beside the paper's mean over the same datasets (its "
+        f"published average covers all six, or the three with masks for loc); its std is over the splits every "
+        f"dataset has, and a protocol without runs on all of those datasets shows '-'.\n\n"
         f"{results_table(rows, datasets)}\n\n"
         f"Finished runs: {counts or 'none'}. One row per run in results.csv.\n"
     )
@@ -334,7 +565,7 @@ def report(rows: list[dict], datasets: list[str], args: argparse.Namespace) -> s
 def write_results(root: Path, data_path: Path, datasets: list[str], args: argparse.Namespace) -> list[dict]:
     rows = collect(root, data_path)
     write_atomic(root / "results.csv", rows_csv(rows))
-    write_atomic(root / "results.md", report(rows, datasets, args))
+    write_atomic(root / "results.md", report(rows, datasets, args, run_configs(root, rows)))
     return rows
 
 
@@ -366,6 +597,7 @@ def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None 
             print("note: zero-shot (and normal-only) runs need at least two datasets (leave-one-out): skipped")
         base = base_config(args, device)
         plans = plan_runs(datasets, args)
+        data = DataFingerprints(Path(args.data_path))
         if dist.active:
             print(f"{dist.world_size} ranks make the runs side by side, one run per rank at a time; shown: rank 0's runs")
         done = 0
@@ -373,10 +605,11 @@ def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None 
             for index, plan in phase:
                 config = config_for(plan, base, args, root)
                 what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
-                if check_finished(plan, config, root):
+                if check_finished(plan, config, root, data):
                     print(f"{what}: finished before, skipped", flush=True)
                     continue
                 print(f"\n== {what} ==", flush=True)
+                write_data_file(plan, root, data)
                 run(config)
                 done += 1
                 if dist.is_main:

@@ -1,11 +1,26 @@
-"""python -m mvfa.demo at reduced size, and the overlay drawing."""
+"""python -m mvfa.demo at reduced size, its closing commands run as printed, and the overlay drawing."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import shlex
+
 import numpy as np
+import pytest
 from PIL import Image
 
-from mvfa import demo
+from mvfa import cli, demo, predict
+from mvfa.paper import PAPER_AUC, PAPER_AVERAGE, paper_mean
 from mvfa.visualize import CONTOUR_COLOUR, display_size, overlay
+
+ENTRY_POINTS = {
+    ("python", "train_few.py"): cli.main_train_few,
+    ("python", "test_few.py"): cli.main_test_few,
+    ("python", "train_zero.py"): cli.main_train_zero,
+    ("python", "test_zero.py"): cli.main_test_zero,
+    ("python", "-m", "mvfa.predict"): predict.main,
+}
 
 
 def test_overlay_blends_heatmap_and_draws_the_mask_contour():
@@ -23,10 +38,19 @@ def test_overlay_blends_heatmap_and_draws_the_mask_contour():
     assert overlay(image, anomaly_map).shape == (side, side, 3)
 
 
-def test_demo_quick_run(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert demo.main(["--quick", "--datasets", "Brain", "Chest", "--output_dir", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    """One quick demo run on Brain (masks) and Chest (none), its printed output and folder."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = demo.main(["--quick", "--datasets", "Brain", "Chest", "--output_dir", str(out), "--device", "cpu"])
+    assert code == 0
+    return {"out": out, "printed": printed.getvalue()}
+
+
+def test_demo_quick_run(quick, capsys):
+    out, printed = quick["out"], quick["printed"]
     assert "random weights" in printed and "not the paper's accuracy" in printed
     assert "ViT-L-14-336px.pt" in printed  # how to get the real backbone
     table = (out / "results.md").read_text()
@@ -40,7 +64,56 @@ def test_demo_quick_run(tmp_path, capsys):
     for path in overlays:
         with Image.open(path) as picture:
             assert picture.format == "PNG" and picture.mode == "RGB" and picture.size == (224, 224)
-    # A second run reuses the generated data and the tiny CLIP.
+
+
+def test_average_row_compares_the_same_datasets(quick):
+    """The paper's value in the average row is its mean over the datasets the demo averaged, not its six-dataset average."""
+    line = next(line for line in (quick["out"] / "results.md").read_text().splitlines() if line.startswith("| average"))
+    cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+    assert cells[0] == "average of ChestXray, BrainMRI (zero-shot loc: BrainMRI; 2-shot loc: BrainMRI)"
+    want = [paper_mean(("zero-shot", "det"), ["Chest", "Brain"]), PAPER_AUC[("zero-shot", "loc")]["Brain"],
+            paper_mean(("4-shot", "det"), ["Chest", "Brain"]), PAPER_AUC[("4-shot", "loc")]["Brain"]]
+    assert [float(cell.split(" / ")[0]) for cell in cells[1:]] == pytest.approx(want, abs=0.005)
+    assert want[0] == pytest.approx((71.11 + 78.63) / 2) and want[0] != PAPER_AVERAGE[("zero-shot", "det")]
+
+
+def test_paper_mean_over_all_six_is_the_published_average():
+    for column, average in PAPER_AVERAGE.items():
+        assert paper_mean(column, PAPER_AUC[column]) == pytest.approx(average, abs=0.005)
+    assert paper_mean(("zero-shot", "loc"), ["Chest"]) is None and paper_mean(("zero-shot", "det"), []) is None
+
+
+def test_closing_commands_run_as_printed(quick, capsys, monkeypatch, tmp_path):
+    """Every command of the closing lines parses and runs with exit 0 through the scripts' entry points."""
+    out, printed = quick["out"], quick["printed"]
+    lines = [line[2:] for line in printed.splitlines() if line.startswith("  python ")]
+    commands = [shlex.split(line) for line in lines]
+    assert [next(k for k in ENTRY_POINTS if tuple(c[: len(k)]) == k)[-1] for c in commands] == [
+        "test_few.py", "train_few.py", "train_zero.py", "test_zero.py", "mvfa.predict"]
+    for command in commands:
+        if command[1] in ("train_few.py", "test_few.py"):  # never the default lists of the paper's BMAD names
+            assert command[command.index("--fewshot_seed_dir") + 1] == str(out / "fewshot_seed")
+        assert "ViT-Tiny-14" in command or "mvfa.predict" in command
+    # a default seed list naming files the synthetic data lacks must not matter (the shipped BMAD lists)
+    bogus = tmp_path / "seeds" / "Brain"
+    bogus.mkdir(parents=True)
+    (bogus / "2-shot.txt").write_text("a-0: missing1.png missing2.png\nn-0: missing3.png missing4.png\n")
+    monkeypatch.setattr(cli, "DEFAULT_SEED_DIR", tmp_path / "seeds")
+    capsys.readouterr()
+    for command in commands:
+        key = next(k for k in ENTRY_POINTS if tuple(command[: len(k)]) == k)
+        code = ENTRY_POINTS[key](command[len(key):])
+        assert code == 0, (command, capsys.readouterr().err)
+    # test_few on the demo's checkpoint and support lists gives the demo's few-shot numbers again
+    demo_metrics = json.loads((out / "results" / "few-shot" / "Brain" / "metrics.json").read_text())["metrics"]
+    again = json.loads((out / "next" / "test_few" / "Brain" / "metrics.json").read_text())["metrics"]
+    for key in ("image_auroc", "pixel_auroc"):
+        assert again[key] == pytest.approx(demo_metrics[key], abs=1e-6)
+    assert (out / "next" / "predict" / "Brain" / "predictions.csv").is_file()
+
+
+def test_second_run_reuses_data_and_clip(quick, capsys):
+    out = quick["out"]
     assert demo.main(["--quick", "--datasets", "Brain", "Chest", "--output_dir", str(out), "--few_epochs", "0",
                       "--zero_epochs", "0", "--device", "cpu"]) == 0
     assert "generated" not in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The data layer: layout, ordering, masks, pixel loading, few-shot support, zero-shot sources."""
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -344,7 +345,7 @@ def test_missing_file_raises(tmp_path: Path) -> None:
 
 
 def test_load_mask_binarised(tmp_path: Path) -> None:
-    values = np.array([[0, 127, 128, 255], [1, 200, 50, 129], [0, 0, 255, 255], [128, 127, 0, 0]], np.uint8)
+    values = np.array([[0, 255, 255, 0], [0, 0, 255, 255], [0, 0, 255, 255], [255, 0, 0, 0]], np.uint8)
     path = tmp_path / "m.png"
     Image.fromarray(values).save(path)
     out = load_mask(path, 4)
@@ -355,6 +356,84 @@ def test_load_mask_binarised(tmp_path: Path) -> None:
     # nearest resize of the release
     ref = transforms.ToTensor()(Image.open(path).convert("L").resize((8, 8), Image.NEAREST))
     assert torch.equal(big, (ref > 0.5).float())
+
+
+def _mask_values(h: int = 6, w: int = 6, on: int = 255) -> np.ndarray:
+    values = np.zeros((h, w), np.uint8 if on <= 255 else np.uint16)
+    values[1:4, 2:5] = on
+    return values
+
+
+@pytest.mark.parametrize("kind", ["one bit", "rgb equal", "rgba equal", "la", "palette grey", "16 bit", "empty"])
+def test_valid_mask_forms_read_alike(tmp_path: Path, kind: str) -> None:
+    """Single-channel 0/255 masks in every storage form read as the same 0/1 tensor; an empty mask is allowed."""
+    values = _mask_values()
+    path = tmp_path / "m.png"
+    if kind == "one bit":
+        Image.fromarray(values > 0).save(path)
+    elif kind == "rgb equal":
+        Image.fromarray(np.stack([values] * 3, axis=-1)).save(path)
+    elif kind == "rgba equal":
+        Image.fromarray(np.stack([values] * 3 + [np.full_like(values, 7)], axis=-1)).save(path)
+    elif kind == "la":
+        Image.fromarray(np.stack([values, np.full_like(values, 7)], axis=-1), mode="LA").save(path)
+    elif kind == "palette grey":
+        Image.fromarray(values).convert("P").save(path)
+    elif kind == "16 bit":
+        Image.fromarray(_mask_values(on=65535)).save(path)
+    else:
+        values = np.zeros_like(values)
+        Image.fromarray(values).save(path)
+    assert torch.equal(load_mask(path, 6)[0], torch.from_numpy((values > 0).astype(np.float32)))
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("zero one", "holds values 0, 1: a mask holds only 0 (background) and 255 (anomaly) (a 0/1 mask reads as empty)"),
+        ("grey", "holds values 0, 100, 255:"),
+        ("many greys", "holds values 0, 1, 2, ..., 253, 254, 255 (256 values)"),
+        ("colour", "colour image (its R, G, B channels differ at 9 pixels)"),
+        ("16 bit 0/255", "16-bit image holding values 0, 255"),
+        ("jpeg", "holds values"),
+    ],
+)
+def test_bad_masks_raise_one_line_naming_file_and_values(tmp_path: Path, kind: str, expected: str) -> None:
+    path = tmp_path / ("m.jpg" if kind == "jpeg" else "m.png")
+    values = _mask_values()
+    if kind == "zero one":
+        Image.fromarray(values // 255).save(path)
+    elif kind == "grey":
+        values[0, 0] = 100
+        Image.fromarray(values).save(path)
+    elif kind == "many greys":
+        Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(path)
+    elif kind == "colour":
+        rgb = np.zeros((6, 6, 3), np.uint8)
+        rgb[1:4, 2:5, 0] = 255  # a red lesion
+        Image.fromarray(rgb).save(path)
+    elif kind == "16 bit 0/255":
+        Image.fromarray(values.astype(np.uint16)).save(path)
+    else:
+        Image.fromarray(np.kron(values, np.ones((5, 5), np.uint8))).save(path, quality=75)  # edges inside 8x8 blocks
+    with pytest.raises(DatasetError) as info:
+        load_mask(path, 6)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"mask {path} ") and expected in message, message
+    assert "--binarize_masks" in message
+
+
+def test_imageset_stops_on_a_bad_mask_naming_it(tmp_path: Path) -> None:
+    """Training and testing read masks through ImageSet: a 0/1 mask stops them with one line naming the file."""
+    root = make_dataset(tmp_path, "Brain")
+    bad = root / "test" / "Ungood" / "anomaly_mask" / "a1.png"
+    mask = np.zeros((20, 24), np.uint8)
+    mask[5:10, 6:12] = 1
+    Image.fromarray(mask).save(bad)
+    images = ImageSet(open_dataset(tmp_path, "Brain").samples("test"), SIZE)
+    images[2]  # a good mask
+    with pytest.raises(DatasetError, match=r"^mask .*a1\.png holds values 0, 1: "):
+        images[3]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,6 +644,25 @@ def test_seed_file_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["4-shot.txt"]
     with pytest.raises(DatasetError, match="iterate -1"):
         write_seed_file(path, other, -1)
+
+
+def test_seed_file_is_written_whole_with_the_usual_mode(tmp_path: Path, monkeypatch) -> None:
+    """The file gets a plain file's mode (not mkstemp's 0o600); a failed write leaves the old file and no temporary."""
+    ds = _few_shot_data(tmp_path, n=8)
+    path = tmp_path / "out" / "4-shot.txt"
+    write_seed_file(path, select_support(ds, 4, 0, 7, []), 0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    before = path.read_text()
+
+    def broken_replace(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dataset.medical.os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_seed_file(path, select_support(ds, 4, 1, 7, []), 1)
+    assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["4-shot.txt"]
 
 
 def test_support_dataclass_fields() -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ ROWS = {"Chest": "ChestXray", "Brain": "BrainMRI"}
 SPLITS = 2
 SETTINGS = ("zero-shot", "1-shot", "1-shot-normal")
 COLUMNS = [(s, m) for s in SETTINGS for m in ("det", "loc")]
-CELL = re.compile(r"^(?P<paper>-|[\d.]+) / (?P<release>[^/]+) / (?P<leakfree>[^/(]+?)(?: \(n=(?P<n>\d+)\))?$")
+CELL = re.compile(r"^(?P<paper>-|[\d.]+) / (?P<release>[^/]+) / (?P<leakfree>[^/(]+?)(?: \(n=(?P<n>\d+)(?:; over (?P<over>[^)]+))?\))?$")
 
 
 def reproduce_argv(data: Path, clip: Path, out: Path, *extra: str) -> list[str]:
@@ -109,6 +111,7 @@ def test_every_run_every_cell(done):
             match = CELL.match(cell)
             assert match, cell
             assert match["n"] == str(10 * len(names))
+            assert match["over"] == (", ".join(ROWS[d] for d in names) if label == "average" else None)
             paper = {("zero-shot", "det"): {"Chest": 71.11, "Brain": 78.63}, ("zero-shot", "loc"): {"Brain": 90.27}}
             want_paper = [paper.get((setting, metric), {}).get(d) for d in names]
             assert match["paper"] == ("-" if None in want_paper else f"{np.mean(want_paper):.2f}")
@@ -236,3 +239,130 @@ def test_release_protocol_is_the_scripts_run(done, tmp_path):
         assert ours["metrics"][key] == script["metrics"][key]
     assert (tmp_path / "out" / "predictions.csv").read_text() == (
         done["out"] / "runs" / "Brain" / "1-shot" / "release" / "split0" / "predictions.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# What results.md says it was made with
+
+
+def test_results_md_names_its_settings_and_does_not_claim_the_paper(done):
+    text = (done["out"] / "results.md").read_text()
+    title = text.splitlines()[0]
+    assert title.startswith("# MVFA results (NOT the paper's settings: ") and "reproduced" not in text.lower().split("\n")[0]
+    for part in ("model_name ViT-Tiny-14 (paper: ViT-L-14-336)", "img_size 56 (paper: 240)", "epoch 2 (paper: 50)",
+                 "batch_size 8 (paper: 1)", "features_list 2 4 6 8 (paper: 6 12 18 24)",
+                 "CLIP weights not OpenAI's published file", "datasets ChestXray, BrainMRI only"):
+        assert part in title, part
+    made = text[text.index("Made with"):text.index("Each cell")]
+    assert "- backbone: ViT-Tiny-14, input 56 px, adapter stages 2 4 6 8" in made
+    assert f"- CLIP weights: {done['clip']} (sha256 " in made and "not OpenAI's published file" in made
+    assert "- training: epochs 2, batch 8, learning rate 0.001 (k-shot) / 0.0001 (zero-shot)" in made
+    assert f"- data: {done['data']}: ChestXray (10 test images), BrainMRI (10 test images); fingerprints (sha256 " in made
+    data = reproduce.DataFingerprints(done["data"]).of(["Brain", "Chest"])
+    assert f"Brain {data['Brain'][:12]}, Chest {data['Chest'][:12]}" in made
+    assert "- k-shot: k = 1, 2 support splits per k" in made
+    assert "- protocols: release (--select test --normalize test), leakfree (--select valid --normalize valid)" in made
+
+
+def paper_like_configs() -> list[dict]:
+    base = {"model_name": "ViT-L-14-336", "pretrain": "openai", "img_size": 240, "features_list": [6, 12, 18, 24],
+            "epoch": 50, "batch_size": 1, "det_loss": "release", "quick_gelu": None, "clip_ckpt": "w.pt",
+            "seed": 111, "precision": "fp16", "data_path": "data"}
+    return [{**base, "mode": "few-shot", "learning_rate": 1e-3}, {**base, "mode": "zero-shot", "learning_rate": 1e-4}]
+
+
+@pytest.mark.parametrize("case,title", [
+    ("paper", "# MVFA results (the paper's settings)"),
+    ("converted weights", "# MVFA results (not verified as the paper's settings: CLIP weights not OpenAI's published file by "
+                          "sha256 (maybe OpenAI's weights: a converted copy has another sha256))"),
+    ("five datasets", "# MVFA results (NOT the paper's settings: datasets HIS, ChestXray, OCT17, BrainMRI, LiverCT only (RESC absent))"),
+    ("random weights", "# MVFA results (NOT the paper's settings: pretrain none (paper: openai); CLIP weights not OpenAI's "
+                       "published file by sha256)"),
+    ("zero-shot rate", "# MVFA results (NOT the paper's settings: zero-shot learning rate 0.001 (paper: 0.0001))"),
+])
+def test_title_rule(monkeypatch, case, title):
+    configs, datasets = paper_like_configs(), list(reproduce.PAPER_ROWS)
+    openai = case != "converted weights"
+    monkeypatch.setattr(reproduce, "weights_identity", lambda config: (
+        ("random (--pretrain none)", False) if config["pretrain"] == "none" else ("w.pt", openai)))
+    if case == "five datasets":
+        datasets = datasets[:-1]
+    elif case == "random weights":
+        configs = [{**c, "pretrain": "none"} for c in configs]
+    elif case == "zero-shot rate":
+        configs[1]["learning_rate"] = 1e-3
+    args = reproduce.parse_args([])
+    _, differ = reproduce.settings_report([], configs, datasets, args)
+    assert reproduce.report_title(differ).startswith(title), reproduce.report_title(differ)
+
+
+def test_weights_identity_checks_the_published_sha256(tmp_path, monkeypatch):
+    weights = tmp_path / "ViT-L-14-336px.pt"
+    weights.write_bytes(b"weights")
+    published = hashlib.sha256(b"weights").hexdigest()
+
+    class Config:
+        openai_file, openai_sha256 = "ViT-L-14-336px.pt", published
+
+    monkeypatch.setattr(reproduce, "load_config", lambda name: Config)
+    config = {"model_name": "ViT-L-14-336", "pretrain": "openai", "clip_ckpt": str(weights)}
+    assert reproduce.weights_identity(config) == (f"{weights} (OpenAI's ViT-L-14-336px.pt, sha256 checked)", True)
+    weights.write_bytes(b"other weights")  # a converted or foreign file
+    text, ok = reproduce.weights_identity(config)
+    assert not ok and "not OpenAI's published file" in text
+    assert reproduce.weights_identity({**config, "pretrain": "none"}) == ("random (--pretrain none)", False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The data each run used
+
+
+def small_argv(data: Path, clip: Path, out: Path) -> list[str]:
+    return ["--data_path", str(data), "--output_dir", str(out), "--model_name", TINY_MODEL, "--clip_ckpt", str(clip),
+            "--img_size", str(TINY_SIZE), "--features_list", *TINY_STAGES, "--device", "cpu", "--shots", "1",
+            "--splits", "1", "--protocols", "release", "--epoch", "1", "--batch_size", "8"]
+
+
+def test_finished_runs_on_changed_data_are_refused(tmp_path, capsys):
+    generate_benchmark(tmp_path / "data", seed=1, image_size=64, n_valid=(3, 3), n_test=(3, 3), datasets=["Brain"])
+    clip = write_tiny_clip(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    assert reproduce.main(small_argv(tmp_path / "data", clip, out)) == 0
+    run_dir = out / "runs" / "Brain" / "1-shot" / "release" / "split0"
+    stored = json.loads((run_dir / "data.json").read_text())
+    assert list(stored["datasets"]) == ["Brain"] and stored["data_path"] == str(tmp_path / "data")
+    assert stored["datasets"]["Brain"] == reproduce.hash_dataset(tmp_path / "data" / "Brain_AD")
+    assert read_csv(out / "results.csv")[0]["data_sha256"] == reproduce.combined_hash(stored["datasets"])
+
+    # the same contents elsewhere, with new mtimes: reused
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "data", copy, copy_function=shutil.copyfile)
+    (copy / "Brain_AD" / ".DS_Store").write_bytes(b"finder")  # hidden files do not count
+    capsys.readouterr()
+    assert reproduce.main(small_argv(copy, clip, out)) == 0
+    assert "finished before, skipped" in capsys.readouterr().out
+
+    # one image's contents changed, its size kept: refused with one line
+    image = next((copy / "Brain_AD" / "test" / "good" / "img").iterdir())
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF
+    image.write_bytes(bytes(data))
+    assert reproduce.main(small_argv(copy, clip, out)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{run_dir} was made on other data (Brain_AD changed under {copy}" in err
+
+    # a run made before fingerprints existed is reused, with a note
+    (run_dir / "data.json").unlink()
+    assert reproduce.main(small_argv(tmp_path / "data", clip, out)) == 0
+    assert "has no data.json (made before data fingerprints): reused, its data unchecked" in capsys.readouterr().out
+
+
+def test_zero_shot_fingerprints_every_dataset(tmp_path):
+    generate_benchmark(tmp_path / "data", seed=1, image_size=32, n_valid=(2, 2), n_test=(2, 2), datasets=["Brain", "Chest"])
+    data = reproduce.DataFingerprints(tmp_path / "data")
+    zero = reproduce.Plan("Brain", "zero-shot", 0, False, 0, "release")
+    few = reproduce.Plan("Brain", "few-shot", 1, False, 0, "release")
+    normal = reproduce.Plan("Brain", "few-shot", 1, True, 0, "release")
+    assert list(data.for_plan(zero)) == ["Brain", "Chest"]  # the sources change a zero-shot run
+    assert list(data.for_plan(few)) == ["Brain"] and list(data.for_plan(normal)) == ["Brain"]
+    assert data.for_plan(zero)["Chest"] != data.for_plan(zero)["Brain"]
