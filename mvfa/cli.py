@@ -41,6 +41,7 @@ from .training import EVAL_SCHEDULES
 from .text import default_cache_dir
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
 RELEASE_DEFAULTS = {
     "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
     "zero-shot": {"obj": "Retina_RESC", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
@@ -225,16 +226,31 @@ def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeou
                 work(dist, rank_device)
             except USER_ERRORS as err:
                 if dist.active:
-                    fail(dist, f"error: {err}", 2)
+                    fail(dist, f"error: {one_line(err)}", 2)
                 raise
             except BaseException:
                 if dist.active:
                     fail(dist, traceback.format_exc(), 1)
                 raise
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written whole or not at all: nothing half-written remains
+        print("error: interrupted: files of this run being written were discarded; earlier results are intact",
+              file=sys.stderr)
+        return INTERRUPTED
     return 0
+
+
+def one_line(err: Exception) -> str:
+    """The user error's message; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."): its
+    last line holds the message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(mode: str, train: bool, argv: list[str] | None = None) -> int:

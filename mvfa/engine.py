@@ -576,11 +576,6 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             print(f"support: {config.shot} normal valid images, no abnormal image ({support.source})")
         else:
             print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
-        if config.iterate >= 0 and dist.is_main:
-            seed_file = config.output_dir / f"{config.shot}-shot.txt"
-            write_seed_file(seed_file, support, config.iterate)
-            if config.only_normal:  # the draw as a whole keeps the file readable and the split the few-shot run's
-                print(f"wrote {seed_file}: its a-{config.iterate} line names the drawn abnormal images, not used here")
 
     def memory_bank() -> MemoryBank | None:
         """The bank of the current adapters; only the branch the target's scoring reads (every
@@ -725,6 +720,11 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
                                threshold[0] if threshold is not None else None)
         print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
     if dist.is_main:
+        if few_shot is not None and config.iterate >= 0:  # written with the results: an early error leaves none
+            seed_file = config.output_dir / f"{config.shot}-shot.txt"
+            write_seed_file(seed_file, support, config.iterate)
+            if config.only_normal:  # the draw as a whole keeps the file readable and the split the few-shot run's
+                print(f"wrote {seed_file}: its a-{config.iterate} line names the drawn abnormal images, not used here")
         write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
         if log_rows:
             write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))
