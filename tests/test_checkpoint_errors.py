@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import clip_helpers
+
 from CLIP import create_model
 from mvfa.errors import CheckpointFormatError
 from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
@@ -14,10 +16,7 @@ STAGES = [2, 4, 6, 8]
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    yield from clip_helpers.one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import clip_helpers
+
 from CLIP import create_model
 from mvfa import text
 from mvfa.text import CACHE_FORMAT, TextFeatureBank, default_cache_dir, encode_prompt_ensemble, text_tower_fingerprint
@@ -19,10 +21,7 @@ WORD = "brain"
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    yield from clip_helpers.one_torch_thread()
 
 
 @pytest.fixture(scope="module")
