@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--golden", default=str(REPO / ".gl" / "golden" / "tiny"), help="the golden fixture folder")
     parser.add_argument("--device", default="cuda", help="cuda (the point of the script) or cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run only these checks: test-script runs as mode/obj (e.g. few-shot/Brain), "
+                             "training replays as few or zero (default: all)")
     args = parser.parse_args(argv)
     golden = Path(args.golden)
     if not (golden / "expected.json").is_file():
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"device": args.device}
     with tempfile.TemporaryDirectory() as tmp:
         for mode, obj, has_masks in TEST_RUNS:
+            if args.only is not None and f"{mode}/{obj}" not in args.only:
+                continue
             for dtypes in ("release", "fp32"):
                 started = time.time()
                 row = check_test_script(golden, args.device, mode, obj, has_masks, dtypes, Path(tmp) / f"{mode}-{obj}-{dtypes}")
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"test {mode} {obj} --scoring_dtypes {dtypes}"] = row
                 print(f"test {mode} {obj} ({dtypes} dtypes): {json.dumps(row)}", flush=True)
         for kind, obj in TRAIN_RUNS:
+            if args.only is not None and kind not in args.only:
+                continue
             started = time.time()
             row = check_training(golden, args.device, kind, obj, Path(tmp) / f"train-{kind}")
             row["seconds"] = round(time.time() - started, 1)

@@ -1,12 +1,14 @@
-"""scripts/gpu_protocol.sh, the prepared end-to-end protocol run for a lent GPU, at a tiny scale on
-the CPU: it must run as written (data, weights, train_few.py, the timing line) before a GPU session
-spends its minutes on it."""
+"""The scripts prepared for a lent GPU, at a tiny scale on the CPU: they must run as written before a
+GPU session spends its minutes on them. scripts/gpu_protocol.sh (data, weights, train_few.py, the
+timing line) and scripts/gpu_golden.py (the release-parity check)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,18 @@ def test_gpu_protocol_script_runs_at_a_tiny_scale_on_cpu(tmp_path):
     with open(tmp_path / "out" / "train_few" / "predictions.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 73 and sum(int(row["label"]) for row in rows) == 70  # the copies are scored too
+
+
+def test_gpu_golden_script_runs_on_the_cpu(golden_dir, tmp_path):
+    """scripts/gpu_golden.py, the release-parity check prepared for a lent GPU, on the CPU for one case:
+    it prints each setting's differences from the golden values (on the CPU: float rounding)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_golden.py"), "--device", "cpu", "--golden", str(golden_dir),
+         "--only", "zero-shot/Chest", "--json", str(tmp_path / "golden.json")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = json.loads((tmp_path / "golden.json").read_text())
+    for dtypes in ("release", "fp32"):
+        row = figures[f"test zero-shot Chest --scoring_dtypes {dtypes}"]
+        assert row["image_auroc_diff"] < 1e-9 and row["image_score_max_diff"] < 2e-5
