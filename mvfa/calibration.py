@@ -23,6 +23,10 @@ from .evaluation import MemoryBank, Normalization, TensorSet, choose_threshold, 
 from .model import AdaptedViT
 
 
+# how a stored threshold's number reads: scores under the fitted statistics, not probabilities
+SCORE_SCALE = "on the checkpoint's score scale (valid normal images span about 0 to 1; anomalies score higher)"
+
+
 class CalibrationSettings(Protocol):
     """The run settings calibration reads (mvfa.engine.RunConfig has them)."""
 
@@ -93,7 +97,7 @@ def calibrate(
     reference = choice["reference"]
     how = "best F1" if rule == "f1" else f"at most {config.target_fpr:g} of normal images flagged"
     print(
-        f"calibration: normalisation fitted on {norm.source}; threshold {choice['threshold']:.4f} ({how} on "
+        f"calibration: normalisation fitted on {norm.source}; threshold {choice['threshold']:.4f} {SCORE_SCALE} ({how} on "
         f"{len(result.labels)} valid images: precision {reference['precision']:.4f}, recall {reference['recall']:.4f}, "
         f"F1 {reference['f1']:.4f}, FPR {reference['fpr']:.4f})"
     )

@@ -42,7 +42,7 @@ from dataset.medical import (
 )
 
 from .augment import augment
-from .calibration import calibrate, fit_reference, stored_normalization, stored_threshold
+from .calibration import SCORE_SCALE, calibrate, fit_reference, stored_normalization, stored_threshold
 from .distributed import SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .errors import MVFAError
 from .files import write_text_atomic
@@ -702,7 +702,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             "normalization": "checkpoint", "test": test,
         }
         print(
-            f"threshold {value:.4f} ({meta.get('threshold_rule')} on valid, checkpoint normalisation): test precision "
+            f"threshold {value:.4f} {SCORE_SCALE} ({meta.get('threshold_rule')} on valid): test precision "
             f"{test['precision']:.4f} recall {test['recall']:.4f} F1 {test['f1']:.4f} FPR {test['fpr']:.4f}"
         )
     if config.save_maps is not None:
