@@ -30,7 +30,7 @@ from torch import nn
 from CLIP.config import CLIPConfig
 
 THROWAWAY_FLOATS = 1 << 20  # the reusable draw buffer: 4 MiB of float32
-NORMAL_BLOCK = 16  # torch's CPU normal_ fills a tensor of >= 16 elements 16 uniforms at a time
+NORMAL_BLOCK = 16  # torch's CPU normal_ turns uniforms into normals 16 at a time (tensors of >= 16 elements)
 LINEAR_INIT_SLOPE = math.sqrt(5)  # nn.Linear's default init: kaiming_uniform_(a=sqrt(5))
 # zero-shot: the release visits the source datasets in this order (other datasets follow, sorted)
 RELEASE_SOURCE_ORDER = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
@@ -164,8 +164,10 @@ class ReleaseRandom:
         if kind == NORMAL and count < NORMAL_BLOCK:
             torch.empty(count).normal_(generator=self.torch)  # the scalar path: draw it as it is
             return
-        if kind == NORMAL:  # the vectorised path uses one uniform per element, rounded up to a block
-            count = -(-count // NORMAL_BLOCK) * NORMAL_BLOCK
+        if kind == NORMAL and count % NORMAL_BLOCK:
+            # the vectorised path draws one uniform per element, then redraws the last block of 16
+            # when the count is not a multiple of it
+            count += NORMAL_BLOCK
         if self._buffer is None:
             self._buffer = torch.empty(THROWAWAY_FLOATS)
         while count > 0:
