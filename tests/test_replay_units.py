@@ -183,12 +183,6 @@ def test_normal_skip_matches_torch_normal(count):
     assert same_state(replay.torch, real)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in mvfa.replay._skip: torch's CPU normal_ of n >= 16 elements with n % 16 != 0 draws n + 16 "
-    "uniforms (it redraws the last 16), not n rounded up to a multiple of 16; harmless for the shipped "
-    "configs (all widths are multiples of 16) but wrong for a JSON config with another width",
-)
 @pytest.mark.parametrize("count", [17, 100, 1000])
 def test_normal_skip_matches_torch_normal_off_the_block(count):
     """A NORMAL skip of n elements, n >= 16 not a multiple of 16, moves the generator like torch's normal_."""
@@ -200,7 +194,8 @@ def test_normal_skip_matches_torch_normal_off_the_block(count):
 
 
 def test_torch_normal_off_the_block_uses_n_plus_16_uniforms():
-    """The fact behind the xfail above: normal_ of 17, 100, 1000 floats uses 33, 116, 1016 uniforms."""
+    """The fact behind the count above: normal_ of 17, 100, 1000 floats uses 33, 116, 1016 uniforms
+    (torch redraws the last block of 16; ../shared/METHOD.md section 8 says 'rounded up to 16')."""
     for count, uniforms in ((17, 33), (100, 116), (1000, 1016)):
         normal, uniform = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
         torch.empty(count).normal_(generator=normal)
