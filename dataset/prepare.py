@@ -25,7 +25,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import math
@@ -35,6 +34,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("prepare")
 
 from PIL import Image
 
@@ -48,6 +52,7 @@ from dataset.medical import (
     NORMAL_DIR,
     SPLITS,
 )
+from mvfa.parsers import prepare_parser as build_parser
 
 CLASSES = (("normal", NORMAL_DIR), ("abnormal", ABNORMAL_DIR))
 MASK_DIR = MASK_FOLDERS[0]
@@ -311,19 +316,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dataset.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--normal", required=True, help="folder of normal images")
-    parser.add_argument("--abnormal", required=True, help="folder of abnormal images")
-    parser.add_argument("--masks", default=None, help="folder of masks of the abnormal images (0/255, the image's size)")
-    parser.add_argument("--out", required=True, help="the dataset folder to create, named <Name>_AD (e.g. data/Knee_AD)")
-    parser.add_argument("--valid_fraction", type=float, default=0.3, help="share of each class put in valid (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
-    parser.add_argument("--link", action="store_true", help="hard-link instead of copying (same file system)")
-    parser.add_argument("--mask_suffix", default="", help="mask stems end with this (e.g. _mask: 0001_mask.png is 0001's mask)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,9 @@ Under `torchrun --nproc_per_node N` the same commands run as N ranks (mvfa.distr
 evaluation is sharded with the single-process results, rank 0 prints and writes. A rank that fails
 prints its error (a user error in one line, anything else with its traceback) and leaves at once
 with exit code 2 or 1, so that torchrun stops the job instead of the other ranks waiting.
+
+This module imports no torch: the parser is built and parsed (and --help answered) first; the
+engine, torch and the process group are imported by the functions that run after parsing.
 """
 from __future__ import annotations
 
@@ -15,81 +18,135 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 
-from .engine import (
+from .choices import (
     CALIBRATION_RULES,
     DEFAULT_SEED_DIR,
+    DEFAULT_TIMEOUT_S,
+    DET_LOSS_FORMS,
+    EVAL_SCHEDULES,
     NORMALIZATIONS,
     ORDERS,
     PRECISIONS,
     PREFIX_CACHE_MODES,
     SCORING_DTYPES,
     SELECTIONS,
-    RunConfig,
-    run,
 )
-from .distributed import DEFAULT_TIMEOUT_S, Dist, fail, process_group
 from .errors import MVFAError
-from .losses import DET_LOSS_FORMS
-from .training import EVAL_SCHEDULES
-from .text import default_cache_dir
+from .parsers import new_parser
+
+if TYPE_CHECKING:
+    import torch
+
+    from .distributed import Dist
+    from .engine import RunConfig
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 RELEASE_DEFAULTS = {
     "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
     "zero-shot": {"obj": "Retina_RESC", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
 }
+# Example command lines of each script's --help (after the script's name).
+EXAMPLES = {
+    ("few-shot", True): [
+        "--obj Brain --shot 4",
+        '--obj Knee --prompt_name "knee MRI" --shot 4 --select valid',
+        "--obj Brain --shot 8 --iterate -1 --seed 7 --output_dir results/brain-8shot-draw7",
+    ],
+    ("few-shot", False): [
+        "--obj Brain --shot 4",
+        "--obj Brain --shot 4 --normalize checkpoint --save_maps 5",
+        "--obj Brain --only_normal --zero_shot_ckpt ckpt/zero-shot/Brain-zero-seed111.pth",
+    ],
+    ("zero-shot", True): [
+        "--obj Liver",
+        "--obj Liver --select valid --order sorted",
+        "--obj Liver --threshold_rule fpr --target_fpr 0.01",
+    ],
+    ("zero-shot", False): [
+        "--obj Liver",
+        "--obj Liver --checkpoint ckpt/zero-shot/Liver.pth --save_maps",
+    ],
+}
 
 
-def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
+def script_name(mode: str, train: bool) -> str:
+    return ("train" if train else "test") + ("_few" if mode == "few-shot" else "_zero") + ".py"
+
+
+def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of one of the four scripts (`prog`: the name shown in usage and examples).
+
+    Test scripts accept the release's training flags (--epoch, --learning_rate, --batch_size,
+    --save_model, --select, --det_loss: its test scripts took them) but do not list them: they
+    change nothing in a test run.
+    """
     defaults = RELEASE_DEFAULTS[mode]
-    script = ("train" if train else "test") + ("_few" if mode == "few-shot" else "_zero") + ".py"
-    parser = argparse.ArgumentParser(
-        prog=script,
-        description=f"MVFA {mode} {'training' if train else 'testing'} (flags of the release, plus new ones).",
+    prog = prog or script_name(mode, train)
+    typed = f"python {prog}" if prog.endswith(".py") else prog  # the examples as typed
+    parser = new_parser(
+        prog,
+        f"MVFA {mode} {'training' if train else 'testing'} (flags of the release, plus new ones). Results go to "
+        "--output_dir: metrics.json, predictions.csv, " + ("train_log.csv; adapters to --save_path." if train else
+                                                          "and with --save_maps overlays."),
+        [f"{typed} {line}" for line in EXAMPLES[(mode, train)]],
     )
+    training_only = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
     release = parser.add_argument_group("the release's flags")
     release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
     release.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
-    release.add_argument("--img_size", type=int, default=240)
+    release.add_argument("--img_size", type=int, default=240, help="model input size in pixels")
     release.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24], help="adapter stages (1-indexed blocks)")
-    release.add_argument("--seed", type=int, default=111)
-    release.add_argument("--batch_size", type=int, default=1, help="training batch size (the release: 1)")
-    release.add_argument("--save_path", default=defaults["save_path"], help="adapter checkpoints folder")
-    release.add_argument("--save_model", type=int, default=1, help="1: save the selected adapters (training)")
-    release.add_argument("--model_name", default="ViT-L-14-336", help="registered config name or a JSON config path")
+    if train:
+        seed_help = "seed of the release's draws (initial adapters, epoch orders) and of random support draws"
+    elif mode == "few-shot":
+        seed_help = "seed of a random support draw (--iterate -1) and in the checkpoint's name"
+    else:
+        seed_help = "seed in the checkpoint's name <obj>-zero-seed<seed>.pth"
+    release.add_argument("--seed", type=int, default=111, help=seed_help)
+    release.add_argument("--batch_size", type=int, default=1, help=training_only("training batch size (the release: 1)"))
+    release.add_argument("--save_path", default=defaults["save_path"],
+                         help="folder the adapter checkpoints are written to" if train else
+                         "folder the adapter checkpoint is read from (<obj>-<run tag>.pth, else the release's <obj>.pth)")
+    release.add_argument("--save_model", type=int, default=1, help=training_only("1: save the selected adapters"))
+    release.add_argument("--model_name", default="ViT-L-14-336",
+                         help="registered CLIP config name (CLIP/model_configs) or a JSON config path")
     release.add_argument("--pretrain", default="openai", help="openai: load --clip_ckpt; none: random CLIP weights")
-    release.add_argument("--epoch", type=int, default=50)
-    release.add_argument("--learning_rate", type=float, default=defaults["learning_rate"])
+    release.add_argument("--epoch", type=int, default=50, help=training_only("training epochs"))
+    release.add_argument("--learning_rate", type=float, default=defaults["learning_rate"],
+                         help=training_only("Adam step (betas 0.5, 0.999)"))
     if mode == "few-shot":
         release.add_argument("--shot", type=int, default=4, help="k abnormal and k normal support images")
         release.add_argument("--iterate", type=int, default=0, help="seed-file line; -1: a random draw from --seed")
 
     added = parser.add_argument_group("added flags")
     added.add_argument("--clip_ckpt", default=None, help="CLIP weights (default: CLIP/ckpt/<OpenAI file of --model_name>)")
-    added.add_argument("--output_dir", default=None, help="where metrics.json, predictions.csv and logs go")
-    added.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    added.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast on CUDA (default fp16 there, fp32 on CPU)")
+    added.add_argument("--output_dir", default=None,
+                       help="where metrics.json, predictions.csv and logs go "
+                            f"(default: results/{mode}/<obj>/{'train' if train else 'test'}-<run tag>)")
+    added.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    added.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast on CUDA (default: fp16 there, fp32 on CPU)")
     added.add_argument("--scoring_dtypes", choices=SCORING_DTYPES, default="release",
                        help="CUDA with --precision fp16/bf16: release (the release's dtypes: memory bank forward in fp32 "
                             "without autocast, text features and scoring under autocast) or fp32 (scoring in fp32 "
                             "after the autocast forward); no effect on the CPU")
     added.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
-    added.add_argument("--eval_batch_size", type=int, default=8)
+    added.add_argument("--eval_batch_size", type=int, default=8, help="evaluation batch size")
     added.add_argument("--select", choices=SELECTIONS, default="test",
-                       help="model selection: test (the release; uses test labels), valid (held-out), last")
-    added.add_argument("--prompt_name", default=None, help="object word for the prompts of a dataset not in the registry")
+                       help=training_only("model selection: test (the release; uses test labels), valid (held-out), last"))
+    added.add_argument("--prompt_name", default=None,
+                       help="object word for the prompts of a dataset not in the registry (default: the registered word of --obj)")
     added.add_argument("--quick_gelu", action="store_true", default=None, help="OpenAI's QuickGELU (the release ran exact GELU)")
     added.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto",
                        help="keep the frozen blocks' outputs of repeatedly scored images (results are identical)")
     added.add_argument("--cache_dir", default=None,
-                       help="on-disk cache of text features (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
-    added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
+                       help="on-disk cache of text features (default: $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
+    added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release",
+                       help=training_only("release: the probability passed to BCE-with-logits, as the release; bce: textbook BCE"))
     added.add_argument("--compile", action="store_true",
                        help="torch.compile the adapted model's forward (inductor; results agree with the eager run to "
                             "float rounding, not bit for bit; the first batches of each shape pay the compilation)")
@@ -102,7 +159,7 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                                 "system) or sorted (by name, the same everywhere)")
         added.add_argument("--listings", default=None, metavar="JSON",
                            help="replay a run recorded elsewhere: a JSON mapping image folders (relative to "
-                                "--data_path) to their file names in the recorded listing order")
+                                "--data_path) to their file names in the recorded listing order (default: none)")
         added.add_argument("--eval_schedule", choices=EVAL_SCHEDULES, default="release",
                            help="when the target is scored for selection: release (before steps 0, N//5, 2N//5, ... "
                                 "of each epoch, the latest tie wins) or final (after steps N/5, ..., N: the last "
@@ -112,7 +169,7 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                                 "(effective batch: ranks x --batch_size); default: every rank trains the release's batches")
     if mode == "few-shot":
         added.add_argument("--fewshot_seed_dir", action="append", default=None,
-                           help=f"folder of <obj>/<k>-shot.txt support lists (default {DEFAULT_SEED_DIR}); repeatable")
+                           help=f"folder of <obj>/<k>-shot.txt support lists (default: {DEFAULT_SEED_DIR}); repeatable")
     if train:
         added.add_argument("--threshold_rule", choices=CALIBRATION_RULES, default="f1",
                            help="after training, fit normalisation statistics on valid normal images (not the support) "
@@ -125,16 +182,24 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                            help="test: min-max over the test set (the release); valid: fitted on valid normal images "
                                 "(not the support); checkpoint: the statistics stored at training")
         added.add_argument("--save_maps", type=int, nargs="?", const=0, default=None, metavar="N",
-                           help="write anomaly-map overlays to <output_dir>/maps: every test image, or the N highest- and N lowest-scoring")
+                           help="write anomaly-map overlays to <output_dir>/maps: every test image, or the N highest- "
+                                "and N lowest-scoring (default: no overlays)")
         if mode == "few-shot":
             added.add_argument("--only_normal", action="store_true",
                                help="normal-only few-shot: the k normal support images as memory bank, the adapters of "
                                     "--zero_shot_ckpt, no abnormal image and no training")
-            added.add_argument("--zero_shot_ckpt", default=None, help="--only_normal: the zero-shot adapter checkpoint of --obj")
+            added.add_argument("--zero_shot_ckpt", default=None,
+                               help="--only_normal: the zero-shot adapter checkpoint of --obj (default: none)")
     return parser
 
 
+# ------------------------------------------------------------------------------------------------
+# A run
+
+
 def resolve_device(requested: str | None) -> torch.device:
+    import torch
+
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -148,6 +213,9 @@ def resolve_device(requested: str | None) -> torch.device:
 
 def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
     """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
+    from .engine import RunConfig
+    from .text import default_cache_dir
+
     device = resolve_device(device if device is not None else args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     shot = getattr(args, "shot", 0)
@@ -214,6 +282,8 @@ def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeou
     process at once, before the process group's teardown (mvfa.distributed.fail), so that no rank
     waits for it in a collective.
     """
+    from .distributed import fail, process_group
+
     try:
         with process_group(device, timeout_s, backend) as (dist, rank_device):
             try:
@@ -234,7 +304,13 @@ def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeou
 
 def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
     args = build_parser(mode, train).parse_args(argv)
-    return guarded(lambda dist, device: run(config_from_args(args, mode, train, device), dist), args.device, args.dist_timeout)
+
+    def work(dist: Dist, device: str | None) -> None:
+        from .engine import run
+
+        run(config_from_args(args, mode, train, device), dist)
+
+    return guarded(work, args.device, args.dist_timeout)
 
 
 def main_train_few(argv: list[str] | None = None) -> int:
