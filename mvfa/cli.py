@@ -8,12 +8,17 @@ evaluation is sharded with the single-process results, rank 0 prints and writes.
 prints its error (a user error in one line, anything else with its traceback) and leaves at once
 with exit code 2 or 1, so that torchrun stops the job instead of the other ranks waiting.
 
+`--config FILE` reads flag values from a JSON object (keys: the flag names without dashes) as the
+parser's defaults, so flags on the command line win; after a run, `<output_dir>/run_config.json`
+holds every listed flag's final value, and `--config` of that file repeats the run.
+
 This module imports no torch: the parser is built and parsed (and --help answered) first; the
 engine, torch and the process group are imported by the functions that run after parsing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -50,12 +55,14 @@ RELEASE_DEFAULTS = {
     "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
     "zero-shot": {"obj": "Retina_RESC", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
 }
+RUN_CONFIG_FILE = "run_config.json"  # every flag of a run, as parsed: `--config` repeats the run
+NOT_A_FLAG = ("help", "config")  # destinations a --config file cannot set
 # Example command lines of each script's --help (after the script's name).
 EXAMPLES = {
     ("few-shot", True): [
         "--obj Brain --shot 4",
         '--obj Knee --prompt_name "knee MRI" --shot 4 --select valid',
-        "--obj Brain --shot 8 --iterate -1 --seed 7 --output_dir results/brain-8shot-draw7",
+        "--config results/few-shot/Brain/train-4shot-it0-seed111/run_config.json --seed 112",
     ],
     ("few-shot", False): [
         "--obj Brain --shot 4",
@@ -65,13 +72,23 @@ EXAMPLES = {
     ("zero-shot", True): [
         "--obj Liver",
         "--obj Liver --select valid --order sorted",
-        "--obj Liver --threshold_rule fpr --target_fpr 0.01",
+        "--config results/zero-shot/Liver/train-zero-seed111/run_config.json --output_dir results/again",
     ],
     ("zero-shot", False): [
         "--obj Liver",
         "--obj Liver --checkpoint ckpt/zero-shot/Liver.pth --save_maps",
     ],
 }
+
+
+class Repeatable(argparse.Action):
+    """`action="append"` whose command-line values replace the default instead of extending it, so
+    that a list given in a --config file is overridden, not added to, by the flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, [*items, values])
 
 
 def script_name(mode: str, train: bool) -> str:
@@ -91,11 +108,14 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
     parser = new_parser(
         prog,
         f"MVFA {mode} {'training' if train else 'testing'} (flags of the release, plus new ones). Results go to "
-        "--output_dir: metrics.json, predictions.csv, " + ("train_log.csv; adapters to --save_path." if train else
-                                                          "and with --save_maps overlays."),
+        f"--output_dir: metrics.json, predictions.csv, {RUN_CONFIG_FILE} (every flag of the run: --config "
+        "repeats it), " + ("train_log.csv; adapters to --save_path." if train else "and with --save_maps overlays."),
         [f"{typed} {line}" for line in EXAMPLES[(mode, train)]],
     )
     training_only = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"JSON file of flag values (keys: flag names without dashes, as in a run's {RUN_CONFIG_FILE}) "
+                             "used as defaults; flags given on the command line override them (default: none)")
     release = parser.add_argument_group("the release's flags")
     release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
     release.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
@@ -168,7 +188,7 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                            help="under torchrun: data-parallel training, each rank a part of every batch "
                                 "(effective batch: ranks x --batch_size); default: every rank trains the release's batches")
     if mode == "few-shot":
-        added.add_argument("--fewshot_seed_dir", action="append", default=None,
+        added.add_argument("--fewshot_seed_dir", action=Repeatable, default=None,
                            help=f"folder of <obj>/<k>-shot.txt support lists (default: {DEFAULT_SEED_DIR}); repeatable")
     if train:
         added.add_argument("--threshold_rule", choices=CALIBRATION_RULES, default="f1",
@@ -191,6 +211,108 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
             added.add_argument("--zero_shot_ckpt", default=None,
                                help="--only_normal: the zero-shot adapter checkpoint of --obj (default: none)")
     return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# --config FILE and run_config.json
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Destination -> action of every flag a --config file may set (all but --help and --config)."""
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_A_FLAG}
+
+
+def run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The listed flags of the run and their final values (what run_config.json holds)."""
+    return {dest: getattr(args, dest) for dest, action in flag_actions(parser).items() if action.help != argparse.SUPPRESS}
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _json_kind(value) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _item(value, kind: type):
+    """`value` as a `kind` flag value (an int for a float flag becomes a float); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    return value if isinstance(value, kind) else None
+
+
+def config_value(key: str, value, action: argparse.Action, source: str):
+    """A --config file's `value` for flag `key`, checked against the flag's type, arity and choices."""
+    kind = action.type or str
+    many = action.nargs in ("+", "*") or isinstance(action, Repeatable)
+    if action.nargs == 0:
+        expected = "true or false"
+    elif many:
+        expected = f"a list of {'strings' if kind is str else 'integers' if kind is int else 'numbers'}"
+    else:
+        expected = _TYPE_NAMES.get(kind, kind.__name__)
+    if action.choices is not None:
+        expected += f" among {', '.join(map(str, action.choices))}"
+    if action.default is None:
+        expected += " or null"
+    if value is None and action.default is None:
+        return None
+    if action.nargs == 0:
+        checked = value if isinstance(value, bool) else None
+    elif many:
+        items = [_item(v, kind) for v in value] if isinstance(value, list) and (value or action.nargs != "+") else None
+        checked = items if items is not None and all(v is not None for v in items) else None
+    else:
+        checked = _item(value, kind)
+    chosen = checked if isinstance(checked, list) else [checked]
+    if checked is None or (action.choices is not None and not all(v in action.choices for v in chosen)):
+        raise MVFAError(f"--config {source}: {key} must be {expected}, found {json.dumps(value)} ({_json_kind(value)})")
+    return checked
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The flag values of a --config JSON file, checked: one MVFAError line names what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MVFAError(f"--config {path}: no such file (expected a JSON file of flag values, e.g. a run's {RUN_CONFIG_FILE})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MVFAError(f"--config {path} is not readable ({type(err).__name__}: {getattr(err, 'strerror', None) or err})") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MVFAError(f"--config {path} is not JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                        'expected an object of flag values, e.g. {"epoch": 5}') from None
+    if not isinstance(values, dict):
+        raise MVFAError(f'--config {path} must hold a JSON object of flag values (e.g. {{"epoch": 5}}), found {_json_kind(values)}')
+    actions = flag_actions(parser)
+    unknown = [key for key in values if key not in actions]
+    if unknown:
+        listed = [dest for dest, action in actions.items() if action.help != argparse.SUPPRESS]
+        raise MVFAError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                        f"{parser.prog} takes {', '.join(listed)}")
+    return {key: config_value(key, value, actions[key], path) for key, value in values.items()}
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; with --config FILE its values become the defaults and the command line is parsed
+    again, so that the flags given explicitly win."""
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    parser.set_defaults(**read_config_file(args.config, parser))
+    return parser.parse_args(argv)
+
+
+def write_run_config(output_dir: Path, flags: dict) -> Path:
+    from .files import write_text_atomic  # imports torch: only once a run has happened
+
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    write_text_atomic(path, json.dumps(flags, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,12 +425,22 @@ def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeou
 
 
 def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
-    args = build_parser(mode, train).parse_args(argv)
+    """Parse the flags (and a --config file), run, and write <output_dir>/run_config.json after the run."""
+    parser = build_parser(mode, train)
+    try:
+        args = parse_flags(parser, argv)
+    except MVFAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    flags = run_flags(parser, args)
 
     def work(dist: Dist, device: str | None) -> None:
         from .engine import run
 
-        run(config_from_args(args, mode, train, device), dist)
+        config = config_from_args(args, mode, train, device)
+        run(config, dist)
+        if dist.is_main:
+            write_run_config(config.output_dir, flags)
 
     return guarded(work, args.device, args.dist_timeout)
 

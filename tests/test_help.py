@@ -117,6 +117,7 @@ def test_test_scripts_do_not_list_training_flags_but_accept_the_release_ones(mod
     # the release's test scripts took these flags: command lines written for them still parse
     args = parser.parse_args(["--epoch", "3", "--learning_rate", "0.1", "--batch_size", "2", "--save_model", "0"])
     assert args.epoch == 3
+    assert "epoch" not in cli.run_flags(parser, args)  # and run_config.json does not record them
     training = set(option_blocks(cli.build_parser(mode, train=True).format_help()))
     assert {"--epoch", "--select", "--threshold_rule"} <= training
 
