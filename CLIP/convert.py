@@ -15,13 +15,19 @@ Exit codes: 0 written; 2 bad input or output (one line on stderr, nothing writte
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("convert")
+
 import torch
+
+from mvfa.parsers import convert_parser as build_parser
 
 from .config import CLIPConfig, list_models, load_config
 from .errors import CheckpointError, CLIPError
@@ -105,15 +111,7 @@ def published_sha256_note(source: Path, config: CLIPConfig) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m CLIP.convert",
-        description="Convert OpenAI's TorchScript CLIP archive (or any accepted checkpoint form) "
-        "into a plain state dict that loads with torch.load(weights_only=True).",
-    )
-    parser.add_argument("input", type=Path, help="checkpoint to read, e.g. CLIP/ckpt/ViT-L-14-336px.pt")
-    parser.add_argument("output", type=Path, help="plain state dict to write (torch.save)")
-    parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         state_dict, config, digest = convert(args.input, args.output, force=args.force)
     except CLIPError as err:

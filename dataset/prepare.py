@@ -41,7 +41,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import math
@@ -52,6 +51,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("prepare")
 
 import numpy as np
 from PIL import Image
@@ -69,6 +73,7 @@ from dataset.medical import (
     mask_array,
     open_checked,
 )
+from mvfa.parsers import prepare_parser as build_parser
 
 CLASSES = (("normal", NORMAL_DIR), ("abnormal", ABNORMAL_DIR))
 MASK_DIR = MASK_FOLDERS[0]
@@ -486,22 +491,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dataset.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--normal", required=True, help="folder of normal images")
-    parser.add_argument("--abnormal", required=True, help="folder of abnormal images")
-    parser.add_argument("--masks", default=None, help="folder of masks of the abnormal images (0/255, the image's size)")
-    parser.add_argument("--out", required=True, help="the dataset folder to create, named <Name>_AD (e.g. data/Knee_AD)")
-    parser.add_argument("--valid_fraction", type=float, default=0.3, help="share of each class put in valid (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
-    parser.add_argument("--link", action="store_true", help="hard-link instead of copying (same file system)")
-    parser.add_argument("--mask_suffix", default="", help="mask stems end with this (e.g. _mask: 0001_mask.png is 0001's mask)")
-    parser.add_argument("--binarize_masks", type=int, nargs="?", const=0, default=None, metavar="T",
-                        help="convert masks that are not 0/255 (e.g. 0/1 or grey): values > T become 255, others 0 "
-                             "(default T 0; any channel of a colour mask); without it such masks are an error")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("bench")
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,7 @@ from .augment import AUGMENTATIONS, augment
 from .evaluation import TensorSet, autocast_for, bank_branch, build_memory_bank, evaluate
 from .evaluation import prefix_bytes as evaluation_prefix_bytes
 from .model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
+from .parsers import bench_parser as build_parser
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
 from .replay import ReleaseRandom
 from .training import ZERO_SHOT_EVALS_PER_EPOCH, Selector, after_epoch, compute_loss, few_shot_batches, make_optimizers, train_loop, train_step
@@ -1287,30 +1293,6 @@ def format_table(rows: list[Row]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     notes = [f"  [{r.section}] {r.figure}: {r.note}" for r in rows if r.note]
     return "\n".join(lines + (["", "notes:"] + notes if notes else []))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mvfa.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=None, help=f"comma-separated sections (default all): {','.join(SECTIONS)}")
-    p.add_argument("--smoke", action="store_true", help="tiny model and sizes: a run of seconds")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    p.add_argument("--json", default=None, help="write the configuration, device and rows to this file")
-    p.add_argument("--full_protocol", action="store_true",
-                   help=f"protocol: evaluate all {BRAIN_TEST_IMAGES} test images (and, on CPU, all 88/44 support images)")
-    p.add_argument("--test_images", type=int, default=None, help="protocol: test images evaluated")
-    p.add_argument("--auroc_n", type=int, default=None, help="auroc: number of scores (default 200 million)")
-    p.add_argument("--sklearn_budget_s", type=float, default=None,
-                   help="auroc: run sklearn on a subsample (and extrapolate) when all scores would take longer")
-    p.add_argument("--eval_batch_size", type=int, default=None, help="evaluation batch (default: the scripts' default)")
-    p.add_argument("--forward_batches", default=None, help="forward: comma-separated batch sizes")
-    p.add_argument("--memory_images", default=None, help="memory: two test-set sizes, e.g. 8,16")
-    p.add_argument("--bank_tokens", type=int, default=None, help="memory: bank size of the bank-search check")
-    p.add_argument("--train_rounds", type=int, default=None, help="train_step: interleaved timed steps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --smoke: 1)")
-    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_child_args", default=None, help=argparse.SUPPRESS)
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -7,38 +7,49 @@ Under `torchrun --nproc_per_node N` the same commands run as N ranks (mvfa.distr
 evaluation is sharded with the single-process results, rank 0 prints and writes. A rank that fails
 prints its error (a user error in one line, anything else with its traceback) and leaves at once
 with exit code 2 or 1, so that torchrun stops the job instead of the other ranks waiting.
+
+`--config FILE` reads flag values from a JSON object (keys: the flag names without dashes) as the
+parser's defaults, so flags on the command line win; after a run, `<output_dir>/run_config.json`
+holds every listed flag's final value, and `--config` of that file repeats the run.
+
+This module imports no torch: the parser is built and parsed (and --help answered) first; the
+engine, torch and the process group are imported by the functions that run after parsing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 
-from .engine import (
+from .choices import (
     CALIBRATION_RULES,
     DEFAULT_SEED_DIR,
+    DEFAULT_TIMEOUT_S,
+    DET_LOSS_FORMS,
+    EVAL_SCHEDULES,
     NORMALIZATIONS,
     ORDERS,
     PRECISIONS,
     PREFIX_CACHE_MODES,
     SCORING_DTYPES,
     SELECTIONS,
-    RunConfig,
-    run,
 )
-from .distributed import DEFAULT_TIMEOUT_S, Dist, fail, process_group
 from .errors import MVFAError
-from .losses import DET_LOSS_FORMS
+from .parsers import new_parser
 from .run_log import LOGGERS
-from .training import EVAL_SCHEDULES
-from .text import default_cache_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from .distributed import Dist
+    from .engine import RunConfig
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
@@ -46,52 +57,118 @@ RELEASE_DEFAULTS = {
     "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
     "zero-shot": {"obj": "Retina_RESC", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
 }
+RUN_CONFIG_FILE = "run_config.json"  # every flag of a run, as parsed: `--config` repeats the run
+NOT_A_FLAG = ("help", "config")  # destinations a --config file cannot set
+# Example command lines of each script's --help (after the script's name).
+EXAMPLES = {
+    ("few-shot", True): [
+        "--obj Brain --shot 4",
+        '--obj Knee --prompt_name "knee MRI" --shot 4 --select valid',
+        "--config results/few-shot/Brain/train-4shot-it0-seed111/run_config.json --seed 112",
+    ],
+    ("few-shot", False): [
+        "--obj Brain --shot 4",
+        "--obj Brain --shot 4 --normalize checkpoint --save_maps 5",
+        "--obj Brain --only_normal --zero_shot_ckpt ckpt/zero-shot/Brain-zero-seed111.pth",
+    ],
+    ("zero-shot", True): [
+        "--obj Liver",
+        "--obj Liver --select valid --order sorted",
+        "--config results/zero-shot/Liver/train-zero-seed111/run_config.json --output_dir results/again",
+    ],
+    ("zero-shot", False): [
+        "--obj Liver",
+        "--obj Liver --checkpoint ckpt/zero-shot/Liver.pth --save_maps",
+    ],
+}
 
 
-def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
+class Repeatable(argparse.Action):
+    """`action="append"` whose command-line values replace the default instead of extending it, so
+    that a list given in a --config file is overridden, not added to, by the flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, [*items, values])
+
+
+def script_name(mode: str, train: bool) -> str:
+    return ("train" if train else "test") + ("_few" if mode == "few-shot" else "_zero") + ".py"
+
+
+def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of one of the four scripts (`prog`: the name shown in usage and examples).
+
+    Test scripts accept the release's training flags (--epoch, --learning_rate, --batch_size,
+    --save_model, --select, --det_loss: its test scripts took them) but do not list them: they
+    change nothing in a test run.
+    """
     defaults = RELEASE_DEFAULTS[mode]
-    script = ("train" if train else "test") + ("_few" if mode == "few-shot" else "_zero") + ".py"
-    parser = argparse.ArgumentParser(
-        prog=script,
-        description=f"MVFA {mode} {'training' if train else 'testing'} (flags of the release, plus new ones).",
+    prog = prog or script_name(mode, train)
+    typed = f"python {prog}" if prog.endswith(".py") else prog  # the examples as typed
+    parser = new_parser(
+        prog,
+        f"MVFA {mode} {'training' if train else 'testing'} (flags of the release, plus new ones). Results go to "
+        f"--output_dir: metrics.json, predictions.csv, {RUN_CONFIG_FILE} (every flag of the run: --config "
+        "repeats it), " + ("train_log.csv; adapters to --save_path." if train else "and with --save_maps overlays."),
+        [f"{typed} {line}" for line in EXAMPLES[(mode, train)]],
     )
+    training_only = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"JSON file of flag values (keys: flag names without dashes, as in a run's {RUN_CONFIG_FILE}) "
+                             "used as defaults; flags given on the command line override them (default: none)")
     release = parser.add_argument_group("the release's flags")
     release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
     release.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
-    release.add_argument("--img_size", type=int, default=240)
+    release.add_argument("--img_size", type=int, default=240, help="model input size in pixels")
     release.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24], help="adapter stages (1-indexed blocks)")
-    release.add_argument("--seed", type=int, default=111)
-    release.add_argument("--batch_size", type=int, default=1, help="training batch size (the release: 1)")
-    release.add_argument("--save_path", default=defaults["save_path"], help="adapter checkpoints folder")
-    release.add_argument("--save_model", type=int, default=1, help="1: save the selected adapters (training)")
-    release.add_argument("--model_name", default="ViT-L-14-336", help="registered config name or a JSON config path")
+    if train:
+        seed_help = "seed of the release's draws (initial adapters, epoch orders) and of random support draws"
+    elif mode == "few-shot":
+        seed_help = "seed of a random support draw (--iterate -1) and in the checkpoint's name"
+    else:
+        seed_help = "seed in the checkpoint's name <obj>-zero-seed<seed>.pth"
+    release.add_argument("--seed", type=int, default=111, help=seed_help)
+    release.add_argument("--batch_size", type=int, default=1, help=training_only("training batch size (the release: 1)"))
+    release.add_argument("--save_path", default=defaults["save_path"],
+                         help="folder the adapter checkpoints are written to" if train else
+                         "folder the adapter checkpoint is read from (<obj>-<run tag>.pth, else the release's <obj>.pth)")
+    release.add_argument("--save_model", type=int, default=1, help=training_only("1: save the selected adapters"))
+    release.add_argument("--model_name", default="ViT-L-14-336",
+                         help="registered CLIP config name (CLIP/model_configs) or a JSON config path")
     release.add_argument("--pretrain", default="openai", help="openai: load --clip_ckpt; none: random CLIP weights")
-    release.add_argument("--epoch", type=int, default=50)
-    release.add_argument("--learning_rate", type=float, default=defaults["learning_rate"])
+    release.add_argument("--epoch", type=int, default=50, help=training_only("training epochs"))
+    release.add_argument("--learning_rate", type=float, default=defaults["learning_rate"],
+                         help=training_only("Adam step (betas 0.5, 0.999)"))
     if mode == "few-shot":
         release.add_argument("--shot", type=int, default=4, help="k abnormal and k normal support images")
         release.add_argument("--iterate", type=int, default=0, help="seed-file line; -1: a random draw from --seed")
 
     added = parser.add_argument_group("added flags")
     added.add_argument("--clip_ckpt", default=None, help="CLIP weights (default: CLIP/ckpt/<OpenAI file of --model_name>)")
-    added.add_argument("--output_dir", default=None, help="where metrics.json, predictions.csv and logs go")
-    added.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    added.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast on CUDA (default fp16 there, fp32 on CPU)")
+    added.add_argument("--output_dir", default=None,
+                       help="where metrics.json, predictions.csv and logs go "
+                            f"(default: results/{mode}/<obj>/{'train' if train else 'test'}-<run tag>)")
+    added.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    added.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast on CUDA (default: fp16 there, fp32 on CPU)")
     added.add_argument("--scoring_dtypes", choices=SCORING_DTYPES, default="release",
                        help="CUDA with --precision fp16/bf16: release (the release's dtypes: memory bank forward in fp32 "
                             "without autocast, text features and scoring under autocast) or fp32 (scoring in fp32 "
                             "after the autocast forward); no effect on the CPU")
     added.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
-    added.add_argument("--eval_batch_size", type=int, default=8)
+    added.add_argument("--eval_batch_size", type=int, default=8, help="evaluation batch size")
     added.add_argument("--select", choices=SELECTIONS, default="test",
-                       help="model selection: test (the release; uses test labels), valid (held-out), last")
-    added.add_argument("--prompt_name", default=None, help="object word for the prompts of a dataset not in the registry")
+                       help=training_only("model selection: test (the release; uses test labels), valid (held-out), last"))
+    added.add_argument("--prompt_name", default=None,
+                       help="object word for the prompts of a dataset not in the registry (default: the registered word of --obj)")
     added.add_argument("--quick_gelu", action="store_true", default=None, help="OpenAI's QuickGELU (the release ran exact GELU)")
     added.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto",
                        help="keep the frozen blocks' outputs of repeatedly scored images (results are identical)")
     added.add_argument("--cache_dir", default=None,
-                       help="on-disk cache of text features (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
-    added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release", help="release: probability into BCE-with-logits")
+                       help="on-disk cache of text features (default: $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
+    added.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release",
+                       help=training_only("release: the probability passed to BCE-with-logits, as the release; bce: textbook BCE"))
     added.add_argument("--compile", action="store_true",
                        help="torch.compile the adapted model's forward (inductor; results agree with the eager run to "
                             "float rounding, not bit for bit; the first batches of each shape pay the compilation)")
@@ -104,7 +181,7 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                                 "system) or sorted (by name, the same everywhere)")
         added.add_argument("--listings", default=None, metavar="JSON",
                            help="replay a run recorded elsewhere: a JSON mapping image folders (relative to "
-                                "--data_path) to their file names in the recorded listing order")
+                                "--data_path) to their file names in the recorded listing order (default: none)")
         added.add_argument("--eval_schedule", choices=EVAL_SCHEDULES, default="release",
                            help="when the target is scored for selection: release (before steps 0, N//5, 2N//5, ... "
                                 "of each epoch, the latest tie wins) or final (after steps N/5, ..., N: the last "
@@ -113,8 +190,8 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                            help="under torchrun: data-parallel training, each rank a part of every batch "
                                 "(effective batch: ranks x --batch_size); default: every rank trains the release's batches")
     if mode == "few-shot":
-        added.add_argument("--fewshot_seed_dir", action="append", default=None,
-                           help=f"folder of <obj>/<k>-shot.txt support lists (default {DEFAULT_SEED_DIR}); repeatable")
+        added.add_argument("--fewshot_seed_dir", action=Repeatable, default=None,
+                           help=f"folder of <obj>/<k>-shot.txt support lists (default: {DEFAULT_SEED_DIR}); repeatable")
     if train:
         added.add_argument("--logger", choices=LOGGERS, default="none",
                            help="also send the training curves (loss per step, every evaluation) to tensorboard "
@@ -130,16 +207,126 @@ def build_parser(mode: str, train: bool) -> argparse.ArgumentParser:
                            help="test: min-max over the test set (the release); valid: fitted on valid normal images "
                                 "(not the support); checkpoint: the statistics stored at training")
         added.add_argument("--save_maps", type=int, nargs="?", const=0, default=None, metavar="N",
-                           help="write anomaly-map overlays to <output_dir>/maps: every test image, or the N highest- and N lowest-scoring")
+                           help="write anomaly-map overlays to <output_dir>/maps: every test image, or the N highest- "
+                                "and N lowest-scoring (default: no overlays)")
         if mode == "few-shot":
             added.add_argument("--only_normal", action="store_true",
                                help="normal-only few-shot: the k normal support images as memory bank, the adapters of "
                                     "--zero_shot_ckpt, no abnormal image and no training")
-            added.add_argument("--zero_shot_ckpt", default=None, help="--only_normal: the zero-shot adapter checkpoint of --obj")
+            added.add_argument("--zero_shot_ckpt", default=None,
+                               help="--only_normal: the zero-shot adapter checkpoint of --obj (default: none)")
     return parser
 
 
+# ------------------------------------------------------------------------------------------------
+# --config FILE and run_config.json
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Destination -> action of every flag a --config file may set (all but --help and --config)."""
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_A_FLAG}
+
+
+def run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The listed flags of the run and their final values (what run_config.json holds)."""
+    return {dest: getattr(args, dest) for dest, action in flag_actions(parser).items() if action.help != argparse.SUPPRESS}
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _json_kind(value) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _item(value, kind: type):
+    """`value` as a `kind` flag value (an int for a float flag becomes a float); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    return value if isinstance(value, kind) else None
+
+
+def config_value(key: str, value, action: argparse.Action, source: str):
+    """A --config file's `value` for flag `key`, checked against the flag's type, arity and choices."""
+    kind = action.type or str
+    many = action.nargs in ("+", "*") or isinstance(action, Repeatable)
+    if action.nargs == 0:
+        expected = "true or false"
+    elif many:
+        expected = f"a list of {'strings' if kind is str else 'integers' if kind is int else 'numbers'}"
+    else:
+        expected = _TYPE_NAMES.get(kind, kind.__name__)
+    if action.choices is not None:
+        expected += f" among {', '.join(map(str, action.choices))}"
+    if action.default is None:
+        expected += " or null"
+    if value is None and action.default is None:
+        return None
+    if action.nargs == 0:
+        checked = value if isinstance(value, bool) else None
+    elif many:
+        items = [_item(v, kind) for v in value] if isinstance(value, list) and (value or action.nargs != "+") else None
+        checked = items if items is not None and all(v is not None for v in items) else None
+    else:
+        checked = _item(value, kind)
+    chosen = checked if isinstance(checked, list) else [checked]
+    if checked is None or (action.choices is not None and not all(v in action.choices for v in chosen)):
+        raise MVFAError(f"--config {source}: {key} must be {expected}, found {json.dumps(value)} ({_json_kind(value)})")
+    return checked
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The flag values of a --config JSON file, checked: one MVFAError line names what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MVFAError(f"--config {path}: no such file (expected a JSON file of flag values, e.g. a run's {RUN_CONFIG_FILE})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MVFAError(f"--config {path} is not readable ({type(err).__name__}: {getattr(err, 'strerror', None) or err})") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MVFAError(f"--config {path} is not JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                        'expected an object of flag values, e.g. {"epoch": 5}') from None
+    if not isinstance(values, dict):
+        raise MVFAError(f'--config {path} must hold a JSON object of flag values (e.g. {{"epoch": 5}}), found {_json_kind(values)}')
+    actions = flag_actions(parser)
+    unknown = [key for key in values if key not in actions]
+    if unknown:
+        listed = [dest for dest, action in actions.items() if action.help != argparse.SUPPRESS]
+        raise MVFAError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                        f"{parser.prog} takes {', '.join(listed)}")
+    return {key: config_value(key, value, actions[key], path) for key, value in values.items()}
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; with --config FILE its values become the defaults and the command line is parsed
+    again, so that the flags given explicitly win."""
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    parser.set_defaults(**read_config_file(args.config, parser))
+    return parser.parse_args(argv)
+
+
+def write_run_config(output_dir: Path, flags: dict) -> Path:
+    from .files import write_text_atomic  # imports torch: only once a run has happened
+
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    write_text_atomic(path, json.dumps(flags, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# A run
+
+
 def resolve_device(requested: str | None) -> torch.device:
+    import torch
+
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -153,6 +340,9 @@ def resolve_device(requested: str | None) -> torch.device:
 
 def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
     """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
+    from .engine import RunConfig
+    from .text import default_cache_dir
+
     device = resolve_device(device if device is not None else args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     shot = getattr(args, "shot", 0)
@@ -220,6 +410,8 @@ def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeou
     process at once, before the process group's teardown (mvfa.distributed.fail), so that no rank
     waits for it in a collective.
     """
+    from .distributed import fail, process_group
+
     try:
         with process_group(device, timeout_s, backend) as (dist, rank_device):
             try:
@@ -254,8 +446,24 @@ def one_line(err: Exception) -> str:
 
 
 def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
-    args = build_parser(mode, train).parse_args(argv)
-    return guarded(lambda dist, device: run(config_from_args(args, mode, train, device), dist), args.device, args.dist_timeout)
+    """Parse the flags (and a --config file), run, and write <output_dir>/run_config.json after the run."""
+    parser = build_parser(mode, train)
+    try:
+        args = parse_flags(parser, argv)
+    except MVFAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    flags = run_flags(parser, args)
+
+    def work(dist: Dist, device: str | None) -> None:
+        from .engine import run
+
+        config = config_from_args(args, mode, train, device)
+        run(config, dist)
+        if dist.is_main:
+            write_run_config(config.output_dir, flags)
+
+    return guarded(work, args.device, args.dist_timeout)
 
 
 def main_train_few(argv: list[str] | None = None) -> int:

@@ -15,11 +15,15 @@ real BMAD file names) is never searched for synthetic data.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("demo")
 
 import numpy as np
 import torch
@@ -34,6 +38,7 @@ from dataset.synthetic import SYNTHETIC_DATASETS, generate_benchmark
 from .engine import RunConfig, RunResult, run, write_atomic
 from .errors import MVFAError
 from .paper import PAPER_AUC, PAPER_ROWS, format_cell, paper_mean, row_names
+from .parsers import demo_parser
 from .visualize import overlay, save_png
 
 TINY_MODEL = "ViT-Tiny-14"
@@ -70,19 +75,12 @@ class DemoSettings:
 
 
 def parse_args(argv: list[str] | None) -> DemoSettings:
-    names = [d.name for d in SYNTHETIC_DATASETS]
-    parser = argparse.ArgumentParser(prog="python -m mvfa.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="demo_output", help="data, checkpoints, results and overlays go here")
-    parser.add_argument("--datasets", nargs="+", choices=names, default=names)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the tiny CLIP")
-    parser.add_argument("--few_epochs", type=int, default=DemoSettings.few_epochs)
-    parser.add_argument("--zero_epochs", type=int, default=DemoSettings.zero_epochs)
-    parser.add_argument("--quick", action="store_true", help="a minimal run (fewer images, 1 epoch) for smoke tests")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = demo_parser()
     args = parser.parse_args(argv)
     settings = DemoSettings(
         output_dir=Path(args.output_dir), datasets=tuple(args.datasets), seed=args.seed,
-        few_epochs=args.few_epochs, zero_epochs=args.zero_epochs, device=args.device,
+        few_epochs=args.few_epochs, zero_epochs=args.zero_epochs,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     if args.quick:
         settings.n_valid, settings.n_test = (5, 5), (4, 4)

@@ -20,12 +20,16 @@ checked before the model is built: a folder, or a place that cannot be written, 
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
 import warnings
 from pathlib import Path
+
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("export-onnx")
 
 import torch
 from torch import nn
@@ -34,11 +38,11 @@ from .engine import build_adapted_model, write_atomic
 from .errors import MVFAError
 from .files import atomic_target
 from .model import AdaptedViT
+from .parsers import export_onnx_parser as build_parser
 from .predict import (
     INTERRUPTED_EXIT,
     USER_ERRORS,
     _one_line,
-    add_model_flags,
     cache_dir_of,
     check_writable_file,
     os_error_text,
@@ -98,16 +102,6 @@ def run_onnx(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     seg, det = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.cpu().float().numpy()})
     return torch.from_numpy(seg), torch.from_numpy(det)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mvfa.export_onnx", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="adapter checkpoint")
-    parser.add_argument("--output", required=True, help="the .onnx file to write (its description goes to <output>.json)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--check", action="store_true", help="compare onnxruntime's tokens with PyTorch's on random images")
-    add_model_flags(parser, runtime=False)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

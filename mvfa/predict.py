@@ -52,6 +52,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("predict")
+
 import torch
 from PIL import Image
 
@@ -79,6 +84,8 @@ from .evaluation import (
 )
 from .files import default_folder_mode, remove_stale_temporaries, temporary_target
 from .model import AdaptedViT, read_checkpoint
+from .parsers import add_model_flags  # noqa: F401 - importable from here, as before
+from .parsers import predict_parser as build_parser
 from .text import default_cache_dir
 from .visualize import overlay, save_png
 
@@ -118,29 +125,6 @@ _FACTS = (
 # Facts a flag may fill in but not contradict: other values build another model than the adapters'.
 # (--prompt_name may differ on purpose: another object word; --has_masks chooses the scoring branch.)
 _MUST_MATCH = ("model_name", "img_size", "features_list")
-
-
-def add_model_flags(parser: argparse.ArgumentParser, runtime: bool = True) -> None:
-    """Flags that override the checkpoint's metadata, or stand in for it (release checkpoints).
-
-    runtime False (export): no --device and --precision.
-    """
-    group = parser.add_argument_group("model (default: the checkpoint's metadata)")
-    group.add_argument("--clip_ckpt", default=None,
-                       help="CLIP weights (default: the file recorded in the checkpoint when it exists, "
-                            "else CLIP/ckpt/<OpenAI file of the model>)")
-    group.add_argument("--model_name", default=None, help="CLIP config name or JSON path")
-    group.add_argument("--img_size", type=int, default=None, help="model input size")
-    group.add_argument("--features_list", type=int, nargs="+", default=None, help="adapter stages (1-indexed blocks)")
-    group.add_argument("--prompt_name", default=None, help="object word of the prompts (e.g. 'Brain', 'knee MRI')")
-    group.add_argument("--has_masks", type=int, choices=(0, 1), default=None,
-                       help="1: the adapters were trained with pixel masks (seg maps; few-shot score = max of the map); "
-                            "0: without (det scores)")
-    group.add_argument("--quick_gelu", action="store_true", default=None, help="OpenAI's QuickGELU (default: as trained)")
-    if runtime:
-        group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-        group.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None, help="autocast on CUDA (default fp16 there)")
-    group.add_argument("--cache_dir", default=None, help="text-feature cache (default $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)")
 
 
 def _fact_text(value) -> str:
@@ -518,28 +502,6 @@ def _overlay_names(paths: list[Path]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------
 # The command
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mvfa.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="adapter checkpoint (train_few/train_zero output, or the release's)")
-    parser.add_argument("--input", required=True, help="an image, or a folder of images (not searched recursively)")
-    parser.add_argument("--output_dir", required=True,
-                        help="where predictions.csv, the overlays and predict.json go (a new or empty folder, "
-                             "or an earlier run's with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output_dir")
-    parser.add_argument("--support", default=None, help="folder of normal images: few-shot scoring (else zero-shot)")
-    parser.add_argument("--save_bank", default=None, metavar="PATH",
-                        help="with --support: also write the memory bank built from it, for later --bank runs")
-    parser.add_argument("--bank", default=None, metavar="PATH",
-                        help="few-shot scoring from a bank written by --save_bank (instead of --support; "
-                             "same checkpoint, CLIP weights and settings)")
-    parser.add_argument("--masks", default=None, help="folder of masks (by file name or stem) drawn as contours")
-    parser.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--no_overlays", action="store_true", help="write the CSV only")
-    add_model_flags(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,11 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
+    from mvfa.commands import run_as_module
+
+    run_as_module("reproduce")
+
 import numpy as np
 
 from CLIP.config import CKPT_DIR, load_config
@@ -54,9 +59,8 @@ from dataset.medical import find_datasets, select_support
 
 from .cli import guarded, resolve_device
 from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
-from .engine import DEFAULT_SEED_DIR, PRECISIONS, PREFIX_CACHE_MODES, RunConfig, json_ready, run, write_atomic
+from .engine import DEFAULT_SEED_DIR, RunConfig, json_ready, run, write_atomic
 from .errors import MVFAError
-from .losses import DET_LOSS_FORMS
 from .paper import (
     PAPER_AUC,
     PAPER_LEARNING_RATES,
@@ -66,6 +70,7 @@ from .paper import (
     paper_mean,
     row_names,
 )
+from .parsers import reproduce_parser
 from .text import default_cache_dir
 
 PROTOCOLS = {"release": ("test", "test"), "leakfree": ("valid", "valid")}  # protocol -> (select, normalize)
@@ -109,37 +114,7 @@ class Plan:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mvfa.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
-    parser.add_argument("--output_dir", default="results/reproduce", help="runs, results.csv and results.md go here")
-    parser.add_argument("--datasets", nargs="+", default=None, choices=list(PAPER_ROWS),
-                        help="restrict to these benchmark datasets (default: every one present)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[4], help="k of the k-shot runs (the paper: 4)")
-    parser.add_argument("--splits", type=int, default=5,
-                        help="support splits per k: split 0 is the seed file's line 0 where present, the rest deterministic draws")
-    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
-    parser.add_argument("--only_normal", action="store_true",
-                        help="also run normal-only k-shot: k normal images as memory bank with the zero-shot adapters")
-    parser.add_argument("--model_name", default="ViT-L-14-336")
-    parser.add_argument("--clip_ckpt", default=None)
-    parser.add_argument("--pretrain", default="openai")
-    parser.add_argument("--img_size", type=int, default=240)
-    parser.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24])
-    parser.add_argument("--epoch", type=int, default=50, help="training epochs of every zero-shot and k-shot run")
-    parser.add_argument("--few_learning_rate", type=float, default=1e-3)
-    parser.add_argument("--zero_learning_rate", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=111)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", choices=PRECISIONS, default=None)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--quick_gelu", action="store_true", default=None)
-    parser.add_argument("--det_loss", choices=DET_LOSS_FORMS, default="release")
-    parser.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto")
-    parser.add_argument("--cache_dir", default=None)
-    parser.add_argument("--fewshot_seed_dir", action="append", default=None,
-                        help=f"folder(s) of <obj>/<k>-shot.txt support lists for split 0 (default {DEFAULT_SEED_DIR})")
+    parser = reproduce_parser()
     args = parser.parse_args(argv)
     if args.splits < 1 or any(k < 1 for k in args.shots):
         parser.error("--splits and every --shots value must be >= 1")

@@ -10,10 +10,12 @@
 #
 # Any scale through the environment (tests/test_gpu_scripts.py runs it on the CPU at a tiny one):
 # MVFA_MODEL, MVFA_IMG_SIZE, MVFA_STAGES, MVFA_TEST_NORMAL, MVFA_TEST_ABNORMAL, MVFA_EPOCHS, MVFA_DEVICE.
+# PYTHON: the interpreter to run (default python3; the test passes the one running the suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import kornia, ftfy" 2> /dev/null; then  # the device image lacks them: .whl/ (docs/performance.md)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import kornia, ftfy" 2> /dev/null; then  # the device image lacks them: .whl/ (docs/performance.md)
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 OUT=${OUT:-/tmp/mvfa-protocol-out}
@@ -27,7 +29,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MVFA_CACHE_DIR="$WORK/cache"
 
-python3 - "$WORK" <<'EOF' | tee "$OUT/protocol.txt"
+"$PYTHON" - "$WORK" <<'EOF' | tee "$OUT/protocol.txt"
 import os
 import shutil
 import sys
@@ -59,9 +61,9 @@ EOF
 
 start=$(date +%s.%N)
 # shellcheck disable=SC2086  # STAGES is a list of block numbers
-python3 train_few.py --obj Brain --shot 4 --iterate -1 --epoch "$EPOCHS" --device "$DEVICE" \
+"$PYTHON" train_few.py --obj Brain --shot 4 --iterate -1 --epoch "$EPOCHS" --device "$DEVICE" \
   --data_path "$WORK/data" --model_name "$MVFA_MODEL" --clip_ckpt "$WORK/clip.pt" --img_size "$MVFA_IMG_SIZE" \
   --features_list $STAGES --save_path "$WORK/ckpt" --output_dir "$OUT/train_few" 2>&1 | tee "$OUT/protocol.log"
 end=$(date +%s.%N)
-python3 -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); print(f'protocol wall s: {s:.1f} ({s / 60:.2f} min; target < 10 min on one H100)')" \
+"$PYTHON" -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); print(f'protocol wall s: {s:.1f} ({s / 60:.2f} min; target < 10 min on one H100)')" \
   "$start" "$end" | tee -a "$OUT/protocol.txt"

@@ -1,6 +1,7 @@
 """The scripts prepared for a lent GPU, at a tiny scale on the CPU: they must run as written before a
 GPU session spends its minutes on them. scripts/gpu_protocol.sh (data, weights, train_few.py, the
-timing line) and scripts/gpu_golden.py (the release-parity check)."""
+timing line) and scripts/gpu_golden.py (the release-parity check), each with the interpreter running
+the tests, not the first python3 on PATH."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_protocol_script_runs_at_a_tiny_scale_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "MVFA_MODEL": "ViT-Tiny-14", "MVFA_IMG_SIZE": "56",
            "MVFA_STAGES": "2 4 6 8", "MVFA_TEST_NORMAL": "3", "MVFA_TEST_ABNORMAL": "70", "MVFA_EPOCHS": "1",
-           "MVFA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+           "MVFA_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_protocol.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
