@@ -59,7 +59,7 @@ from dataset.medical import find_datasets, select_support
 
 from .cli import guarded, resolve_device
 from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
-from .engine import DEFAULT_SEED_DIR, RunConfig, json_ready, run, write_atomic
+from .engine import DEFAULT_SEED_DIR, TRAINING_ONLY, TRAINING_SETTINGS, RunConfig, json_ready, run, write_atomic
 from .errors import MVFAError
 from .paper import (
     PAPER_AUC,
@@ -226,7 +226,9 @@ def check_finished(plan: Plan, config: RunConfig, root: Path, data: DataFingerpr
         return False
     stored = fingerprint({"only_normal": False, **json.loads(path.read_text()).get("config", {})})
     wanted = fingerprint(json.loads(json.dumps(json_ready(config))))  # as stored: tuples become lists
-    differ = [k for k in FINGERPRINT if stored[k] != wanted[k]]
+    # a test run (--only_normal) trains nothing: its training settings are its checkpoint's, a run of its own
+    keys = FINGERPRINT if config.train else [k for k in FINGERPRINT if k not in TRAINING_ONLY]
+    differ = [k for k in keys if stored[k] != wanted[k]]
     if differ:
         raise MVFAError(
             f"{path} was made with other settings ({', '.join(f'{k} {stored[k]} vs {wanted[k]}' for k in differ)}): "
@@ -439,7 +441,8 @@ def run_configs(root: Path, rows: list[dict]) -> list[dict]:
         payload = json.loads((root / row["run_dir"] / "metrics.json").read_text())
         data_file = root / row["run_dir"] / DATA_FILE
         data = json.loads(data_file.read_text()).get("datasets", {}) if data_file.is_file() else {}
-        configs.append({**payload.get("config", {}), "mode": payload.get("mode"), "_data": data})
+        trained_with = {k: v for k, v in payload.get("training", {}).items() if k in TRAINING_SETTINGS}  # a test run's checkpoint
+        configs.append({**payload.get("config", {}), **trained_with, "mode": payload.get("mode"), "_data": data})
     return configs
 
 
@@ -489,7 +492,7 @@ def settings_report(rows: list[dict], configs: list[dict], datasets: list[str], 
         f"adapter stages {_shown(_values(configs, 'features_list'))}",
         "- CLIP weights: " + "; ".join(text for text, _ in weights.values()),
         f"- training: epochs {_shown(_values(configs, 'epoch'))}, batch {_shown(_values(configs, 'batch_size'))}, "
-        f"learning rate {_shown(_values([c for c in configs if c.get('mode') == 'few-shot'], 'learning_rate')) or '-'} "
+        f"learning rate {_shown(_values([c for c in configs if c.get('mode') == 'few-shot' and not c.get('only_normal')], 'learning_rate')) or '-'} "
         f"(k-shot) / {_shown(_values([c for c in configs if c.get('mode') == 'zero-shot'], 'learning_rate')) or '-'} "
         f"(zero-shot), det loss {_shown(_values(configs, 'det_loss'))}, seed {_shown(_values(configs, 'seed'))}, "
         f"precision {_shown(_values(configs, 'precision'))}",
