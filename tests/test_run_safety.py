@@ -22,7 +22,8 @@ from PIL import Image
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
 from mvfa import cli, engine, training
-from mvfa.files import LOCK_NAME
+from mvfa.errors import MVFAError
+from mvfa.files import LOCK_NAME, folder_lock
 from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
@@ -283,6 +284,25 @@ def test_a_diverged_run_without_a_selection_saves_nothing(bench, tmp_path, capsy
     assert not (tmp_path / "ckpt" / CHECKPOINT).exists()
 
 
+def test_adapters_made_nan_by_the_last_step_are_not_saved(bench, tmp_path, capsys, monkeypatch):
+    """A finite loss whose update leaves NaN weights (the last step: no later loss shows it) is caught too."""
+    real = training.train_step
+    steps = []
+
+    def poisoned(model, *args, **kwargs):
+        parts = real(model, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            next(iter(model.adapter_parameters())).data.fill_(float("nan"))
+        return parts
+
+    monkeypatch.setattr(training, "train_step", poisoned)
+    assert cli.main_train_few(argv(bench, tmp_path, *TRAINING, "--select", "last")) == 2
+    line = one_error_line(capsys)
+    assert "training diverged at epoch 1 step 2: the adapters hold NaN or infinite values" in line, line
+    assert not (tmp_path / "ckpt" / CHECKPOINT).exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. One run at a time per --output_dir
 
@@ -318,6 +338,18 @@ def test_a_stale_lock_is_taken_over_and_every_lock_is_removed(bench, tmp_path, c
     fresh = tmp_path / "fresh" / "out"
     assert cli.main_test_few(argv(bench, tmp_path, "--shot", "1", "--checkpoint", str(tmp_path / "absent.pth"), out=fresh)) == 2
     assert "absent.pth" in one_error_line(capsys) and not (tmp_path / "fresh").exists()
+
+
+def test_only_the_writing_rank_holds_the_folder(tmp_path):
+    """Under torchrun rank 0 alone writes, so it alone locks (and makes) --output_dir."""
+    with folder_lock(tmp_path / "out", "--output_dir", MVFAError, active=False):
+        assert not (tmp_path / "out").exists()
+    with folder_lock(tmp_path / "out", "--output_dir", MVFAError):
+        assert (tmp_path / "out" / LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with pytest.raises(MVFAError, match="in use by another run"):
+            with folder_lock(tmp_path / "out", "--output_dir", MVFAError):
+                pass
+    assert not (tmp_path / "out").exists()  # made here and left empty: removed
 
 
 # ---------------------------------------------------------------------------------------------
