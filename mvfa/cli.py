@@ -201,6 +201,8 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                                 "and choose a threshold on valid data: f1 (best F1), fpr (--target_fpr of valid normal "
                                 "images flagged), none (no calibration); stored in the checkpoint")
         added.add_argument("--target_fpr", type=float, default=0.05, help="--threshold_rule fpr: the flagged share of normal images")
+        added.add_argument("--overwrite", action="store_true",
+                           help="replace a checkpoint of the same name made with other settings (default: refused)")
     else:
         added.add_argument("--checkpoint", default=None, help="adapter checkpoint to test (default: found in --save_path)")
         added.add_argument("--normalize", choices=NORMALIZATIONS, default="test",
@@ -386,7 +388,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
     if train:
         config.threshold_rule, config.target_fpr = args.threshold_rule, args.target_fpr
         config.ddp = bool(getattr(args, "ddp", False))
-        config.logger = args.logger
+        config.logger, config.overwrite = args.logger, args.overwrite
         if mode == "zero-shot":
             config.order, config.eval_schedule = args.order, args.eval_schedule
             config.listings = Path(args.listings) if args.listings else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 import time
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from CLIP import create_model
-from CLIP.clip import OPENAI
+from CLIP.clip import OPENAI, resolve_pretrained
 from CLIP.config import load_config
 from dataset.medical import (
     MedicalDataset,
@@ -40,12 +41,13 @@ from dataset.medical import (
     source_datasets_for_zero_shot,
     write_seed_file,
 )
+from dataset.prepare import _missing_folders, _writable  # shared with dataset.prepare: read-only even for root
 
 from .augment import augment
 from .calibration import SCORE_SCALE, calibrate, fit_reference, stored_normalization, stored_threshold
 from .distributed import SINGLE, Dist, barrier, gather_objects, quiet_unless_main
-from .errors import MVFAError
-from .files import write_text_atomic
+from .errors import CheckpointFormatError, MVFAError
+from .files import folder_lock, write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
@@ -69,6 +71,7 @@ from .run_log import LOGGERS, RunLogger, make_logger
 from .training import (
     EVAL_SCHEDULES,
     Selector,
+    TrainingDiverged,
     after_epoch,
     final_zero_shot_points,
     few_shot_batches,
@@ -88,9 +91,11 @@ NORMALIZATIONS = ("test", "valid", "checkpoint")
 CALIBRATION_RULES = (*THRESHOLD_RULES, "none")
 SCORING_DTYPES = ("release", "fp32")  # CUDA with --precision fp16/bf16: the release's dtypes, or fp32 scoring
 ORDERS = ("release", "sorted")
+PRETRAINS = (OPENAI, "none")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
 # settings that only training reads: recorded in the checkpoint, and left out of a test run's config
 TRAINING_SETTINGS = ("epoch", "learning_rate", "batch_size", "det_loss", "order", "eval_schedule")
-TRAINING_ONLY = (*TRAINING_SETTINGS, "listings", "threshold_rule", "target_fpr", "ddp", "save_model")  # zero-shot training: the file system's listing order (the release's) or sorted names
+TRAINING_ONLY = (*TRAINING_SETTINGS, "listings", "threshold_rule", "target_fpr", "ddp", "save_model", "overwrite")  # zero-shot training: the file system's listing order (the release's) or sorted names
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
 TEST_LABEL_WARNING = (
     "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
@@ -144,6 +149,9 @@ class RunConfig:
     scoring_dtypes: str = "release"  # CUDA autocast runs: release (the release's dtypes op for op) or fp32 (scoring in fp32)
     logger: str = "none"  # training: none, or tensorboard (event files under <output_dir>/tensorboard)
     eval_schedule: str = "release"  # zero-shot training: when the target is scored (release; final: after N/5 ... N steps)
+    # training: replace a checkpoint of the same name made with other settings; the training scripts pass
+    # --overwrite (default off); library callers that own their --save_path (demo, reproduce) replace
+    overwrite: bool = True
     extra: dict = field(default_factory=dict)
 
     def run_tag(self) -> str:
@@ -153,6 +161,57 @@ class RunConfig:
 
     def checkpoint_name(self) -> str:
         return f"{self.obj}-{self.run_tag()}.pth"
+
+    def validate(self) -> None:
+        """Every setting against its choices or range, before anything is read or built: one MVFAError
+        line naming the flag, its value and what is valid. The training settings (epoch, learning rate,
+        batch, calibration) are checked in training runs only: the test scripts do not read them."""
+        for flag, value, choices in (
+            ("mode", self.mode, MODES), ("--select", self.select, SELECTIONS), ("--precision", self.precision, PRECISIONS),
+            ("--normalize", self.normalize, NORMALIZATIONS), ("--threshold_rule", self.threshold_rule, CALIBRATION_RULES),
+            ("--order", self.order, ORDERS), ("--logger", self.logger, LOGGERS), ("--pretrain", self.pretrain, PRETRAINS),
+            ("--scoring_dtypes", self.scoring_dtypes, SCORING_DTYPES), ("--prefix_cache", self.prefix_cache, PREFIX_CACHE_MODES),
+            ("--eval_schedule", self.eval_schedule, EVAL_SCHEDULES),
+        ):
+            if value not in choices:
+                raise MVFAError(f"{flag} {value!r} is not known: choose one of {', '.join(choices)}")
+        clip_config = load_config(self.model_name)
+        if self.pretrain == OPENAI:  # the CLIP weights are there (read when the model is built)
+            resolve_pretrained(clip_config, self.clip_ckpt if self.clip_ckpt is not None else OPENAI)
+        vision = clip_config.vision
+        least = [("--eval_batch_size", self.eval_batch_size, 1), ("--num_workers", self.num_workers, 0),
+                 ("--img_size", self.img_size, vision.patch_size)]
+        if self.train:
+            least += [("--epoch", self.epoch, 0), ("--batch_size", self.batch_size, 1)]
+        if self.mode == "few-shot":
+            least += [("--shot", self.shot, 1), ("--iterate", self.iterate, -1)]
+        for flag, value, lowest in least:
+            if value < lowest:
+                why = {"--img_size": f" (one patch of {self.model_name} is {lowest} pixels; the release: 240)",
+                       "--iterate": " (-1: a random draw from --seed; N >= 0: line N of the seed file)"}.get(flag, "")
+                raise MVFAError(f"{flag} {value} is invalid: use {lowest} or more{why}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise MVFAError(f"--seed {self.seed} is invalid: use a number from 0 to {MAX_SEED}")
+        stages = list(self.features_list)
+        if not stages or sorted(set(stages)) != stages or stages[0] < 1 or stages[-1] > vision.layers:
+            raise MVFAError(f"--features_list {' '.join(map(str, stages))} is invalid: give increasing block numbers "
+                            f"from 1 to {vision.layers} ({self.model_name} has {vision.layers} blocks; the release: "
+                            "6 12 18 24 of ViT-L-14-336's 24)")
+        if self.save_maps is not None and self.save_maps < 0:
+            raise MVFAError(f"--save_maps {self.save_maps} is invalid: give no number (every image) or N >= 1")
+        if self.train:
+            self._validate_training()
+        if self.only_normal and (self.train or self.mode != "few-shot" or self.checkpoint is None):
+            raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
+        if self.ddp and not (self.mode == "zero-shot" and self.train):
+            raise MVFAError("--ddp is for zero-shot training (train_zero.py): other runs train on one support set per rank")
+
+    def _validate_training(self) -> None:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise MVFAError(f"--learning_rate {self.learning_rate} is invalid: use a positive finite step "
+                            "(the release: 1e-3 few-shot, 1e-4 zero-shot)")
+        if not 0.0 < self.target_fpr < 1.0:  # read by --threshold_rule fpr, and by f1 without abnormal valid images
+            raise MVFAError(f"--target_fpr {self.target_fpr} is invalid: use a rate between 0 and 1 (e.g. 0.05)")
 
 
 @dataclass
@@ -269,6 +328,7 @@ def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -
         "pretrain": config.pretrain,
         "clip_ckpt": str(Path(config.clip_ckpt).resolve()) if config.clip_ckpt is not None else None,
         **{key: getattr(config, key) for key in TRAINING_SETTINGS},
+        "trained": config.epoch > 0,  # --epoch 0 saves the initial random adapters
     }
 
 
@@ -286,6 +346,189 @@ def find_checkpoint(config: RunConfig) -> Path:
         f"no adapter checkpoint for {config.obj} in {config.save_path}: looked for "
         f"{' and '.join(c.name for c in candidates)}; train first or pass --save_path"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks before a run: outputs, the checkpoint a training run replaces, the one a test run reads
+
+RESULT_FILES = ("metrics.json", "predictions.csv", "train_log.csv")
+# a test run's settings that must be those the adapters were trained with (meta key -> flag)
+MODEL_SETTINGS = {
+    "mode": "mode", "obj": "--obj", "object_word": "--prompt_name", "model_name": "--model_name", "img_size": "--img_size",
+    "features_list": "--features_list", "quick_gelu": "--quick_gelu", "pretrain": "--pretrain",
+}
+# settings that change what training makes; a checkpoint's name records only object, shot, iterate and seed
+SAME_RUN_SETTINGS = (*MODEL_SETTINGS, "shot", "iterate", "seed", "select", "clip_ckpt", *TRAINING_SETTINGS)
+NOT_RECORDED = "not recorded"
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """`folder` is, or can be made as, a folder this process may write in; a folder without write bits
+    is read-only even for root (who could write there): that is what clearing them asks for."""
+    if folder.exists() and not folder.is_dir():
+        raise MVFAError(f"{flag} {folder} is a file, not a folder: pass a folder (it is made when missing)")
+    missing = _missing_folders(folder)
+    existing = missing[0].parent if missing else folder
+    if not existing.is_dir():
+        raise MVFAError(f"{flag} {folder} cannot be made: {existing} is a file, not a folder; choose another path")
+    if not _writable(existing):
+        where = "is read-only" if existing == folder else f"cannot be made: {existing} is read-only"
+        raise MVFAError(f"{flag} {folder} {where} (no write permission): make it writable or choose another folder")
+
+
+def check_outputs(config: RunConfig) -> None:
+    """Before any work: every place the run writes (--output_dir and its result files, --save_path and
+    the checkpoint) can take what the run writes there, so that no error waits until the end."""
+    check_output_folder(config.output_dir, "--output_dir")
+    files = [config.output_dir / name for name in RESULT_FILES]
+    if config.mode == "few-shot":
+        files.append(config.output_dir / f"{config.shot}-shot.txt")
+    if config.train and config.save_model:
+        check_output_folder(config.save_path, "--save_path")
+        files.append(config.save_path / config.checkpoint_name())
+    for path in files:
+        if path.exists() and not path.is_file():  # a file cannot be renamed onto it
+            raise MVFAError(f"{path} is not a file, and this run writes a file there: move it away or choose another folder")
+    maps = config.output_dir / "maps"
+    if config.save_maps is not None and maps.exists() and not maps.is_dir():
+        raise MVFAError(f"{maps} is a file, and --save_maps writes a folder there: move it away or choose another "
+                        "--output_dir")
+
+
+def _shown_setting(key: str, value) -> str:
+    if key == "clip_ckpt" and value is None:
+        return "OpenAI's file of the model"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _change(key: str, ours, theirs) -> str:
+    flag = MODEL_SETTINGS.get(key, f"--{key}")
+    return f"{flag} {_shown_setting(key, ours)} (checkpoint: {_shown_setting(key, theirs)})"
+
+
+def _same_model(ours: str, theirs) -> bool:
+    """Model names agree as written, or as the same JSON config file."""
+    if str(ours) == str(theirs):
+        return True
+    return Path(ours).is_file() and Path(str(theirs)).is_file() and Path(ours).resolve() == Path(str(theirs)).resolve()
+
+
+def check_checkpoint_meta(config: RunConfig, meta: dict, path: Path, word: str) -> None:
+    """A test run's settings against the metadata of the adapters it scores, before anything is scored.
+
+    Adapters trained for another object, mode, model, input size, stages, activation, prompt word or
+    CLIP weights (--pretrain) still give plausible AUCs and apply their stored threshold, so every
+    mismatch is named in one error line (flag, this run's value, the checkpoint's). --only_normal
+    scores with zero-shot adapters on purpose: it expects a zero-shot checkpoint. Decision: another
+    --obj is refused even from an explicit --checkpoint, with no override: a zero-shot checkpoint of
+    Liver was trained on the other datasets' test images (on Brain it has seen the test set), and a
+    few-shot one on another dataset's support. A release checkpoint (no metadata) cannot be checked:
+    a note says so. Other CLIP weights than recorded (--clip_ckpt) give a note (a copy is fine).
+    """
+    if not meta:
+        print(f"note: {path} has no metadata (a release checkpoint?): its model, input size, stages and "
+              "object cannot be checked against this run's flags")
+        return
+    ours = {
+        "mode": "zero-shot" if config.only_normal else config.mode, "obj": config.obj, "object_word": word,
+        "model_name": str(config.model_name), "img_size": config.img_size, "features_list": list(config.features_list),
+        "quick_gelu": bool(load_config(config.model_name).with_quick_gelu(config.quick_gelu).quick_gelu),
+        "pretrain": config.pretrain,
+    }
+    differ = [key for key, value in ours.items()
+              if key in meta and not (_same_model(value, meta[key]) if key == "model_name" else value == meta[key])]
+    if "obj" in differ and "object_word" in differ:  # the word follows from the object
+        differ.remove("object_word")
+    changes = [_mode_change(config, meta["mode"]) if key == "mode" else _change(key, ours[key], meta[key]) for key in differ]
+    if changes:
+        raise MVFAError(f"{path} does not fit this run: {'; '.join(changes)}: pass the checkpoint's values, or a "
+                        "checkpoint trained for this run")
+    recorded, loaded = meta.get("clip_ckpt"), config.clip_ckpt
+    if recorded is not None and loaded is not None and Path(recorded) != Path(loaded).resolve():
+        print(f"note: {path} was trained on the CLIP weights {recorded}; this run loads {loaded}")
+    if meta.get("trained") is False:
+        print(f"note: {path} holds untrained adapters (trained with --epoch 0)")
+
+
+def _mode_change(config: RunConfig, theirs) -> str:
+    if config.only_normal:
+        return f"--zero_shot_ckpt needs a zero-shot checkpoint (this one is {theirs})"
+    other = "test_few.py" if theirs == "few-shot" else "test_zero.py" if theirs == "zero-shot" else "?"
+    return f"a {config.mode} test needs a {config.mode} checkpoint (this one is {theirs}: test it with {other})"
+
+
+def read_test_checkpoint(config: RunConfig, word: str) -> tuple[Path, dict, dict]:
+    """The adapters a test run scores (path, state, meta), read and checked before any model is built."""
+    path = find_checkpoint(config)
+    state = read_checkpoint(path)
+    meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
+    check_checkpoint_meta(config, meta, path, word)
+    return path, state, meta
+
+
+def check_replaced_checkpoint(config: RunConfig, planned: dict, dist: Dist) -> None:
+    """Before training: keep an earlier run's work. The checkpoint this run saves may exist already; its
+    name records only object, shot, iterate and seed, so one made with other settings (another
+    learning rate, epoch count, --epoch 0, ...) is replaced only with --overwrite; the same
+    settings are a re-run, replaced with a note. --epoch 0 is said at once (untrained adapters)."""
+    if config.epoch == 0:
+        print("note: --epoch 0: the adapters are not trained; their initial random values are evaluated "
+              "(and saved, marked untrained)")
+    path = config.save_path / config.checkpoint_name()
+    if not (config.save_model and dist.is_main and path.exists()):
+        return
+    try:
+        old = read_checkpoint(path).get("meta") or {}
+    except CheckpointFormatError as err:
+        if not config.overwrite:
+            raise MVFAError(f"{err}; this run would replace it: pass --overwrite to do so, or choose another --save_path") from None
+        print(f"note: --overwrite: this run replaces {path}, which is not a readable checkpoint")
+        return
+    if old:
+        changes = [_change(key, planned[key], old.get(key, NOT_RECORDED)) for key in SAME_RUN_SETTINGS
+                   if old.get(key, NOT_RECORDED) != planned[key]]
+    else:
+        changes = ["no metadata: its settings are unknown"]
+    if old.get("trained", old.get("epoch") != 0) and not planned["trained"]:
+        changes.insert(0, "trained adapters would be replaced by untrained ones")
+    if not changes:
+        print(f"note: {path} exists, made with the same settings: this run replaces it (a re-run)")
+    elif config.overwrite:
+        print(f"note: --overwrite: this run replaces {path} ({'; '.join(changes)})")
+    else:
+        raise MVFAError(
+            f"{path} holds adapters made with other settings: {'; '.join(changes)}; a checkpoint's name records only "
+            "the object, shot, iterate and seed: pass --overwrite to replace it, or choose another --save_path"
+        )
+
+
+def save_adapters(config: RunConfig, model: AdaptedViT, meta: dict, dist: Dist) -> Path | None:
+    """--save_model: the adapters and their metadata to <save_path>/<checkpoint name> (rank 0 writes)."""
+    if not config.save_model:
+        return None
+    path = config.save_path / config.checkpoint_name()
+    state = model.adapter_state()
+    state["meta"] = meta
+    if dist.is_main:
+        save_checkpoint(state, path)
+    print(f"saved {'' if meta.get('trained', True) else 'untrained (--epoch 0) '}adapters to {path}")
+    return path
+
+
+def keep_last_good(config: RunConfig, model: AdaptedViT, err: TrainingDiverged, meta: dict, dist: Dist) -> str:
+    """A diverged run's error line; the last good selection is saved first when there is one (uncalibrated)."""
+    advice = f"lower --learning_rate (this run: {config.learning_rate:g})"
+    if err.best is None:
+        return f"{err}; no adapters saved (no evaluation had selected adapters yet, --select {config.select}); {advice}"
+    if not config.save_model:
+        return f"{err}; nothing saved (--save_model 0); {advice}"
+    model.load_adapter_state(err.best["adapters"])
+    selected = {"best_epoch": err.best["epoch"], "best_step": err.best["step"]}
+    path = save_adapters(config, model, {**meta, **selected, "diverged": err.where}, dist)
+    return (f"{err}; saved the last good selection (epoch {err.best['epoch']} step {err.best['step']}, "
+            f"uncalibrated) to {path}; {advice}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,42 +732,21 @@ def run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
     dist: this process's place among the ranks of a torchrun job (the default: a single process).
     Every rank must call run with the same config; all return the same metrics, rank 0 alone
     prints and writes files, and they return together (after rank 0 has written).
+
+    Before any work: the settings (RunConfig.validate) and the output places (check_outputs); then
+    rank 0 holds --output_dir (a lock file: a second run into it is refused while this one works).
     """
     with quiet_unless_main(dist):
-        result = _run(config, dist)
-        barrier(dist)
+        config.validate()
+        if dist.is_main:
+            check_outputs(config)
+        with folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError, active=dist.is_main):
+            result = _run(config, dist)
+            barrier(dist)
     return result
 
 
 def _run(config: RunConfig, dist: Dist) -> RunResult:
-    if config.mode not in MODES:
-        raise MVFAError(f"unknown mode {config.mode!r}: choose one of {', '.join(MODES)}")
-    if config.select not in SELECTIONS:
-        raise MVFAError(f"--select {config.select!r} is not known: choose one of {', '.join(SELECTIONS)}")
-    if config.precision not in PRECISIONS:
-        raise MVFAError(f"--precision {config.precision!r} is not known: choose one of {', '.join(PRECISIONS)}")
-    if config.batch_size < 1 or config.epoch < 0:
-        raise MVFAError(f"--batch_size must be >= 1 and --epoch >= 0 (got {config.batch_size}, {config.epoch})")
-    if config.normalize not in NORMALIZATIONS:
-        raise MVFAError(f"--normalize {config.normalize!r} is not known: choose one of {', '.join(NORMALIZATIONS)}")
-    if config.threshold_rule not in CALIBRATION_RULES:
-        raise MVFAError(f"--threshold_rule {config.threshold_rule!r} is not known: choose one of {', '.join(CALIBRATION_RULES)}")
-    if config.threshold_rule == "fpr" and not 0.0 < config.target_fpr < 1.0:
-        raise MVFAError(f"--target_fpr {config.target_fpr} is invalid: use a rate between 0 and 1 (e.g. 0.05)")
-    if config.save_maps is not None and config.save_maps < 0:
-        raise MVFAError(f"--save_maps {config.save_maps} is invalid: give no number (every image) or N >= 1")
-    if config.only_normal and (config.train or config.mode != "few-shot" or config.checkpoint is None):
-        raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
-    if config.order not in ORDERS:
-        raise MVFAError(f"--order {config.order!r} is not known: choose one of {', '.join(ORDERS)}")
-    if config.logger not in LOGGERS:
-        raise MVFAError(f"--logger {config.logger!r} is not known: choose one of {', '.join(LOGGERS)}")
-    if config.scoring_dtypes not in SCORING_DTYPES:
-        raise MVFAError(f"--scoring_dtypes {config.scoring_dtypes!r} is not known: choose one of {', '.join(SCORING_DTYPES)}")
-    if config.eval_schedule not in EVAL_SCHEDULES:
-        raise MVFAError(f"--eval_schedule {config.eval_schedule!r} is not known: choose one of {', '.join(EVAL_SCHEDULES)}")
-    if config.ddp and not (config.mode == "zero-shot" and config.train):
-        raise MVFAError("--ddp is for zero-shot training (train_zero.py): other runs train on one support set per rank")
     device = torch.device(config.device)
     if device.type == "cpu" and config.precision != "fp32":  # autocast_for uses no autocast on the CPU
         print(f"note: --precision {config.precision} has no effect on the CPU: this run computes in fp32")
@@ -547,6 +769,10 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     test_samples = target.samples("test")
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
     source_words = {source.name: _source_word(config, source) for source in sources}
+    if config.train:
+        check_replaced_checkpoint(config, checkpoint_metadata(config, target, word), dist)
+    else:
+        checkpoint_path, state, meta = read_test_checkpoint(config, word)
     model, text_bank = build_model(config, device, visual_fp32_later=True)
     if config.compile:
         compile_model(model)
@@ -565,8 +791,6 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
         model.float_with_block_workspace()
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
-    if dist.is_main:
-        config.output_dir.mkdir(parents=True, exist_ok=True)
     logger = make_logger(config.logger, config.output_dir) if config.train and dist.is_main else RunLogger()
 
     few_shot = None
@@ -607,7 +831,6 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     if config.train and config.select == "test":
         cache(test_set)
 
-    checkpoint_path = None
     log_rows: list[dict] = []
     support_samples = few_shot.support_samples if few_shot is not None else []
     if config.train:
@@ -622,28 +845,22 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
                 config, sources, lambda source: source_features[source.name], budget.allow, replay,
                 listing_of(config.order, listings, config.data_path), dist,
             )
+        meta = checkpoint_metadata(config, target, word)
+        if few_shot is not None:
+            meta["support"] = support_names(support)
         try:
             best_state = train_loop(config, model, batches, selector, log_rows, device, dist, logger)
+        except TrainingDiverged as err:
+            raise MVFAError(keep_last_good(config, model, err, meta, dist)) from None
         finally:
             logger.close()
         model.load_adapter_state(best_state["adapters"])
-        meta = {**checkpoint_metadata(config, target, word), "best_epoch": best_state["epoch"], "best_step": best_state["step"]}
-        if few_shot is not None:
-            meta["support"] = support_names(support)
+        meta.update(best_epoch=best_state["epoch"], best_step=best_state["step"])
         if config.threshold_rule != "none":
             meta.update(calibrate(config, model, target, text_features, memory_bank(), support_samples, dist))
-        if config.save_model:
-            checkpoint_path = config.save_path / config.checkpoint_name()
-            state = model.adapter_state()
-            state["meta"] = meta
-            if dist.is_main:
-                save_checkpoint(state, checkpoint_path)
-            print(f"saved adapters to {checkpoint_path}")
+        checkpoint_path = save_adapters(config, model, meta, dist)
     else:
-        checkpoint_path = find_checkpoint(config)
-        state = read_checkpoint(checkpoint_path)
         model.load_adapter_state(state, source=str(checkpoint_path))
-        meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
         print(f"loaded adapters from {checkpoint_path}")
         if few_shot is not None and not config.only_normal:
             warn_other_support(meta, support, checkpoint_path)

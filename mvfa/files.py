@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from dataset.prepare import _missing_folders
 
 
 def _default_file_mode() -> int:
@@ -93,3 +96,106 @@ def default_folder_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o777 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------
+# One run at a time in a folder
+
+LOCK_NAME = ".mvfa-run.lock"  # in a run's output folder while the run works; holds "<pid> <host>"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a pid this system could have
+        return False
+    return True
+
+
+def _lock_owner(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file; None when it cannot be read or parsed."""
+    try:
+        pid, host = lock.read_text().split(maxsplit=1)
+        return int(pid), host.strip()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _create_lock(lock: Path, stamp: str) -> bool:
+    """Create `lock` holding `stamp`, atomically (O_EXCL): False when it exists already."""
+    try:
+        handle = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _default_file_mode())
+    except FileExistsError:
+        return False
+    with os.fdopen(handle, "w") as stream:
+        stream.write(stamp)
+    return True
+
+
+def _refuse_or_take_over(lock: Path, what: str, stamp: str, error: type[Exception]) -> None:
+    """`lock` exists: refuse while its process may live; take over the lock of a dead process (with a note)."""
+    owner = _lock_owner(lock)
+    if owner is None:
+        raise error(f"{what} is in use by another run ({lock} exists but names no process): "
+                    f"if no run is writing there, remove {lock} and start again")
+    pid, host = owner
+    if host != socket.gethostname():
+        raise error(f"{what} is in use by process {pid} on {host} ({lock}): wait for it to finish or choose "
+                    f"another folder; if that run is over, remove {lock}")
+    if _process_alive(pid):
+        raise error(f"{what} is in use by another run (process {pid}, {lock}): wait for it to finish or choose "
+                    "another folder")
+    lock.unlink(missing_ok=True)
+    if not _create_lock(lock, stamp):
+        raise error(f"{what} was taken by another run just now ({lock}): wait for it to finish or choose another folder")
+    print(f"note: took over {lock} from process {pid}, which is no longer running")
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str, error: type[Exception], active: bool = True) -> Iterator[None]:
+    """Hold `folder` for this process: one run at a time writes there.
+
+    The folder is made when missing; a lock file (LOCK_NAME, created with O_EXCL, holding this pid and
+    host) marks it taken. A live owner's lock is refused with `error` (one line naming `what`); the lock
+    of a process that no longer runs (a killed run) is taken over with a note; an owner on another
+    host cannot be checked, so it is refused. Owning the folder, the temporaries of interrupted writes
+    in it are removed. On leaving (also on errors and Ctrl-C) the lock goes, and the folders made
+    here are removed again when nothing was written in them. `active` False (torchrun ranks other
+    than 0, which write nothing): nothing is done.
+    """
+    if not active:
+        yield
+        return
+    folder = Path(folder)
+    made = _missing_folders(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    stamp = f"{os.getpid()} {socket.gethostname()}\n"
+    try:
+        if not _create_lock(lock, stamp):
+            _refuse_or_take_over(lock, what, stamp, error)
+        try:
+            remove_stale_temporaries(folder)
+            yield
+        finally:
+            _release_lock(lock, stamp)
+    finally:
+        for created in reversed(made):
+            try:
+                created.rmdir()  # only when empty
+            except OSError:
+                break
+
+
+def _release_lock(lock: Path, stamp: str) -> None:
+    """Remove our lock (not one another run took over after ours was removed by hand)."""
+    try:
+        if lock.read_text() == stamp:
+            lock.unlink()
+    except (OSError, UnicodeDecodeError):
+        pass

@@ -19,6 +19,7 @@ RunConfig), so that this module never imports the engine.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,22 @@ ADAM_BETAS = (0.5, 0.999)
 MASK_THRESHOLD = 0.5
 ZERO_SHOT_EVALS_PER_EPOCH = 5  # the release scores the target 5 times per zero-shot epoch
 PROGRESS_LINE_S = 60.0  # output to a file: a progress line at most this often
+
+
+class TrainingDiverged(MVFAError):
+    """The loss or the adapters became NaN or infinite: training cannot go on.
+
+    `where`: the epoch and step ({"epoch": e, "step": s}); `best`: the last good selection (train_loop's
+    dict with `adapters`, `epoch`, `step`, `score`), None when no evaluation had selected adapters."""
+
+    def __init__(self, message: str, where: dict, best: dict | None) -> None:
+        super().__init__(message)
+        self.where = where
+        self.best = best
+
+
+def adapters_finite(model: AdaptedViT) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.adapter_parameters())
 
 
 @dataclass
@@ -185,7 +202,7 @@ def train_loop(
     each epoch's mean loss (the release's printed `Loss:`). `log_rows` gets a row per evaluation, or
     per epoch when nothing is scored (--select last); `logger` (e.g. TensorBoard) every step's loss
     and every row. Where stderr is no terminal (a log file), a line reports progress every
-    PROGRESS_LINE_S seconds.
+    PROGRESS_LINE_S seconds. A NaN or infinite loss or adapter weight raises TrainingDiverged.
 
     Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
     process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
@@ -194,17 +211,12 @@ def train_loop(
     """
     optimizers = make_optimizers(model, config.learning_rate)
     parallel = dist if config.ddp and dist.active else None
-    effective = {}
-    if config.ddp:
-        effective = {"effective_batch_size": dist.world_size * config.batch_size}
-        print(
-            f"data-parallel (--ddp): {dist.world_size} rank{'s' if dist.world_size > 1 else ''} x --batch_size "
-            f"{config.batch_size} = effective batch {effective['effective_batch_size']} images per step"
-        )
+    effective = _effective_batch(config, dist)
     best = {"score": None, "epoch": 0, "step": 0, "adapters": model.adapter_state()}
     epoch_losses: list[float] = []
     logger = logger if logger is not None else RunLogger()
     steps_done = 0  # over the run: the logger's step axis
+    total = 0  # steps of the current epoch
     last_line = time.monotonic()
     to_terminal = sys.stderr.isatty()
 
@@ -212,9 +224,15 @@ def train_loop(
         log_rows.append(row)
         logger.row(row, steps_done)
 
+    def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"training diverged at epoch {epoch} step {step}: {what}", {"epoch": epoch, "step": step},
+                                best if best["score"] is not None else None)
+
     def evaluate(epoch: int, done: int, losses: list[float]) -> None:
         nonlocal best
         broadcast_parameters(model.adapter_parameters(), dist)
+        if not adapters_finite(model):  # a last step's update can make them so (the next loss would say it)
+            raise diverged(epoch, done, "the adapters hold NaN or infinite values")
         value, detail = selector.score()
         row = {"epoch": epoch, "step": done, "loss": float(np.mean(losses)) if losses else "", **effective, **detail}
         add_row(row)
@@ -236,6 +254,8 @@ def train_loop(
                     features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
                 )
             losses.append(parts.total.item())
+            if not math.isfinite(losses[-1]):
+                raise diverged(epoch, done + 1, f"the loss is {losses[-1]}")
             steps_done += 1
             logger.scalar("train/loss", losses[-1], steps_done)
             if not to_terminal and time.monotonic() - last_line >= PROGRESS_LINE_S:
@@ -246,18 +266,37 @@ def train_loop(
         epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
         if not selector.active:  # nothing scored: the epoch's loss is the log's row
             add_row({"epoch": epoch, "step": total, "loss": epoch_losses[-1], **effective})
-        summary = f"epoch {epoch}/{config.epoch}: loss {epoch_losses[-1]:.4f}"
-        if log_rows and log_rows[-1]["epoch"] == epoch:
-            summary += "".join(
-                f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss", *effective)
-            )
-        print(summary, flush=True)
+        print(_epoch_summary(epoch, config.epoch, epoch_losses[-1], log_rows, effective), flush=True)
     if config.select == "last" or best["score"] is None:
         broadcast_parameters(model.adapter_parameters(), dist)
+        if not adapters_finite(model):
+            raise diverged(config.epoch, total, "the adapters hold NaN or infinite values")
         best = {"score": None, "epoch": config.epoch, "step": None, "adapters": model.adapter_state()}
     else:
         print(f"selected epoch {best['epoch']} step {best['step']} ({config.select} {best['score']:.4f})")
     return {**best, "epoch_losses": epoch_losses}
+
+
+def _effective_batch(config: LoopSettings, dist: Dist) -> dict:
+    """--ddp: the log rows' effective batch size (said once); else nothing."""
+    if not config.ddp:
+        return {}
+    effective = {"effective_batch_size": dist.world_size * config.batch_size}
+    print(
+        f"data-parallel (--ddp): {dist.world_size} rank{'s' if dist.world_size > 1 else ''} x --batch_size "
+        f"{config.batch_size} = effective batch {effective['effective_batch_size']} images per step"
+    )
+    return effective
+
+
+def _epoch_summary(epoch: int, epochs: int, loss: float, log_rows: list[dict], effective: dict) -> str:
+    """The epoch's printed line: its mean loss, and the values of its last evaluation."""
+    summary = f"epoch {epoch}/{epochs}: loss {loss:.4f}"
+    if log_rows and log_rows[-1]["epoch"] == epoch:
+        summary += "".join(
+            f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss", *effective)
+        )
+    return summary
 
 
 # When the adapters are scored for model selection, as a function of the epoch's number of steps N;

@@ -263,7 +263,12 @@ def test_test_zero_refuses_a_hostile_archive_in_one_line(tmp_path, capsys):
     tiny = helpers.save_torchscript_archive(torch.load(write_tiny_clip(tmp_path / "tiny.pt"), weights_only=True),
                                             tmp_path / "tiny_archive.pt")
     path = with_data_pkl(tiny, tmp_path / OPENAI_NAME, helpers.global_call_pickle("builtins", "eval", f"open({str(marker)!r}, 'w')"))
-    argv = tiny_argv(data, path, tmp_path / "ckpt", tmp_path / "out", "Liver", "--cache_dir", "none")
+    from mvfa.model import AdaptedViT, save_checkpoint
+    from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
+
+    adapters = tmp_path / "adapters.pth"  # test_zero reads its adapters before the CLIP weights
+    save_checkpoint(AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES]).adapter_state(), adapters)
+    argv = tiny_argv(data, path, tmp_path / "ckpt", tmp_path / "out", "Liver", "--cache_dir", "none", "--checkpoint", str(adapters))
     assert cli.main_test_zero(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "builtins.eval" in err and str(path) in err

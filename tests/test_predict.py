@@ -25,7 +25,7 @@ from mvfa.evaluation import (
     fit_normalization,
     threshold_metrics,
 )
-from mvfa.model import AdaptedViT, save_checkpoint
+from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
 from mvfa.visualize import figure_layout
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
@@ -168,11 +168,16 @@ def test_zero_shot_predict_equals_test_zero(trained, tmp_path, capsys):
     """Without --support the zero-shot branch alone, under the checkpoint's zero-shot statistics."""
     ckpt = trained["ckpt"]["Brain"]
     test_out = tmp_path / "test"
-    argv = tiny_argv(trained["data"], trained["clip"], tmp_path, test_out, "Brain", "--checkpoint", str(ckpt),
-                     "--normalize", "checkpoint")
+    # test_zero scores zero-shot checkpoints only: the same adapters and statistics, relabelled zero-shot
+    # (without the few-shot fusion's threshold)
+    state = read_checkpoint(ckpt)
+    state["meta"] = {**state["meta"], "mode": "zero-shot", "threshold": None}
+    save_checkpoint(state, tmp_path / "as-zero-shot.pth")
+    argv = tiny_argv(trained["data"], trained["clip"], tmp_path, test_out, "Brain", "--checkpoint",
+                     str(tmp_path / "as-zero-shot.pth"), "--normalize", "checkpoint")
     assert cli.main_test_zero(argv) == 0
     payload = json.loads((test_out / "metrics.json").read_text())
-    assert "threshold" not in payload  # the stored threshold is the few-shot fusion's
+    assert "threshold" not in payload
     expected = {flat_name(row["path"]): float(row["score"]) for row in read_csv(test_out / "predictions.csv")}
 
     images, _ = flat_test_folder(trained, "Brain", tmp_path / "images")

@@ -96,8 +96,8 @@ def test_train_few_then_test_few(bench, tmp_path, capsys):
 def test_no_mask_dataset_select_valid_and_last(bench, tmp_path, capsys):
     for select in ("valid", "last"):
         out = tmp_path / select
-        argv = tiny_argv(bench["data"], bench["clip"], tmp_path / "ckpt", out, "Chest", "--shot", "2", "--epoch", "1",
-                         "--select", select, "--batch_size", "4")
+        argv = tiny_argv(bench["data"], bench["clip"], tmp_path / f"ckpt-{select}", out, "Chest", "--shot", "2", "--epoch", "1",
+                         "--select", select, "--batch_size", "4")  # a checkpoint of other settings is not replaced
         code, printed, _ = run_script(cli.main_train_few, argv, capsys)
         assert code == 0 and "uses test labels" not in printed
         assert "Chest AUC : " in printed and "pAUC" not in printed
