@@ -73,13 +73,13 @@ from dataset.medical import (
     mask_array,
     open_checked,
 )
+from mvfa.files import missing_folders, writable_folder
 from mvfa.parsers import prepare_parser as build_parser
 
 CLASSES = (("normal", NORMAL_DIR), ("abnormal", ABNORMAL_DIR))
 MASK_DIR = MASK_FOLDERS[0]
 BINARIZED_SUFFIX = ".png"  # converted masks are written losslessly
 DEFAULT_SHOT = 4  # the paper's k: the next command's --shot when the valid split allows it
-WRITE_BITS = 0o222
 SEED_LISTS = Path(__file__).resolve().parent / "fewshot_seed"
 """The scripts' default --fewshot_seed_dir: lists of the benchmark's file names, which a prepared dataset of the
 same name does not hold, so the next command draws its support (--iterate -1) instead when a list exists."""
@@ -388,12 +388,6 @@ def _write(root: Path, items: list[Item], has_masks: bool, link: bool, binarize:
         csv.writer(stream, lineterminator="\n").writerows(rows)
 
 
-def _writable(folder: Path) -> bool:
-    """True when this process may create entries in `folder`. A folder without any write bit counts as
-    read-only even for root (who may write anywhere): that is what marking it read-only asks for."""
-    return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & WRITE_BITS)
-
-
 def check_output(out: Path) -> None:
     """Refuse, before anything is read, an --out that cannot become the new dataset folder (one line each)."""
     if not out.name.endswith(DATASET_SUFFIX) or len(out.name) <= len(DATASET_SUFFIX):
@@ -403,24 +397,15 @@ def check_output(out: Path) -> None:
             raise DatasetError(f"--out {out} is a file, not a folder: choose a new folder path (nothing is overwritten)")
         if any(out.iterdir()):
             raise DatasetError(f"--out {out} exists and is not empty: choose a new folder (nothing is overwritten)")
-        if not _writable(out):
+        if not writable_folder(out):
             raise DatasetError(f"--out {out} is read-only: make it writable or choose another folder")
     ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise DatasetError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
-    if not _writable(ancestor):
+    if not writable_folder(ancestor):
         raise DatasetError(f"--out {out} cannot be created: {ancestor} is read-only (no write permission)")
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """The folders `mkdir(parents=True)` would create for `folder`, outermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing[::-1]
 
 
 def prepare(
@@ -463,7 +448,7 @@ def prepare(
         check_masks(abnormal_items, binarize)
     assign_splits(items, valid_fraction, seed)
 
-    created = _missing_folders(out.parent)
+    created = missing_folders(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

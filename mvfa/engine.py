@@ -41,13 +41,12 @@ from dataset.medical import (
     source_datasets_for_zero_shot,
     write_seed_file,
 )
-from dataset.prepare import _missing_folders, _writable  # shared with dataset.prepare: read-only even for root
 
 from .augment import augment
 from .calibration import SCORE_SCALE, calibrate, fit_reference, stored_normalization, stored_threshold
 from .distributed import SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .errors import CheckpointFormatError, MVFAError
-from .files import folder_lock, write_text_atomic
+from .files import folder_lock, missing_folders, writable_folder, write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
@@ -367,11 +366,11 @@ def check_output_folder(folder: Path, flag: str) -> None:
     is read-only even for root (who could write there): that is what clearing them asks for."""
     if folder.exists() and not folder.is_dir():
         raise MVFAError(f"{flag} {folder} is a file, not a folder: pass a folder (it is made when missing)")
-    missing = _missing_folders(folder)
+    missing = missing_folders(folder)
     existing = missing[0].parent if missing else folder
     if not existing.is_dir():
         raise MVFAError(f"{flag} {folder} cannot be made: {existing} is a file, not a folder; choose another path")
-    if not _writable(existing):
+    if not writable_folder(existing):
         where = "is read-only" if existing == folder else f"cannot be made: {existing} is read-only"
         raise MVFAError(f"{flag} {folder} {where} (no write permission): make it writable or choose another folder")
 

@@ -13,7 +13,24 @@ from pathlib import Path
 
 import torch
 
-from dataset.prepare import _missing_folders
+
+
+WRITE_BITS = 0o222  # a folder without any of these is read-only, whoever runs
+
+
+def writable_folder(folder: Path) -> bool:
+    """True when this process may create entries in `folder`. A folder without any write bit counts as
+    read-only even for root (who may write anywhere): that is what marking it read-only asks for."""
+    return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & WRITE_BITS)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders `mkdir(parents=True)` would create for `folder`, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 def _default_file_mode() -> int:
@@ -172,7 +189,7 @@ def folder_lock(folder: str | Path, what: str, error: type[Exception], active: b
         yield
         return
     folder = Path(folder)
-    made = _missing_folders(folder)
+    made = missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     stamp = f"{os.getpid()} {socket.gethostname()}\n"
