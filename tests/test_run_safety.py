@@ -462,3 +462,11 @@ def test_ctrl_c_while_the_checkpoint_is_written_leaves_the_earlier_one(bench, tm
     assert (snapshot(save), snapshot(out)) == before
     assert leftovers(save) == [] and leftovers(out) == []
     json.loads((out / "metrics.json").read_text())  # the earlier run's, whole
+
+
+def test_a_precision_the_cpu_does_not_run_is_reported_as_what_ran(bench, tmp_path, capsys):
+    """--precision bf16 on the CPU computes in fp32 (no CPU autocast): a note says so and metrics.json records fp32."""
+    trained_copy(bench, tmp_path)
+    assert cli.main_test_few(argv(bench, tmp_path, "--shot", "1", "--precision", "bf16")) == 0
+    assert "note: --precision bf16 has no effect on the CPU: this run computes in fp32" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["precision"] == "fp32"
