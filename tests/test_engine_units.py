@@ -269,7 +269,7 @@ def test_checkpoint_metadata_few_shot(tmp_path, monkeypatch):
         "model_name": TINY_MODEL, "img_size": 56, "features_list": [2, 4], "quick_gelu": True, "shot": 2, "iterate": 1,
         "seed": 7, "select": "valid", "pretrain": "openai", "clip_ckpt": str((tmp_path / "clip.pth").resolve()),
         "epoch": 3, "learning_rate": 0.01, "batch_size": 2, "det_loss": "bce", "order": "release",
-        "eval_schedule": "release",
+        "eval_schedule": "release", "trained": True,
     }
 
 
