@@ -50,10 +50,11 @@ from .files import folder_lock, missing_folders, writable_folder, write_text_ato
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
-    autocast_for,
     MemoryBank,
+    Normalization,
     PrefixCache,
     TensorSet,
+    autocast_for,
     bank_branch,
     build_memory_bank,
     check_two_classes,
@@ -772,23 +773,7 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         check_replaced_checkpoint(config, checkpoint_metadata(config, target, word), dist)
     else:
         checkpoint_path, state, meta = read_test_checkpoint(config, word)
-    model, text_bank = build_model(config, device, visual_fp32_later=True)
-    if config.compile:
-        compile_model(model)
-    replay = ReleaseRandom(config.seed)  # the release's draws: two random CLIP builds, then the adapters
-    if config.train:
-        replay.skip_clip_builds(load_config(config.model_name), config.img_size)
-        replay.init_adapters(model.seg_adapters, model.det_adapters)
-    if release_dtypes and device.type == "cuda" and config.precision != "fp32":  # the release encodes prompts under autocast
-        text_bank.encoding_autocast = (f"autocast-{config.precision}", lambda: autocast_for(device, config.precision))
-    text_features = text_bank(word)
-    # zero-shot training scores each source against its own prompts
-    source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
-    text_bank.drop_text_tower()  # every word the run needs is encoded: free the text weights (0.5 GB for ViT-L)
-    if config.train or config.compile:
-        model.visual.float()
-    else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
-        model.float_with_block_workspace()
+    model, replay, text_features, source_features = build_run_model(config, device, word, source_words)
     test_set = TensorSet.load(test_samples, config.img_size, config.num_workers, desc=f"{target.name} test")
     logger = make_logger(config.logger, config.output_dir) if config.train and dist.is_main else RunLogger()
 
@@ -810,10 +795,12 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             branches=(bank_branch(target.has_masks),),
         )
 
-    def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating") -> EvalResult:
+    def score(data: TensorSet, features: torch.Tensor, has_masks: bool, full: bool = False, desc: str = "evaluating",
+              **options) -> EvalResult:
+        """`evaluate` with the run's model, memory bank and settings (options: evaluate's keywords)."""
         return evaluate(
             model, data, features, has_masks, memory_bank(), config.eval_batch_size, config.precision, full, desc=desc,
-            dist=dist, release_dtypes=release_dtypes,
+            dist=dist, release_dtypes=release_dtypes, **options,
         )
 
     budget = PrefixBudget(config.prefix_cache, device)
@@ -865,28 +852,88 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
             warn_other_support(meta, support, checkpoint_path)
 
     source = str(checkpoint_path) if checkpoint_path else "the trained adapters"
-    normalization = None  # --normalize test: the release's min-max over the test set
-    if config.normalize == "valid":
-        _, normalization, _ = fit_reference(config, model, target, text_features, memory_bank(), support_samples, dist)
-        print(f"normalisation: fitted on {normalization.source}")
-    elif config.normalize == "checkpoint":
-        normalization = stored_normalization(meta, source)
-        if normalization is None:
-            raise MVFAError(
-                f"{source} holds no normalisation statistics (a release checkpoint, or trained with "
-                "--threshold_rule none or without valid data): use --normalize valid or test"
-            )
-        print(f"normalisation: stored in the checkpoint ({normalization.source})")
+    normalization = chosen_normalization(
+        config, meta, source, lambda: fit_reference(config, model, target, text_features, memory_bank(), support_samples, dist)[1]
+    )
     threshold = stored_threshold(meta, source, config.mode, target.has_masks)
     score_under = threshold[1] if threshold is not None and normalization != threshold[1] else None
 
-    result = evaluate(
-        model, test_set, text_features, target.has_masks, memory_bank(), config.eval_batch_size, config.precision,
-        True, desc=f"{target.name} test", normalization=normalization, score_under=score_under, dist=dist,
-        release_dtypes=release_dtypes,
-    )
+    result = score(test_set, text_features, target.has_masks, True, desc=f"{target.name} test",
+                   normalization=normalization, score_under=score_under)
     metrics = {**result.metrics, "seconds": round(time.time() - started, 2)}
     print_release_lines(config.obj, metrics)
+    payload = run_payload(config, metrics, result, checkpoint_path, meta, support if few_shot is not None else None,
+                          best_state if config.train else None, dist)
+    if threshold is not None:
+        payload["threshold"] = threshold_report(result, threshold[0], score_under is not None, meta)
+    if config.save_maps is not None:
+        def maps_of(indices: list[int]) -> torch.Tensor | None:
+            """The maps of test images `indices`: kept by the evaluation, else scored again (datasets without masks)."""
+            if result.maps is not None:
+                return rows_of_maps(result.maps, result.map_range, indices, dist)
+            chosen = score(test_set.subset(indices), text_features, False, desc="maps", normalization=result.normalization,
+                           keep_maps=True, metrics=False)
+            return rows_of_maps(chosen.maps, chosen.map_range, list(range(len(indices))), dist)
+
+        written = map_overlays(config, result, test_set, maps_of, config.output_dir / "maps",
+                               threshold[0] if threshold is not None else None)
+        print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
+    if dist.is_main:
+        write_run_files(config, result, payload, log_rows, support if few_shot is not None else None)
+    return RunResult(metrics, checkpoint_path, config.output_dir, result)
+
+
+def build_run_model(
+    config: RunConfig, device: torch.device, word: str, source_words: dict[str, str],
+) -> tuple[AdaptedViT, ReleaseRandom, torch.Tensor, dict[str, torch.Tensor]]:
+    """The run's model with the release's initial adapters (training), its text features (the target's
+    and each zero-shot source's), the text tower dropped, the visual tower in fp32; and the replay of
+    the release's draws, which the training batches go on drawing from."""
+    model, text_bank = build_model(config, device, visual_fp32_later=True)
+    if config.compile:
+        compile_model(model)
+    replay = ReleaseRandom(config.seed)  # the release's draws: two random CLIP builds, then the adapters
+    if config.train:
+        replay.skip_clip_builds(load_config(config.model_name), config.img_size)
+        replay.init_adapters(model.seg_adapters, model.det_adapters)
+    if config.scoring_dtypes == "release" and device.type == "cuda" and config.precision != "fp32":
+        # the release encodes its prompts under autocast
+        text_bank.encoding_autocast = (f"autocast-{config.precision}", lambda: autocast_for(device, config.precision))
+    text_features = text_bank(word)
+    # zero-shot training scores each source against its own prompts
+    source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
+    text_bank.drop_text_tower()  # every word the run needs is encoded: free the text weights (0.5 GB for ViT-L)
+    if config.train or config.compile:
+        model.visual.float()
+    else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
+        model.float_with_block_workspace()
+    return model, replay, text_features, source_features
+
+
+def chosen_normalization(config: RunConfig, meta: dict, source: str, fit_valid) -> Normalization | None:
+    """The test evaluation's statistics: None for --normalize test (the release's min-max over the test
+    set), fitted on valid normal images (`fit_valid()`), or the checkpoint's."""
+    if config.normalize == "valid":
+        normalization = fit_valid()
+        print(f"normalisation: fitted on {normalization.source}")
+        return normalization
+    if config.normalize != "checkpoint":
+        return None
+    normalization = stored_normalization(meta, source)
+    if normalization is None:
+        raise MVFAError(
+            f"{source} holds no normalisation statistics (a release checkpoint, or trained with "
+            "--threshold_rule none or without valid data): use --normalize valid or test"
+        )
+    print(f"normalisation: stored in the checkpoint ({normalization.source})")
+    return normalization
+
+
+def run_payload(
+    config: RunConfig, metrics: dict, result: EvalResult, checkpoint_path: Path | None, meta: dict, support,
+    best_state: dict | None, dist: Dist,
+) -> dict:
+    """metrics.json: the metrics, the settings (a test run: the checkpoint's training settings), the support."""
     payload = {
         "obj": config.obj,
         "mode": config.mode,
@@ -896,56 +943,45 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
         "normalization": {"mode": config.normalize, **result.normalization.to_dict()},
         "config": json_ready(config),
     }
-    if not config.train:  # the training settings are the checkpoint's, not this script's defaults
+    if best_state is None:  # the training settings are the checkpoint's, not this script's defaults
         for key in TRAINING_ONLY:
             payload["config"].pop(key, None)
         payload["training"] = {k: meta[k] for k in ("mode", "obj", "seed", "select", "best_epoch", "best_step",
                                                     "shot", "iterate", *TRAINING_SETTINGS) if k in meta}
-    if few_shot is not None:
-        payload["support"] = {"source": support.source, **support_names(support)}
-    if config.train:
+    else:
         payload["training"] = {
             "epoch_losses": best_state["epoch_losses"], "best_epoch": best_state["epoch"], "best_step": best_state["step"],
         }
+    if support is not None:
+        payload["support"] = {"source": support.source, **support_names(support)}
     if config.ddp:
         payload["config"].update(world_size=dist.world_size, effective_batch_size=dist.world_size * config.batch_size)
-    if threshold is not None:
-        value, _ = threshold
-        scores = result.fixed_scores if score_under is not None else result.image_scores
-        test = threshold_metrics(scores, result.labels, value)
-        payload["threshold"] = {
-            "value": value, "rule": meta.get("threshold_rule"), "target_fpr": meta.get("target_fpr"),
-            "normalization": "checkpoint", "test": test,
-        }
-        print(
-            f"threshold {value:.4f} {SCORE_SCALE} ({meta.get('threshold_rule')} on valid): test precision "
-            f"{test['precision']:.4f} recall {test['recall']:.4f} F1 {test['f1']:.4f} FPR {test['fpr']:.4f}"
-        )
-    if config.save_maps is not None:
-        def maps_of(indices: list[int]) -> torch.Tensor | None:
-            if result.maps is not None:
-                return rows_of_maps(result.maps, result.map_range, indices, dist)
-            chosen = evaluate(
-                model, test_set.subset(indices), text_features, False, memory_bank(), config.eval_batch_size,
-                config.precision, desc="maps", normalization=result.normalization, keep_maps=True, metrics=False, dist=dist,
-                release_dtypes=release_dtypes,
-            )
-            return rows_of_maps(chosen.maps, chosen.map_range, list(range(len(indices))), dist)
+    return payload
 
-        written = map_overlays(config, result, test_set, maps_of, config.output_dir / "maps",
-                               threshold[0] if threshold is not None else None)
-        print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
-    if dist.is_main:
-        if few_shot is not None and config.iterate >= 0:  # written with the results: an early error leaves none
-            seed_file = config.output_dir / f"{config.shot}-shot.txt"
-            write_seed_file(seed_file, support, config.iterate)
-            if config.only_normal:  # the draw as a whole keeps the file readable and the split the few-shot run's
-                print(f"wrote {seed_file}: its a-{config.iterate} line names the drawn abnormal images, not used here")
-        write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
-        if log_rows:
-            write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))
-        write_atomic(config.output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
-    return RunResult(metrics, checkpoint_path, config.output_dir, result)
+
+def threshold_report(result: EvalResult, value: float, under_other_statistics: bool, meta: dict) -> dict:
+    """The checkpoint's threshold applied to the test images (on the scores it was chosen for); printed."""
+    scores = result.fixed_scores if under_other_statistics else result.image_scores
+    test = threshold_metrics(scores, result.labels, value)
+    print(
+        f"threshold {value:.4f} {SCORE_SCALE} ({meta.get('threshold_rule')} on valid): test precision "
+        f"{test['precision']:.4f} recall {test['recall']:.4f} F1 {test['f1']:.4f} FPR {test['fpr']:.4f}"
+    )
+    return {"value": value, "rule": meta.get("threshold_rule"), "target_fpr": meta.get("target_fpr"),
+            "normalization": "checkpoint", "test": test}
+
+
+def write_run_files(config: RunConfig, result: EvalResult, payload: dict, log_rows: list[dict], support) -> None:
+    """The run's files (rank 0): the support list, predictions.csv, train_log.csv, metrics.json."""
+    if support is not None and config.iterate >= 0:  # written with the results: an early error leaves none
+        seed_file = config.output_dir / f"{config.shot}-shot.txt"
+        write_seed_file(seed_file, support, config.iterate)
+        if config.only_normal:  # the draw as a whole keeps the file readable and the split the few-shot run's
+            print(f"wrote {seed_file}: its a-{config.iterate} line names the drawn abnormal images, not used here")
+    write_atomic(config.output_dir / "predictions.csv", predictions_csv(result, config.data_path))
+    if log_rows:
+        write_atomic(config.output_dir / "train_log.csv", _log_csv(log_rows))
+    write_atomic(config.output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
