@@ -249,7 +249,7 @@ class Context:
     def text_features(self) -> torch.Tensor:
         """Random unit text features [embed, 2] (the cost of scoring does not depend on their values)."""
         generator = torch.Generator().manual_seed(1)
-        embed = self.model.visual.proj.shape[1]
+        embed = self.model.embed_dim
         return F.normalize(torch.randn(embed, 2, generator=generator), dim=0).to(self.device)
 
     def brain_data(self) -> Path:
@@ -863,7 +863,7 @@ def measure_memory(ctx: Context) -> dict:
             torch.cuda.empty_cache()
     patches = model.grid_size**2
     queries = cfg.eval_batch_size * patches
-    embed = model.visual.proj.shape[1]
+    embed = model.embed_dim
     generator = torch.Generator(device=device).manual_seed(10)
     q = torch.randn(queries, embed, generator=generator, device=device)
     b = torch.randn(cfg.bank_tokens, embed, generator=generator, device=device)

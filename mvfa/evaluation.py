@@ -76,7 +76,7 @@ class PrefixCache:
 def prefix_bytes(model: AdaptedViT, count: int) -> int:
     """Size of a prefix cache of `count` images (fp32 stream: tokens x width per image)."""
     tokens = model.grid_size**2 + 1
-    return count * tokens * model.visual.conv1.out_channels * 4
+    return count * tokens * model.width * 4
 
 
 @torch.no_grad()
@@ -209,7 +209,7 @@ def build_memory_bank(
     device = next(model.parameters()).device
     count = images.shape[0]
     per_image = model.grid_size**2 + 1  # tokens of an image, class token included
-    width = model.visual.proj.shape[1]
+    width = model.embed_dim
     banks = {b: [torch.empty(count * per_image, width, device=device) for _ in model.stages] for b in branches}
     for index, start in enumerate(range(0, count, batch_size)):
         stop = min(start + batch_size, count)

@@ -109,6 +109,16 @@ class AdaptedViT(nn.Module):
         return self.visual.image_size
 
     @property
+    def width(self) -> int:
+        """The backbone's token width (the stream the adapters read and write)."""
+        return self.visual.conv1.out_channels
+
+    @property
+    def embed_dim(self) -> int:
+        """The text-space width of the adapters' tokens (the adapters' bottleneck)."""
+        return self.visual.proj.shape[1]
+
+    @property
     def grid_size(self) -> int:
         return self.visual.grid_size
 

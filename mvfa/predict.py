@@ -249,7 +249,7 @@ def check_bank_shape(bank: MemoryBank, branch: str, model: AdaptedViT, path: str
     """A bank whose identity matches but whose tensors do not fit the model (another width or stage
     count: a file from another version, or edited) is one error line, not a failure inside scoring."""
     stages = bank.stages(branch)
-    width = int(model.visual.proj.shape[1])
+    width = model.embed_dim
     rebuild = f"rebuild it with --support FOLDER --save_bank {path}"
     if len(stages) != len(model.stages):
         raise MVFAError(f"--bank {path} holds {len(stages)} stages of tokens, the model has {len(model.stages)} "

@@ -117,3 +117,12 @@ def test_unknown_branch_is_refused(model, images):
         build_memory_bank(model, images, 3, branches=("cls",))
     with pytest.raises(ValueError, match="memory bank branches"):
         build_memory_bank(model, images, 3, branches=())
+
+
+def test_the_model_states_its_widths(model):
+    """Callers ask the adapted ViT for its token width and text-space width instead of reading the backbone's layers."""
+    from CLIP.config import load_config
+
+    config = load_config(TINY_MODEL)
+    assert (model.width, model.embed_dim) == (config.vision.width, config.embed_dim)
+    assert model.seg_adapters[0].fc1[0].weight.shape == (model.embed_dim, model.width)
