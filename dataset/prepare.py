@@ -73,7 +73,7 @@ from dataset.medical import (
     mask_array,
     open_checked,
 )
-from mvfa.files import missing_folders, writable_folder
+from mvfa.files import missing_folders, nearest_existing, writable_folder
 from mvfa.parsers import prepare_parser as build_parser
 
 CLASSES = (("normal", NORMAL_DIR), ("abnormal", ABNORMAL_DIR))
@@ -399,9 +399,7 @@ def check_output(out: Path) -> None:
             raise DatasetError(f"--out {out} exists and is not empty: choose a new folder (nothing is overwritten)")
         if not writable_folder(out):
             raise DatasetError(f"--out {out} is read-only: make it writable or choose another folder")
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(out.parent)
     if not ancestor.is_dir():
         raise DatasetError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
     if not writable_folder(ancestor):

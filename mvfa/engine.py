@@ -46,7 +46,7 @@ from .augment import augment
 from .calibration import SCORE_SCALE, calibrate, fit_reference, stored_normalization, stored_threshold
 from .distributed import SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .errors import CheckpointFormatError, MVFAError
-from .files import folder_lock, missing_folders, writable_folder, write_text_atomic
+from .files import folder_lock, nearest_existing, writable_folder, write_text_atomic
 from .evaluation import (
     THRESHOLD_RULES,
     EvalResult,
@@ -90,12 +90,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 NORMALIZATIONS = ("test", "valid", "checkpoint")
 CALIBRATION_RULES = (*THRESHOLD_RULES, "none")
 SCORING_DTYPES = ("release", "fp32")  # CUDA with --precision fp16/bf16: the release's dtypes, or fp32 scoring
-ORDERS = ("release", "sorted")
+ORDERS = ("release", "sorted")  # zero-shot training: the file system's listing order (the release's) or sorted names
 PRETRAINS = (OPENAI, "none")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
 # settings that only training reads: recorded in the checkpoint, and left out of a test run's config
 TRAINING_SETTINGS = ("epoch", "learning_rate", "batch_size", "det_loss", "order", "eval_schedule")
-TRAINING_ONLY = (*TRAINING_SETTINGS, "listings", "threshold_rule", "target_fpr", "ddp", "save_model", "overwrite")  # zero-shot training: the file system's listing order (the release's) or sorted names
+TRAINING_ONLY = (*TRAINING_SETTINGS, "listings", "threshold_rule", "target_fpr", "ddp", "save_model", "overwrite")
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[1] / "dataset" / "fewshot_seed"
 TEST_LABEL_WARNING = (
     "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
@@ -367,12 +367,11 @@ def check_output_folder(folder: Path, flag: str) -> None:
     is read-only even for root (who could write there): that is what clearing them asks for."""
     if folder.exists() and not folder.is_dir():
         raise MVFAError(f"{flag} {folder} is a file, not a folder: pass a folder (it is made when missing)")
-    missing = missing_folders(folder)
-    existing = missing[0].parent if missing else folder
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise MVFAError(f"{flag} {folder} cannot be made: {existing} is a file, not a folder; choose another path")
     if not writable_folder(existing):
-        where = "is read-only" if existing == folder else f"cannot be made: {existing} is read-only"
+        where = "is read-only" if folder.exists() else f"cannot be made: {existing} is read-only"
         raise MVFAError(f"{flag} {folder} {where} (no write permission): make it writable or choose another folder")
 
 
@@ -770,7 +769,8 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
     check_two_classes(torch.tensor([s.label for s in test_samples]), f"the test split of {target.name}")
     source_words = {source.name: _source_word(config, source) for source in sources}
     if config.train:
-        check_replaced_checkpoint(config, checkpoint_metadata(config, target, word), dist)
+        meta = checkpoint_metadata(config, target, word)  # what the saved adapters will record
+        check_replaced_checkpoint(config, meta, dist)
     else:
         checkpoint_path, state, meta = read_test_checkpoint(config, word)
     model, replay, text_features, source_features = build_run_model(config, device, word, source_words)
@@ -831,7 +831,6 @@ def _run(config: RunConfig, dist: Dist) -> RunResult:
                 config, sources, lambda source: source_features[source.name], budget.allow, replay,
                 listing_of(config.order, listings, config.data_path), dist,
             )
-        meta = checkpoint_metadata(config, target, word)
         if few_shot is not None:
             meta["support"] = support_names(support)
         try:

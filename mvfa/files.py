@@ -24,6 +24,14 @@ def writable_folder(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & WRITE_BITS)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists (where `mkdir(parents=True)` would start)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def missing_folders(folder: Path) -> list[Path]:
     """The folders `mkdir(parents=True)` would create for `folder`, outermost first."""
     missing = []

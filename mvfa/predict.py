@@ -82,7 +82,7 @@ from .evaluation import (
     read_memory_bank,
     save_memory_bank,
 )
-from .files import default_folder_mode, remove_stale_temporaries, temporary_target
+from .files import default_folder_mode, nearest_existing, remove_stale_temporaries, temporary_target
 from .model import AdaptedViT, read_checkpoint
 from .parsers import add_model_flags  # noqa: F401 - importable from here, as before
 from .parsers import predict_parser as build_parser
@@ -365,13 +365,6 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_writable_file(path: Path, flag: str) -> None:
     """Before any work: `path` can be written as a file (not a folder; its folder exists or can be
     made, and accepts new files: probed with a temporary file, removed at once). One error line else."""
@@ -379,7 +372,7 @@ def check_writable_file(path: Path, flag: str) -> None:
         raise MVFAError(f"{flag} {path} is a folder: pass the path of a file")
     if path.exists() and not path.is_file():
         raise MVFAError(f"{flag} {path} is {file_kind(path)}: pass the path of a regular file")
-    existing = _nearest_existing(path.parent)
+    existing = nearest_existing(Path(os.path.abspath(path.parent)))
     if not existing.is_dir():
         raise MVFAError(f"{flag} {path} cannot be written: {existing} is a file, not a folder; choose another path")
     try:
@@ -417,7 +410,7 @@ class OutputFolder:
         if self.target.exists() and not self.target.is_dir():
             raise MVFAError(f"--output_dir {path} is {file_kind(self.target)}, not a folder: pass a folder path "
                             "(it is created when missing)")
-        existing = _nearest_existing(self.target.parent)
+        existing = nearest_existing(Path(os.path.abspath(self.target.parent)))
         if not existing.is_dir():
             raise MVFAError(f"--output_dir {path} cannot be made: {existing} is a file, not a folder; choose another path")
         if self.target.is_dir():
