@@ -125,21 +125,42 @@ class AdaptedViT(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [*self.seg_adapters.parameters(), *self.det_adapters.parameters()]
 
-    @torch.no_grad()
-    def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
-        """Stream after block `stages[0]`, before its adapters: [B, 1 + patches, width]."""
+    @property
+    def depth(self) -> int:
+        """The number of transformer blocks of the backbone."""
+        return len(self.visual.transformer.resblocks)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: list[int] | tuple[int, ...]) -> list[torch.Tensor]:
+        """The frozen stream (no adapters) after each block numbered in `indices` (1-indexed, increasing):
+        [B, 1 + patches, width] each. Autograd records as the caller's context says; blocks after the
+        last index do not run."""
+        numbers = [int(i) for i in indices]
+        if not numbers or sorted(set(numbers)) != numbers or numbers[0] < 1 or numbers[-1] > self.depth:
+            raise ValueError(f"block numbers must be increasing between 1 and {self.depth}, got {numbers}")
         x = self.visual.embed(images)
-        for block in self.visual.transformer.resblocks[: self.stages[0]]:
+        outputs, done = [], 0
+        for number in numbers:
+            x = self.run_blocks(x, done, number)
+            outputs.append(x)
+            done = number
+        return outputs
+
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The frozen blocks start+1 .. stop (1-indexed; a slice [start, stop) of the blocks) over the stream x."""
+        for block in self.visual.transformer.resblocks[start:stop]:
             x = self._run_block(block, x)
         return x
 
+    @torch.no_grad()
+    def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Stream after block `stages[0]`, before its adapters: [B, 1 + patches, width]."""
+        return self.forward_intermediates(images, self.stages[:1])[0]
+
     def forward_from_prefix(self, x: torch.Tensor) -> StageTokens:
         seg_tokens, det_tokens = [], []
-        blocks = self.visual.transformer.resblocks
         for index, stage in enumerate(self.stages):
             if index > 0:
-                for block in blocks[self.stages[index - 1] : stage]:
-                    x = self._run_block(block, x)
+                x = self.run_blocks(x, self.stages[index - 1], stage)
             seg_mid, seg_out = self.seg_adapters[index](x)
             det_mid, det_out = self.det_adapters[index](x)
             x = STREAM_KEEP * x + ADAPTER_MIX * seg_out + ADAPTER_MIX * det_out
