@@ -6,7 +6,7 @@ support) and chooses a decision threshold on valid data; both go into the checkp
 and mvfa.predict can score new images one at a time.
 
 The functions read their settings from any object with the fields of `CalibrationSettings`
-(mvfa.engine's RunConfig), so that this module never imports the engine.
+(mvfa.config.RunConfig has them).
 """
 from __future__ import annotations
 
@@ -16,11 +16,15 @@ import torch
 
 from dataset.errors import DatasetError
 from dataset.medical import MedicalDataset, Sample
+from dataset.tensors import TensorSet
 
 from .distributed import SINGLE, Dist
 from .errors import MVFAError
-from .evaluation import MemoryBank, Normalization, TensorSet, choose_threshold, evaluate, fit_normalization
+from .evaluation import evaluate, fit_normalization
 from .model import AdaptedViT
+from .normalization import Normalization
+from .scorer import Scorer
+from .thresholds import choose_threshold
 
 
 # how a stored threshold's number reads: scores under the fitted statistics, not probabilities
@@ -28,14 +32,13 @@ SCORE_SCALE = "on the checkpoint's score scale (valid normal images span about 0
 
 
 class CalibrationSettings(Protocol):
-    """The run settings calibration reads (mvfa.engine.RunConfig has them)."""
+    """The run settings calibration reads (mvfa.config.RunConfig has them)."""
 
     mode: str  # "few-shot" or "zero-shot"
     img_size: int
     num_workers: int
     eval_batch_size: int
     precision: str
-    scoring_dtypes: str  # release: on CUDA, score inside the autocast (mvfa.evaluation._branches)
     threshold_rule: str  # f1 or fpr
     target_fpr: float
 
@@ -54,8 +57,8 @@ def reference_samples(config: CalibrationSettings, dataset: MedicalDataset, supp
 
 
 def fit_reference(
-    config: CalibrationSettings, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
-    bank: MemoryBank | None, support: list[Sample], dist: Dist = SINGLE,
+    config: CalibrationSettings, model: AdaptedViT, dataset: MedicalDataset, scorer: Scorer, support: list[Sample],
+    dist: Dist = SINGLE,
 ) -> tuple[TensorSet, Normalization, str]:
     """Fit the normalisation on the normal reference images; returns (all reference images, statistics, description)."""
     samples, what = reference_samples(config, dataset, support)
@@ -64,15 +67,15 @@ def fit_reference(
         raise MVFAError(f"{what} holds no normal image to fit the normalisation on")
     data = TensorSet.load(samples, config.img_size, config.num_workers, desc="reference")
     norm = fit_normalization(
-        model, data.subset(normal), text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        source=f"{len(normal)} normal images of {what}", dist=dist, release_dtypes=config.scoring_dtypes == "release",
+        model, scorer, data.subset(normal), batch_size=config.eval_batch_size, precision=config.precision,
+        source=f"{len(normal)} normal images of {what}", dist=dist,
     )
     return data, norm, what
 
 
 def calibrate(
-    config: CalibrationSettings, model: AdaptedViT, dataset: MedicalDataset, text_features: torch.Tensor,
-    bank: MemoryBank | None, support: list[Sample], dist: Dist = SINGLE,
+    config: CalibrationSettings, model: AdaptedViT, dataset: MedicalDataset, scorer: Scorer, support: list[Sample],
+    dist: Dist = SINGLE,
 ) -> dict:
     """Checkpoint metadata of the calibration: normalisation statistics, threshold, rule, valid counts.
 
@@ -80,14 +83,12 @@ def calibrate(
     why; the checkpoint then has no statistics (predict uses raw scores and needs --threshold).
     """
     try:
-        data, norm, what = fit_reference(config, model, dataset, text_features, bank, support, dist)
+        data, norm, what = fit_reference(config, model, dataset, scorer, support, dist)
     except (DatasetError, MVFAError) as err:
         print(f"note: no calibration: {err}")
         return {"normalization": None, "threshold": None, "calibration": {"skipped": str(err)}}
-    result = evaluate(
-        model, data, text_features, dataset.has_masks, bank, config.eval_batch_size, config.precision,
-        desc="calibration", normalization=norm, metrics=False, dist=dist, release_dtypes=config.scoring_dtypes == "release",
-    )
+    result = evaluate(model, scorer, data, norm, batch_size=config.eval_batch_size, precision=config.precision,
+                      desc="calibration", metrics=False, dist=dist)
     rule = config.threshold_rule
     abnormal = int(result.labels.sum())
     if rule == "f1" and abnormal == 0:
@@ -121,8 +122,8 @@ def stored_normalization(meta: dict, source: str) -> Normalization | None:
     return None if entry is None else Normalization.from_dict(entry, f"the normalisation stored in {source}")
 
 
-def stored_threshold(meta: dict, source: str, mode: str, has_masks: bool) -> tuple[float, Normalization] | None:
-    """(threshold, its statistics) when the checkpoint has a threshold that applies to this scoring mode.
+def stored_threshold(meta: dict, source: str, scorer: Scorer) -> tuple[float, Normalization] | None:
+    """(threshold, its statistics) when the checkpoint has a threshold that applies to this scorer.
 
     Malformed statistics only give a note here (the release's protocol does not need them).
     """
@@ -132,6 +133,6 @@ def stored_threshold(meta: dict, source: str, mode: str, has_masks: bool) -> tup
         print(f"note: threshold not reported: {err}")
         return None
     threshold = meta.get("threshold") if isinstance(meta, dict) else None
-    if norm is None or threshold is None or meta.get("mode") != mode or norm.missing(mode == "few-shot", has_masks):
+    if norm is None or threshold is None or meta.get("mode") != scorer.mode or norm.missing(scorer.normalization_branches):
         return None
     return float(threshold), norm

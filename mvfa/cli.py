@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import torch
 
     from .distributed import Dist
-    from .engine import RunConfig
+    from .config import RunConfig
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
@@ -342,7 +342,7 @@ def resolve_device(requested: str | None) -> torch.device:
 
 def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
     """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
-    from .engine import RunConfig
+    from .config import RunConfig
     from .text import default_cache_dir
 
     device = resolve_device(device if device is not None else args.device)
@@ -458,7 +458,7 @@ def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
     flags = run_flags(parser, args)
 
     def work(dist: Dist, device: str | None) -> None:
-        from .engine import run
+        from .runs import run
 
         config = config_from_args(args, mode, train, device)
         run(config, dist)

@@ -35,7 +35,9 @@ from dataset.errors import DatasetError
 from dataset.medical import load_image, open_dataset, select_support, write_seed_file
 from dataset.synthetic import SYNTHETIC_DATASETS, generate_benchmark
 
-from .engine import RunConfig, RunResult, run, write_atomic
+from .config import RunConfig
+from .files import write_text_atomic as write_atomic
+from .runs import RunResult, run
 from .errors import MVFAError
 from .paper import PAPER_AUC, PAPER_ROWS, format_cell, paper_mean, row_names
 from .parsers import demo_parser

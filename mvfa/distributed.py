@@ -210,6 +210,14 @@ def all_gather_cat(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
     return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
 
 
+def gathered_in_order(values: torch.Tensor | None, dist: Dist) -> torch.Tensor | None:
+    """Every rank's per-image values, in image order, on every rank, on their device (the tensor itself
+    in a single process; None stays None)."""
+    if values is None or not dist.active:
+        return values
+    return all_gather_cat(values, dist).to(values.device)
+
+
 def gather_cat(tensor: torch.Tensor, dist: Dist) -> torch.Tensor | None:
     """The same concatenation on rank 0 only (None elsewhere): for data only rank 0 needs."""
     if not dist.active:

@@ -34,7 +34,8 @@ if __name__ == "__main__":  # flags and --help answer before torch is imported (
 import torch
 from torch import nn
 
-from .engine import build_adapted_model, write_atomic
+from .backbone import build_adapted_model
+from .files import write_text_atomic as write_atomic
 from .errors import MVFAError
 from .files import atomic_target
 from .model import AdaptedViT

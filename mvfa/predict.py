@@ -64,24 +64,18 @@ from CLIP.config import CKPT_DIR, load_config
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 from dataset.medical import IMAGE_SUFFIXES, Sample, load_image, load_mask
+from dataset.tensors import PIXEL_LEVELS, TensorSet
 
 from .augment import augment
 from .calibration import stored_normalization
+from .backbone import build_adapted_model
 from .cli import resolve_device
-from .engine import build_adapted_model, write_atomic
 from .errors import MVFAError
-from .evaluation import (
-    PIXEL_LEVELS,
-    MemoryBank,
-    Normalization,
-    TensorSet,
-    bank_branch,
-    build_memory_bank,
-    check_bank_file,
-    evaluate,
-    read_memory_bank,
-    save_memory_bank,
-)
+from .evaluation import evaluate
+from .files import write_text_atomic as write_atomic
+from .memory_bank import MemoryBank, bank_branch, build_memory_bank, check_bank_file, read_memory_bank, save_memory_bank
+from .normalization import Normalization
+from .scorer import FewShotScorer, ZeroShotScorer
 from .files import default_folder_mode, nearest_existing, remove_stale_temporaries, temporary_target
 from .model import AdaptedViT, read_checkpoint
 from .parsers import add_model_flags  # noqa: F401 - importable from here, as before
@@ -342,7 +336,7 @@ def load_support(folder: Path, img_size: int, report) -> torch.Tensor:
     if not paths:
         raise MVFAError(f"--support {folder} holds no image ({'/'.join(IMAGE_SUFFIXES)} files)")
     support = TensorSet.load([Sample(path=p, label=0) for p in paths], img_size, desc="support")
-    images, _ = augment(support.images.float() / PIXEL_LEVELS)  # as engine.prepare_few_shot
+    images, _ = augment(support.float_images())  # as mvfa.support.prepare_few_shot
     return images
 
 
@@ -529,7 +523,8 @@ def _scoring(args: argparse.Namespace, meta: dict, ckpt: Path, settings: ModelSe
     mode = "few-shot" if few_shot else "zero-shot"
     normalization, notes = None, []
     stored = stored_normalization(meta, str(ckpt))
-    if stored is not None and not stored.missing(few_shot, settings.has_masks):
+    needed = (FewShotScorer if few_shot else ZeroShotScorer).branches_needed(settings.has_masks)
+    if stored is not None and not stored.missing(needed):
         normalization = stored
     calibrated = normalization is not None
     if not calibrated:
@@ -600,8 +595,9 @@ def predict(args: argparse.Namespace) -> int:
                     print(f"memory bank of {args.support} ({support_images.shape[0]} augmented images) -> {args.save_bank}")
         for note in clip_notes + scoring.notes:
             print(note)
-        rows, failed = _score_images(args, images, masks, settings, scoring, few_shot, model, text_features, bank,
-                                     precision, staging, report)
+        scorer = FewShotScorer(text_features, settings.has_masks, bank) if few_shot else ZeroShotScorer(
+            text_features, settings.has_masks)
+        rows, failed = _score_images(args, images, masks, settings, scoring, scorer, model, precision, staging, report)
         _write_outputs(staging, rows, args, ckpt, clip, mode, settings, scoring, failed, images)
 
     threshold = scoring.threshold
@@ -615,13 +611,13 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _score_images(args, images, masks, settings, scoring, few_shot, model, text_features, bank, precision, folder, report):
+def _score_images(args, images, masks, settings, scoring, scorer, model, precision, folder, report):
     """Score `images` in chunks; write each overlay into `folder`. (CSV rows, number of failures)."""
     names = dict(zip(images, _overlay_names(images)))
     threshold = scoring.threshold
     # The image threshold is also a threshold on the map when the score is the map's maximum (few-shot
     # with masks, under the same statistics): the predicted region is then where the map >= it.
-    pixel_threshold = threshold if few_shot and settings.has_masks and scoring.calibrated else None
+    pixel_threshold = threshold if scorer.score_is_map_max and scoring.calibrated else None
     rows, failed = [], 0
     for start in range(0, len(images), CHUNK):
         chunk, tensors = [], []
@@ -639,10 +635,8 @@ def _score_images(args, images, masks, settings, scoring, few_shot, model, text_
             torch.stack(tensors), torch.zeros(count, settings.img_size, settings.img_size, dtype=torch.bool),
             torch.zeros(count, dtype=torch.long), [str(p) for p in chunk],
         )
-        result = evaluate(
-            model, data, text_features, settings.has_masks, bank, args.batch_size, precision, desc="predicting",
-            normalization=scoring.normalization, keep_maps=True, metrics=False,
-        )
+        result = evaluate(model, scorer, data, scoring.normalization, batch_size=args.batch_size, precision=precision,
+                          desc="predicting", keep_maps=True, metrics=False)
         for index, path in enumerate(chunk):
             score = float(result.image_scores[index])
             image_map = result.maps[index]

@@ -59,7 +59,11 @@ from dataset.medical import find_datasets, select_support
 
 from .cli import guarded, resolve_device
 from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
-from .engine import DEFAULT_SEED_DIR, TRAINING_ONLY, TRAINING_SETTINGS, RunConfig, json_ready, run, write_atomic
+from .choices import DEFAULT_SEED_DIR
+from .config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
+from .files import write_text_atomic as write_atomic
+from .outputs import json_ready
+from .runs import run
 from .errors import MVFAError
 from .paper import (
     PAPER_AUC,

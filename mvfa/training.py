@@ -14,8 +14,8 @@ module's forward only, while training also enters through forward_from_prefix (p
 seg optimiser must step exactly when some rank's batch had masks, and the last batch of an epoch
 may leave a rank with fewer images, or none, which plain DDP averaging would weight wrongly.
 
-The loop reads its settings from any object with the fields of `LoopSettings` (mvfa.engine's
-RunConfig), so that this module never imports the engine.
+The loop reads its settings from any object with the fields of `LoopSettings` (mvfa.config's
+RunConfig has them).
 """
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from dataset.medical import ABNORMAL_DIR, IMAGE_DIR, NORMAL_DIR, ImageSet, MedicalDataset, Sample
+from dataset.tensors import PIXEL_LEVELS, TensorSet
 
 from . import scoring
 from .errors import MVFAError
 from .replay import RELEASE_SOURCE_ORDER, ReleaseRandom
 from .run_log import RunLogger
 from .distributed import SINGLE, Dist, average_gradients, broadcast_parameters
-from .evaluation import PIXEL_LEVELS, TensorSet, autocast_for, progress
+from .runtime import autocast_for, progress
 from .losses import BinaryDiceLoss, FocalLoss, det_loss
 from .model import AdaptedViT
 
@@ -168,7 +169,7 @@ def train_step(
 
 
 class LoopSettings(Protocol):
-    """The run settings the training loop and the batch builders read (mvfa.engine.RunConfig has them)."""
+    """The run settings the training loop and the batch builders read (mvfa.config.RunConfig has them)."""
 
     epoch: int
     learning_rate: float
@@ -183,7 +184,7 @@ class LoopSettings(Protocol):
 
 
 class FewShotSupport(Protocol):
-    """The augmented support a few-shot run trains on (mvfa.engine.FewShotData has it)."""
+    """The augmented support a few-shot run trains on (mvfa.support.FewShotData has it)."""
 
     support_images: torch.Tensor | None
     support_masks: torch.Tensor | None
@@ -322,7 +323,6 @@ def final_zero_shot_points(steps: int) -> list[int]:
     return sorted({max(1, steps * (i + 1) // ZERO_SHOT_EVALS_PER_EPOCH) for i in range(ZERO_SHOT_EVALS_PER_EPOCH)})
 
 
-EVAL_SCHEDULES = ("release", "final")
 
 
 class Selector:
@@ -419,7 +419,7 @@ def zero_shot_batches(
     with Python's random and cut into --batch_size batches, the batch list shuffled, then visited in
     a shuffling DataLoader's order; `replay` also makes the draws of the epoch's evaluations.
     `text_features_of(source)` gives a source's text features. The sources are decoded once into
-    uint8 tensors when `may_decode(nbytes)` allows their size (the engine's prefix-cache budget; the
+    uint8 tensors when `may_decode(nbytes)` allows their size (the run's prefix-cache budget; the
     release decodes every PNG every epoch; --prefix_cache off keeps that); the batches are the same.
     """
     features, flags, samples, source_of, source_items = [], [], [], [], []

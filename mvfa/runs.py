@@ -1,0 +1,421 @@
+"""The runs: a few-shot run and a zero-shot run, each read top to bottom.
+
+A run trains (with model selection, calibration and a saved checkpoint) or loads a checkpoint, then
+scores the target's test split and writes its files (mvfa.outputs). The four scripts, mvfa.demo and
+mvfa.reproduce call `run(config)`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from CLIP.config import load_config
+from dataset.medical import MedicalDataset, Sample, open_dataset, source_datasets_for_zero_shot
+from dataset.tensors import TensorSet
+
+from .backbone import build_adapted_model
+from .calibration import calibrate, fit_reference, stored_normalization, stored_threshold
+from .checkpoints import (
+    check_replaced_checkpoint, checkpoint_metadata, keep_last_good, read_test_checkpoint, save_adapters, support_names,
+    warn_other_support,
+)
+from .config import RunConfig
+from .distributed import SINGLE, Dist, barrier, quiet_unless_main
+from .errors import MVFAError
+from .evaluation import EvalResult, check_two_classes, evaluate
+from .files import folder_lock
+from .model import AdaptedViT
+from .normalization import Normalization
+from .outputs import (
+    check_outputs, map_overlays, print_release_lines, rows_of_maps, run_payload, threshold_report, write_run_files,
+)
+from .prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
+from .prompts import object_word
+from .replay import ReleaseRandom, listing_of
+from .run_log import RunLogger, make_logger
+from .runtime import autocast_for, compile_model, seed_everything
+from .scorer import FewShotScorer, Scorer, ZeroShotScorer
+from .support import cache_support_prefixes, prepare_few_shot
+from .text import TextFeatureBank
+from .training import (
+    Selector, TrainingDiverged, after_epoch, few_shot_batches, final_zero_shot_points, release_zero_shot_points,
+    train_loop, zero_shot_batches,
+)
+
+TEST_LABEL_WARNING = (
+    "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
+    "produce the paper's tables; it uses test labels (use --select valid for a sound estimate)"
+)
+
+
+@dataclass
+class RunResult:
+    metrics: dict
+    checkpoint: Path | None
+    output_dir: Path
+    evaluation: EvalResult
+
+
+def run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
+    """Train (with selection) or test, per config.mode and config.train; write the run's files.
+
+    dist: this process's place among the ranks of a torchrun job (the default: a single process).
+    Every rank must call run with the same config; all return the same metrics, rank 0 alone
+    prints and writes files, and they return together (after rank 0 has written).
+
+    Before any work: the settings (RunConfig.validate) and the output places (check_outputs); then
+    rank 0 holds --output_dir (a lock file: a second run into it is refused while this one works).
+    """
+    with quiet_unless_main(dist):
+        config.validate()
+        if dist.is_main:
+            check_outputs(config)
+        with folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError, active=dist.is_main):
+            result = few_shot_run(config, dist) if config.mode == "few-shot" else zero_shot_run(config, dist)
+            barrier(dist)
+    return result
+
+
+@dataclass
+class RunState:
+    """What a run has opened: the target, its test images, the checkpoint read or planned, the clock."""
+
+    config: RunConfig
+    dist: Dist
+    device: torch.device
+    started: float
+    target: MedicalDataset
+    word: str
+    test_set: TensorSet | None = None
+    meta: dict = field(default_factory=dict)  # the checkpoint's metadata (read, or what training will save)
+    checkpoint: Path | None = None
+    state: dict | None = None  # a test run: the adapters read
+    budget: PrefixBudget | None = None
+
+
+def few_shot_run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
+    """Few-shot: adapters trained on k abnormal + k normal support images, scored with a memory bank of
+    the k normal ones; or (a test run) a checkpoint's adapters with the same support's memory bank."""
+    run = open_run(config, dist)
+    config = run.config
+    model, replay, text_features, _ = build_run_model(config, run.device, run.word, {})
+    run.test_set = TensorSet.load(run.target.samples("test"), config.img_size, config.num_workers,
+                                  desc=f"{run.target.name} test")
+    few_shot, support = prepare_few_shot(config, run.target)
+    if config.only_normal:
+        print(f"support: {config.shot} normal valid images, no abnormal image ({support.source})")
+    else:
+        print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
+    run.budget = PrefixBudget(config.prefix_cache, run.device)
+    if config.train or config.prefix_cache == "on":
+        cache_support_prefixes(model, few_shot, config, run.budget)
+    scorer = FewShotScorer(
+        text_features, run.target.has_masks, support_images=few_shot.normal_images, support_cache=few_shot.memory_cache,
+        batch_size=config.eval_batch_size, bank_precision=bank_precision(config), release_dtypes=release_dtypes(config),
+    )
+    best_state, log_rows = None, []
+    if config.train:
+        if config.select == "test":
+            cache(run, model, run.test_set)
+        selected = few_shot_selection(run, model, scorer, few_shot.support_samples)
+        batches = few_shot_batches(config, few_shot, text_features, run.target.has_masks, replay)
+        run.meta["support"] = support_names(support)
+        best_state, log_rows = train_adapters(run, model, batches, selected, scorer, few_shot.support_samples)
+    else:
+        load_adapters(run, model)
+        if not config.only_normal:
+            warn_other_support(run.meta, support, run.checkpoint)
+    return test_and_write(run, model, scorer, few_shot.support_samples, best_state, log_rows, support)
+
+
+def zero_shot_run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
+    """Zero-shot: adapters trained on the other datasets' test images (leave one out), scored with text
+    features alone; or (a test run) a checkpoint's adapters."""
+    sources = source_datasets_for_zero_shot(config.data_path, config.obj) if config.train else []
+    listings = read_listings(config.listings) if config.train and config.listings is not None else None
+    run = open_run(config, dist)
+    config = run.config
+    source_words = {source.name: _source_word(config, source) for source in sources}
+    model, replay, text_features, source_features = build_run_model(config, run.device, run.word, source_words)
+    run.test_set = TensorSet.load(run.target.samples("test"), config.img_size, config.num_workers,
+                                  desc=f"{run.target.name} test")
+    run.budget = PrefixBudget(config.prefix_cache, run.device)
+    options = {"release_dtypes": release_dtypes(config)}
+    scorer = ZeroShotScorer(text_features, run.target.has_masks, **options)
+    best_state, log_rows = None, []
+    if config.train:
+        if config.select == "test":
+            cache(run, model, run.test_set)
+        source_scorers = {s.name: ZeroShotScorer(source_features[s.name], s.has_masks, **options) for s in sources}
+        selected = zero_shot_selection(run, model, scorer, sources, source_scorers)
+        batches = zero_shot_batches(
+            config, sources, lambda source: source_features[source.name], run.budget.allow, replay,
+            listing_of(config.order, listings, config.data_path), dist,
+        )
+        best_state, log_rows = train_adapters(run, model, batches, selected, scorer, [])
+    else:
+        load_adapters(run, model)
+    return test_and_write(run, model, scorer, [], best_state, log_rows, None)
+
+
+def open_run(config: RunConfig, dist: Dist) -> RunState:
+    """The run's device, seeds and target; the checkpoint it will replace (training) or read (test)."""
+    device = torch.device(config.device)
+    if device.type == "cpu" and config.precision != "fp32":  # autocast_for uses no autocast on the CPU
+        print(f"note: --precision {config.precision} has no effect on the CPU: this run computes in fp32")
+        config = replace(config, precision="fp32")
+    seed_everything(config.seed)
+    started = time.time()
+    target = open_dataset(config.data_path, config.obj)
+    try:
+        word = object_word(target.name, config.prompt_name)
+    except KeyError as err:
+        raise MVFAError(str(err.args[0])) from None
+    check_two_classes(torch.tensor([s.label for s in target.samples("test")]), f"the test split of {target.name}")
+    run = RunState(config, dist, device, started, target, word)
+    if config.train:
+        run.meta = checkpoint_metadata(config, target, word)  # what the saved adapters will record
+        check_replaced_checkpoint(config, run.meta, dist)
+    else:
+        run.checkpoint, run.state, run.meta = read_test_checkpoint(config, word)
+    return run
+
+
+def release_dtypes(config: RunConfig) -> bool:
+    """Score as the release on CUDA with autocast (mvfa.scorer.Scorer.scoring_context)."""
+    return config.scoring_dtypes == "release"
+
+
+def bank_precision(config: RunConfig) -> str:
+    """The memory bank's forward: without autocast (fp32) with the release's dtypes, as the release
+    builds it; else under the run's autocast."""
+    return "fp32" if release_dtypes(config) else config.precision
+
+
+def build_run_model(
+    config: RunConfig, device: torch.device, word: str, source_words: dict[str, str],
+) -> tuple[AdaptedViT, ReleaseRandom, torch.Tensor, dict[str, torch.Tensor]]:
+    """The run's model with the release's initial adapters (training), its text features (the target's
+    and each zero-shot source's), the text tower dropped, the visual tower in fp32; and the replay of
+    the release's draws, which the training batches go on drawing from."""
+    model, text_bank = build_adapted_model(
+        config.model_name, config.img_size, config.features_list, config.clip_ckpt, config.pretrain,
+        config.quick_gelu, device, config.cache_dir, visual_fp32_later=True,
+    )
+    if config.compile:
+        compile_model(model)
+    replay = ReleaseRandom(config.seed)  # the release's draws: two random CLIP builds, then the adapters
+    if config.train:
+        replay.skip_clip_builds(load_config(config.model_name), config.img_size)
+        replay.init_adapters(model.seg_adapters, model.det_adapters)
+    if release_dtypes(config) and device.type == "cuda" and config.precision != "fp32":
+        # the release encodes its prompts under autocast
+        text_bank.encoding_autocast = (f"autocast-{config.precision}", lambda: autocast_for(device, config.precision))
+    text_features = text_bank(word)
+    # zero-shot training scores each source against its own prompts
+    source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
+    text_bank.drop_text_tower()  # every word the run needs is encoded: free the text weights (0.5 GB for ViT-L)
+    if config.train or config.compile:
+        model.visual.float()
+    else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
+        model.float_with_block_workspace()
+    return model, replay, text_features, source_features
+
+
+def score(run: RunState, model: AdaptedViT, scorer: Scorer, data: TensorSet, **options) -> EvalResult:
+    """`evaluate` with the run's batch size, precision and ranks (options: evaluate's keywords)."""
+    return evaluate(model, scorer, data, batch_size=run.config.eval_batch_size, precision=run.config.precision,
+                    dist=run.dist, **options)
+
+
+def cache(run: RunState, model: AdaptedViT, data: TensorSet) -> TensorSet:
+    """Sets evaluated after every epoch keep their frozen-block outputs (this rank's batches), while the budget allows."""
+    size = run.config.eval_batch_size
+    shard = run.dist.batch_shard(len(data), size)
+    if run.budget.allow(prefix_bytes(model, shard[1] - shard[0])):
+        cache_set_prefixes(data, model, size, run.config.precision, shard if run.dist.active else None)
+    return data
+
+
+def train_adapters(
+    run: RunState, model: AdaptedViT, batches, selector: Selector, scorer: Scorer, support: list[Sample],
+) -> tuple[dict, list[dict]]:
+    """Train, load the selected adapters, calibrate them (--threshold_rule) and save them (--save_model).
+    Returns the training loop's best state and the log rows."""
+    config, dist = run.config, run.dist
+    if config.select == "test":
+        print(TEST_LABEL_WARNING)
+    logger = make_logger(config.logger, config.output_dir) if dist.is_main else RunLogger()
+    log_rows: list[dict] = []
+    try:
+        best_state = train_loop(config, model, batches, selector, log_rows, run.device, dist, logger)
+    except TrainingDiverged as err:
+        raise MVFAError(keep_last_good(config, model, err, run.meta, dist)) from None
+    finally:
+        logger.close()
+    model.load_adapter_state(best_state["adapters"])
+    run.meta.update(best_epoch=best_state["epoch"], best_step=best_state["step"])
+    if config.threshold_rule != "none":
+        run.meta.update(calibrate(config, model, run.target, scorer, support, dist))
+    run.checkpoint = save_adapters(config, model, run.meta, dist)
+    return best_state, log_rows
+
+
+def load_adapters(run: RunState, model: AdaptedViT) -> None:
+    model.load_adapter_state(run.state, source=str(run.checkpoint))
+    print(f"loaded adapters from {run.checkpoint}")
+
+
+def test_and_write(
+    run: RunState, model: AdaptedViT, scorer: Scorer, support_samples: list[Sample], best_state: dict | None,
+    log_rows: list[dict], support,
+) -> RunResult:
+    """Score the test split (with the chosen normalisation and the checkpoint's threshold), print the
+    release's lines, write the overlays (--save_maps) and the run's files."""
+    config, dist = run.config, run.dist
+    source = str(run.checkpoint) if run.checkpoint else "the trained adapters"
+    normalization = chosen_normalization(
+        config, run.meta, source, lambda: fit_reference(config, model, run.target, scorer, support_samples, dist)[1]
+    )
+    threshold = stored_threshold(run.meta, source, scorer)
+    score_under = threshold[1] if threshold is not None and normalization != threshold[1] else None
+    result = score(run, model, scorer, run.test_set, normalization=normalization, full_metrics=True,
+                   desc=f"{run.target.name} test", score_under=score_under)
+    metrics = {**result.metrics, "seconds": round(time.time() - run.started, 2)}
+    print_release_lines(config.obj, metrics)
+    payload = run_payload(config, metrics, result, run.checkpoint, run.meta, support, best_state, dist)
+    if threshold is not None:
+        payload["threshold"] = threshold_report(result, threshold[0], score_under is not None, run.meta)
+    if config.save_maps is not None:
+        def maps_of(indices: list[int]) -> torch.Tensor | None:
+            """The maps of test images `indices`: kept by the evaluation, else scored again (datasets without masks)."""
+            if result.maps is not None:
+                return rows_of_maps(result.maps, result.map_range, indices, dist)
+            chosen = score(run, model, scorer, run.test_set.subset(indices), normalization=result.normalization,
+                           desc="maps", keep_maps=True, metrics=False)
+            return rows_of_maps(chosen.maps, chosen.map_range, list(range(len(indices))), dist)
+
+        written = map_overlays(config, result, run.test_set, maps_of, config.output_dir / "maps",
+                               threshold[0] if threshold is not None else None, scorer.score_is_map_max)
+        print(f"wrote {len(written)} overlays to {config.output_dir / 'maps'}")
+    if dist.is_main:
+        write_run_files(config, result, payload, log_rows, support)
+    return RunResult(metrics, run.checkpoint, config.output_dir, result)
+
+
+def chosen_normalization(config: RunConfig, meta: dict, source: str, fit_valid) -> Normalization | None:
+    """The test evaluation's statistics: None for --normalize test (the release's min-max over the test
+    set), fitted on valid normal images (`fit_valid()`), or the checkpoint's."""
+    if config.normalize == "valid":
+        normalization = fit_valid()
+        print(f"normalisation: fitted on {normalization.source}")
+        return normalization
+    if config.normalize != "checkpoint":
+        return None
+    normalization = stored_normalization(meta, source)
+    if normalization is None:
+        raise MVFAError(
+            f"{source} holds no normalisation statistics (a release checkpoint, or trained with "
+            "--threshold_rule none or without valid data): use --normalize valid or test"
+        )
+    print(f"normalisation: stored in the checkpoint ({normalization.source})")
+    return normalization
+
+
+# ------------------------------------------------------------------------------------------------
+# Model selection
+
+
+def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[Sample]) -> list[Sample]:
+    """--select valid for few-shot: the valid images that are not support images."""
+    used = {s.path for s in exclude}
+    samples = [s for s in dataset.samples("valid") if s.path not in used]
+    labels = {s.label for s in samples}
+    if labels != {0, 1}:
+        raise MVFAError(
+            f"--select valid needs normal and abnormal valid images of {dataset.name} besides the "
+            f"{config.shot}-shot support; {len(samples)} remain ({'none' if not labels else 'one class'}): "
+            "use --select last or a smaller --shot"
+        )
+    return samples
+
+
+def few_shot_selection(run: RunState, model: AdaptedViT, scorer: Scorer, support: list[Sample]) -> Selector:
+    """After every epoch: the test set's (--select test) or the valid images' (valid) pAUC + AUC."""
+    config = run.config
+    if config.select == "valid":
+        data = cache(run, model, TensorSet.load(
+            selection_samples(config, run.target, support), config.img_size, config.num_workers, desc="valid"
+        ))
+    else:
+        data = run.test_set if config.select == "test" else None
+
+    def evaluation():
+        result = score(run, model, scorer, data, desc=f"{config.select} eval")
+        return result.selection_score, {f"{config.select}_{k}": v for k, v in result.metrics.items()}
+
+    return Selector(after_epoch, evaluation, keep_ties=False, active=config.select != "last")
+
+
+def zero_shot_selection(
+    run: RunState, model: AdaptedViT, scorer: Scorer, sources: list[MedicalDataset], source_scorers: dict[str, Scorer],
+) -> Selector:
+    """At the release's points of each epoch: the target's test pAUC + AUC (--select test), or the mean
+    over the sources' valid splits of theirs (valid); --eval_schedule final scores after N/5 ... N steps."""
+    config = run.config
+    valid_sets = []
+    if config.select == "valid":
+        for source in sources:
+            samples = source.samples("valid")
+            if {s.label for s in samples} == {0, 1}:
+                data = cache(run, model, TensorSet.load(samples, config.img_size, config.num_workers,
+                                                        desc=f"{source.name} valid"))
+                valid_sets.append((source, data))
+        if not valid_sets:
+            raise MVFAError("--select valid needs a source dataset whose valid split has both classes")
+
+    def evaluation():
+        if config.select == "test":
+            result = score(run, model, scorer, run.test_set, desc=f"{run.target.name} test eval")
+            return result.selection_score, {f"test_{k}": v for k, v in result.metrics.items()}
+        values, detail = [], {}
+        for source, data in valid_sets:
+            result = score(run, model, source_scorers[source.name], data, desc=f"{source.name} valid eval")
+            values.append(result.selection_score)
+            detail[f"valid_{source.name}"] = result.selection_score
+        return float(np.mean(values)), detail
+
+    if config.eval_schedule == "release":  # before steps 0, N//5, 2N//5, ...; the latest tie wins
+        return Selector(release_zero_shot_points, evaluation, keep_ties=True, active=config.select != "last")
+    return Selector(final_zero_shot_points, evaluation, keep_ties=False, active=config.select != "last")
+
+
+def read_listings(path: Path) -> dict[str, list[str]]:
+    """--listings: a JSON object mapping image folders (relative to --data_path, e.g.
+    "Brain_AD/test/good/img") to the file names in the order a recorded run listed them."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MVFAError(f"--listings {path} is not a readable JSON file ({type(err).__name__}: {err})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v) for k, v in raw.items()
+    ):
+        raise MVFAError(f"--listings {path} must map folder names to lists of file names, e.g. "
+                        '{"Brain_AD/test/good/img": ["0001.png", ...]}')
+    return raw
+
+
+def _source_word(config: RunConfig, source: MedicalDataset) -> str:
+    """The object word of a zero-shot source dataset (only registered names can be sources)."""
+    try:
+        return object_word(source.name, None)
+    except KeyError:
+        raise MVFAError(
+            f"zero-shot training uses {source.name} from {config.data_path}, which has no registered object "
+            "word: remove it from --data_path or add it to mvfa.prompts.REAL_NAME"
+        ) from None
