@@ -3,13 +3,23 @@ threshold only where it applies to the scoring mode at hand."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mvfa.calibration import stored_normalization, stored_threshold
 from mvfa.errors import MVFAError
-from mvfa.evaluation import Normalization
+from mvfa.memory_bank import MemoryBank
+from mvfa.normalization import Normalization
+from mvfa.scorer import FewShotScorer, Scorer, ZeroShotScorer
 
 ZERO_WITH_MAPS = Normalization(0.1, 0.9, zero_map_low=0.2, zero_map_high=0.8, count=12, source="12 normal images")
 FEW_WITHOUT_MASKS = Normalization(0.1, 0.9, few_score_low=0.3, few_score_high=0.6, count=4, source="4 normal images")
+
+
+def scorer(mode: str, has_masks: bool) -> Scorer:
+    """A scorer of `mode` (its text features and bank do not matter here)."""
+    if mode == "few-shot":
+        return FewShotScorer(torch.zeros(8, 2), has_masks, MemoryBank(None, None))
+    return ZeroShotScorer(torch.zeros(8, 2), has_masks)
 
 
 def meta(norm: Normalization | None, mode: str = "zero-shot", threshold=0.42) -> dict:
@@ -42,32 +52,32 @@ def test_stored_normalization_malformed_is_one_line():
                                                   ("few-shot", False, FEW_WITHOUT_MASKS)])
 def test_stored_threshold_of_the_same_mode(mode, has_masks, norm):
     """A threshold of the run's mode whose statistics cover the branches it scores: (threshold, statistics)."""
-    assert stored_threshold(meta(norm, mode), "ck.pth", mode, has_masks) == (0.42, norm)
+    assert stored_threshold(meta(norm, mode), "ck.pth", scorer(mode, has_masks)) == (0.42, norm)
 
 
 def test_stored_threshold_of_another_mode_is_none():
     """A zero-shot checkpoint's threshold does not apply to few-shot scoring (nor the reverse)."""
-    assert stored_threshold(meta(ZERO_WITH_MAPS, "zero-shot"), "ck.pth", "few-shot", False) is None
-    assert stored_threshold(meta(FEW_WITHOUT_MASKS, "few-shot"), "ck.pth", "zero-shot", False) is None
+    assert stored_threshold(meta(ZERO_WITH_MAPS, "zero-shot"), "ck.pth", scorer("few-shot", False)) is None
+    assert stored_threshold(meta(FEW_WITHOUT_MASKS, "few-shot"), "ck.pth", scorer("zero-shot", False)) is None
 
 
 @pytest.mark.parametrize("mode, has_masks, norm", [("few-shot", True, FEW_WITHOUT_MASKS), ("zero-shot", True, FEW_WITHOUT_MASKS)])
 def test_stored_threshold_without_the_needed_branches_is_none(mode, has_masks, norm):
     """Statistics that lack a branch the scoring uses (few-shot maps; zero-shot maps): None."""
-    assert stored_threshold(meta(norm, mode), "ck.pth", mode, has_masks) is None
+    assert stored_threshold(meta(norm, mode), "ck.pth", scorer(mode, has_masks)) is None
 
 
 def test_stored_threshold_absent_is_none():
     """No threshold, or no statistics: None."""
-    assert stored_threshold(meta(ZERO_WITH_MAPS, threshold=None), "ck.pth", "zero-shot", False) is None
-    assert stored_threshold(meta(None), "ck.pth", "zero-shot", False) is None
-    assert stored_threshold({}, "ck.pth", "zero-shot", False) is None
+    assert stored_threshold(meta(ZERO_WITH_MAPS, threshold=None), "ck.pth", scorer("zero-shot", False)) is None
+    assert stored_threshold(meta(None), "ck.pth", scorer("zero-shot", False)) is None
+    assert stored_threshold({}, "ck.pth", scorer("zero-shot", False)) is None
 
 
 def test_stored_threshold_with_malformed_statistics_is_a_note(capsys):
     """Malformed statistics: no threshold, and one note saying why (the run goes on)."""
     bad = {"mode": "zero-shot", "threshold": 0.5, "normalization": {"zero_score_low": 0.0, "unknown": 1.0}}
-    assert stored_threshold(bad, "ck.pth", "zero-shot", False) is None
+    assert stored_threshold(bad, "ck.pth", scorer("zero-shot", False)) is None
     out = capsys.readouterr().out
     assert out.startswith("note: threshold not reported: the normalisation stored in ck.pth is malformed")
     assert out.count("\n") == 1

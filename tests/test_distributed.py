@@ -267,7 +267,7 @@ from mvfa.errors import MVFAError
 if os.environ["RANK"] == "1":
     def failing(*args, **kwargs):
         raise MVFAError("injected failure on rank 1")
-    evaluation._branches = failing
+    evaluation.raw_batches = failing
 sys.exit(cli.main_test_zero(sys.argv[1:]))
 """
 

@@ -123,17 +123,16 @@ def test_test_scripts_do_not_list_training_flags_but_accept_the_release_ones(mod
 
 
 def test_choices_match_the_modules_that_use_them():
-    """mvfa.choices repeats, without torch, the values the engine and the commands define."""
+    """mvfa.choices holds, without torch, the values the library and the commands check against."""
     from dataset import synthetic
-    from mvfa import bench, demo, distributed, engine, evaluation, export_onnx, losses, reproduce, training
+    from mvfa import bench, config, demo, distributed, export_onnx, losses, prefix, reproduce, thresholds
 
-    assert choices.MODES == engine.MODES and choices.SELECTIONS == engine.SELECTIONS
-    assert choices.PREFIX_CACHE_MODES == engine.PREFIX_CACHE_MODES and choices.PRECISIONS == engine.PRECISIONS
-    assert choices.NORMALIZATIONS == engine.NORMALIZATIONS and choices.CALIBRATION_RULES == engine.CALIBRATION_RULES
-    assert choices.THRESHOLD_RULES == evaluation.THRESHOLD_RULES
-    assert choices.SCORING_DTYPES == engine.SCORING_DTYPES and choices.ORDERS == engine.ORDERS
-    assert choices.DEFAULT_SEED_DIR == engine.DEFAULT_SEED_DIR
-    assert choices.EVAL_SCHEDULES == training.EVAL_SCHEDULES
+    # the run's settings and checks read the one definition
+    assert config.MODES is choices.MODES and config.SELECTIONS is choices.SELECTIONS and config.ORDERS is choices.ORDERS
+    assert config.PRECISIONS is choices.PRECISIONS and config.NORMALIZATIONS is choices.NORMALIZATIONS
+    assert config.CALIBRATION_RULES is choices.CALIBRATION_RULES and config.SCORING_DTYPES is choices.SCORING_DTYPES
+    assert config.EVAL_SCHEDULES is choices.EVAL_SCHEDULES and prefix.PREFIX_CACHE_MODES is choices.PREFIX_CACHE_MODES
+    assert thresholds.THRESHOLD_RULES is choices.THRESHOLD_RULES
     assert choices.DET_LOSS_FORMS == losses.DET_LOSS_FORMS
     assert choices.DEFAULT_TIMEOUT_S == distributed.DEFAULT_TIMEOUT_S
     assert choices.PROTOCOLS == reproduce.PROTOCOLS

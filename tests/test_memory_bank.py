@@ -8,15 +8,11 @@ import torch
 from CLIP import create_model
 from mvfa import scoring
 from mvfa.errors import MVFAError
-from mvfa.evaluation import (
-    MemoryBank,
-    TensorSet,
-    _adapted_tokens,
-    bank_branch,
-    build_memory_bank,
-    compute_prefixes,
-    evaluate,
-)
+from dataset.tensors import TensorSet
+from mvfa.evaluation import evaluate
+from mvfa.memory_bank import MemoryBank, bank_branch, build_memory_bank
+from mvfa.prefix import adapted_tokens, compute_prefixes
+from mvfa.scorer import FewShotScorer
 from mvfa.model import AdaptedViT
 from tests import clip_helpers
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE
@@ -45,8 +41,8 @@ def former_bank(model: AdaptedViT, images: torch.Tensor, batch_size: int, cache=
     """The build before preallocation: both branches per batch, torch.cat, then scoring.normalize_bank."""
     seg, det = [], []
     for index, start in enumerate(range(0, images.shape[0], batch_size)):
-        batch = None if cache is not None else images[start : start + batch_size]
-        tokens = _adapted_tokens(model, batch, cache, index)
+        prefix = cache.batch(index) if cache is not None else None
+        tokens = adapted_tokens(model, None if prefix is not None else images[start : start + batch_size], prefix)
         seg.append([t.float().flatten(0, 1) for t in tokens.seg])
         det.append([t.float().flatten(0, 1) for t in tokens.det])
     return MemoryBank(
@@ -101,15 +97,16 @@ def test_scores_with_the_one_branch_bank_equal_the_full_bank(model, images, has_
         torch.zeros(5, TINY_SIZE, TINY_SIZE, dtype=torch.bool), torch.tensor([0, 1, 0, 1, 1]), [f"{i}.png" for i in range(5)],
     )
     text = torch.nn.functional.normalize(torch.randn(64, 2, generator=torch.Generator().manual_seed(4)), dim=0)
-    full = evaluate(model, data, text, has_masks, build_memory_bank(model, images, 3), batch_size=2, metrics=False)
+    full = evaluate(model, FewShotScorer(text, has_masks, build_memory_bank(model, images, 3)), data, batch_size=2,
+                    metrics=False)
     one = build_memory_bank(model, images, 3, branches=(bank_branch(has_masks),))
-    alone = evaluate(model, data, text, has_masks, one, batch_size=2, metrics=False)
+    alone = evaluate(model, FewShotScorer(text, has_masks, one), data, batch_size=2, metrics=False)
     assert (full.image_scores == alone.image_scores).all()
     if has_masks:
         assert torch.equal(full.maps, alone.maps)
     other = build_memory_bank(model, images, 3, branches=(bank_branch(not has_masks),))
     with pytest.raises(MVFAError, match=f"holds no {bank_branch(has_masks)} tokens"):
-        evaluate(model, data, text, has_masks, other, batch_size=2, metrics=False)
+        evaluate(model, FewShotScorer(text, has_masks, other), data, batch_size=2, metrics=False)
 
 
 def test_unknown_branch_is_refused(model, images):

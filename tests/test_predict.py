@@ -16,15 +16,12 @@ from CLIP import create_model
 from dataset.synthetic import generate_benchmark
 from mvfa import cli, predict
 from mvfa.errors import MVFAError
-from mvfa.evaluation import (
-    Normalization,
-    TensorSet,
-    build_memory_bank,
-    choose_threshold,
-    evaluate,
-    fit_normalization,
-    threshold_metrics,
-)
+from dataset.tensors import TensorSet
+from mvfa.evaluation import evaluate, fit_normalization
+from mvfa.memory_bank import build_memory_bank
+from mvfa.normalization import Normalization
+from mvfa.scorer import FewShotScorer, ZeroShotScorer
+from mvfa.thresholds import choose_threshold, threshold_metrics
 from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
 from mvfa.visualize import figure_layout
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
@@ -108,9 +105,9 @@ def test_checkpoint_meta_holds_calibration_as_plain_data(trained):
         assert meta["calibration"]["n_abnormal"] == N_VALID[1] - SHOT
         assert isinstance(meta["threshold"], float)
     assert brain["threshold_rule"] == "f1" and brain["has_masks"] is True
-    assert not Normalization.from_dict(brain["normalization"]).missing(few_shot=True, has_masks=True)
+    assert not Normalization.from_dict(brain["normalization"]).missing(FewShotScorer.branches_needed(True))
     assert chest["threshold_rule"] == "fpr" and chest["target_fpr"] == 0.25 and chest["has_masks"] is False
-    assert not Normalization.from_dict(chest["normalization"]).missing(few_shot=True, has_masks=False)
+    assert not Normalization.from_dict(chest["normalization"]).missing(FewShotScorer.branches_needed(False))
     assert chest["calibration"]["valid_fpr"] <= 0.25  # at most 1 of the 4 valid normal images flagged
     assert brain["support"]["normal"] and len(brain["support"]["abnormal"]) == SHOT
 
@@ -345,30 +342,32 @@ def test_fixed_statistics_of_the_set_reproduce_the_release(has_masks, few_shot):
     labels = torch.tensor([0, 0, 0, 1, 1, 0, 1])
     data = TensorSet(images, torch.zeros(7, TINY_SIZE, TINY_SIZE, dtype=torch.bool), labels, [f"{i}.png" for i in range(7)])
     text = torch.nn.functional.normalize(torch.randn(64, 2), dim=0)
-    bank = build_memory_bank(model, torch.rand(4, 3, TINY_SIZE, TINY_SIZE), 3) if few_shot else None
-    release = evaluate(model, data, text, has_masks, bank, batch_size=3, metrics=False)
-    fitted = fit_normalization(model, data, text, has_masks, bank, batch_size=2)
+    if few_shot:
+        scorer = FewShotScorer(text, has_masks, build_memory_bank(model, torch.rand(4, 3, TINY_SIZE, TINY_SIZE), 3))
+    else:
+        scorer = ZeroShotScorer(text, has_masks)
+    release = evaluate(model, scorer, data, batch_size=3, metrics=False)
+    fitted = fit_normalization(model, scorer, data, batch_size=2)
     assert fitted == Normalization(**{**release.normalization.to_dict(), "source": fitted.source})
-    fixed = evaluate(model, data, text, has_masks, bank, batch_size=2, normalization=fitted, metrics=False,
-                     keep_maps=True, score_under=fitted)
+    fixed = evaluate(model, scorer, data, fitted, batch_size=2, metrics=False, keep_maps=True, score_under=fitted)
     np.testing.assert_allclose(fixed.image_scores, release.image_scores, atol=1e-6)
     np.testing.assert_array_equal(fixed.fixed_scores, fixed.image_scores)
     if has_masks:
         np.testing.assert_allclose(fixed.maps.numpy(), release.maps.numpy(), atol=1e-6)
     assert fixed.maps.shape == (7, TINY_SIZE, TINY_SIZE)
     # One image alone scores as within the set.
-    alone = evaluate(model, data.subset([4]), text, has_masks, bank, normalization=fitted, metrics=False)
+    alone = evaluate(model, scorer, data.subset([4]), fitted, metrics=False)
     assert alone.image_scores[0] == pytest.approx(fixed.image_scores[4], abs=1e-6)
     # Statistics that lack a branch the mode needs: one clear error.
     if few_shot:
         with pytest.raises(MVFAError, match="few_"):
-            evaluate(model, data, text, has_masks, bank, normalization=Normalization(0.0, 1.0, 0.0, 1.0), metrics=False)
+            evaluate(model, scorer, data, Normalization(0.0, 1.0, 0.0, 1.0), metrics=False)
 
 
 def test_normalization_round_trip_and_bad_entries():
     norm = Normalization(0.1, 0.9, 0.0, 2.0, count=3, source="x")
     assert Normalization.from_dict(norm.to_dict()) == norm
-    assert norm.missing(few_shot=True, has_masks=True) == ["few_map"]
+    assert norm.missing(FewShotScorer.branches_needed(True)) == ["few_map"]
     for bad in ({"zero_score_low": "a", "zero_score_high": 1.0}, {"zero_score_low": 0.0, "zero_score_high": 1.0, "x": 1}, [1]):
         with pytest.raises(MVFAError):
             Normalization.from_dict(bad)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 
 from CLIP import create_model
-from mvfa import evaluation, scoring
-from mvfa.evaluation import TensorSet, build_memory_bank, evaluate
+from dataset.tensors import TensorSet
+from mvfa import evaluation, scorer, scoring
+from mvfa.evaluation import evaluate
+from mvfa.memory_bank import build_memory_bank
+from mvfa.scorer import FewShotScorer
 from mvfa.model import AdaptedViT
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE
 
@@ -42,13 +45,16 @@ def test_bank_similarity_keeps_the_autocast_dtype():
 
 def test_release_dtypes_score_inside_the_autocast(monkeypatch):
     model, data, text = tiny_setup()
-    monkeypatch.setattr(evaluation, "autocast_for", cpu_autocast)
+    monkeypatch.setattr(evaluation, "autocast_for", cpu_autocast)  # the forward's autocast
+    monkeypatch.setattr(scorer, "autocast_for", cpu_autocast)  # the scoring's, with the release's dtypes
     bank = build_memory_bank(model, data.images[:3].float() / 255, 4, "fp32")
-    results = {
-        flag: evaluate(model, data, text, True, bank, 4, "bf16", release_dtypes=flag) for flag in (True, False)
-    }
+
+    def evaluate_with(release_dtypes: bool, precision: str):
+        return evaluate(model, FewShotScorer(text, True, bank, release_dtypes=release_dtypes), data, batch_size=4,
+                        precision=precision)
+
+    results = {flag: evaluate_with(flag, "bf16") for flag in (True, False)}
     # the same autocast forward; only where the scoring runs differs
     assert not torch.equal(torch.as_tensor(results[True].image_scores), torch.as_tensor(results[False].image_scores))
-    fp32 = evaluate(model, data, text, True, bank, 4, "fp32", release_dtypes=True)
-    assert torch.equal(torch.as_tensor(fp32.image_scores),
-                       torch.as_tensor(evaluate(model, data, text, True, bank, 4, "fp32", release_dtypes=False).image_scores))
+    fp32 = evaluate_with(True, "fp32")
+    assert torch.equal(torch.as_tensor(fp32.image_scores), torch.as_tensor(evaluate_with(False, "fp32").image_scores))

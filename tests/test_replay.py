@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from CLIP.config import load_config
-from mvfa import cli, engine
+from mvfa import cli, runs
 from mvfa.model import ResidualAdapter
 from mvfa.replay import BuildSizes, ReleaseRandom, clip_build_draws
 from mvfa.training import final_zero_shot_points, release_zero_shot_points
@@ -60,7 +60,7 @@ def replay_run(golden_dir: Path, tmp: Path, kind: str) -> dict:
         main = cli.main_train_zero
     RecordingRandom.made.clear()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "ReleaseRandom", RecordingRandom)
+        patch.setattr(runs, "ReleaseRandom", RecordingRandom)
         assert main(argv) == 0
     (replay,) = RecordingRandom.made
     with open(tmp / "out" / "train_log.csv", newline="") as handle:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, engine, training
+from mvfa import cli, runs, training
 from mvfa.errors import MVFAError
 from mvfa.files import LOCK_NAME, folder_lock
 from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
@@ -77,7 +77,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the refusal")
 
-    monkeypatch.setattr(engine, "build_model", refuse)
+    monkeypatch.setattr(runs, "build_adapted_model", refuse)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -437,7 +437,7 @@ def copy_of_earlier_run(bench: dict, tmp_path: Path) -> tuple[Path, Path]:
 def test_ctrl_c_during_a_run_leaves_earlier_results_intact(bench, tmp_path, capsys, monkeypatch):
     save, out = copy_of_earlier_run(bench, tmp_path)
     before = (snapshot(save), snapshot(out))
-    monkeypatch.setattr(engine, "evaluate", interrupt)  # the first evaluation of the re-run
+    monkeypatch.setattr(runs, "evaluate", interrupt)  # the first evaluation of the re-run
     assert cli.main_train_few(argv(bench, tmp_path, *TRAINING)) == cli.INTERRUPTED
     interrupted_line(capsys)
     assert (snapshot(save), snapshot(out)) == before

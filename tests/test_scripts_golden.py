@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from mvfa import cli
-from mvfa.engine import run
+from mvfa.runs import run
 
 RUNS = [
     ("few-shot", "Brain", True),

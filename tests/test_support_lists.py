@@ -11,7 +11,7 @@ import pytest
 from dataset.medical import read_seed_file
 from dataset.synthetic import generate_benchmark
 from mvfa import cli
-from mvfa.engine import DEFAULT_SEED_DIR
+from mvfa.choices import DEFAULT_SEED_DIR
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
 
 DATASETS = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")

@@ -1,4 +1,4 @@
-"""Pieces of mvfa.engine on their own: the prefix-cache budget, finding a checkpoint, the overlay
+"""Pieces of a run on their own: the prefix-cache budget, finding a checkpoint, the overlay
 files of --save_maps, --select valid's images, --listings, and a checkpoint's metadata."""
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ import torch
 from PIL import Image
 
 from dataset.medical import MedicalDataset, Sample
-from mvfa.engine import (
-    PrefixBudget,
-    RunConfig,
-    checkpoint_metadata,
-    find_checkpoint,
-    map_overlays,
-    read_listings,
-    selection_samples,
-)
+from mvfa.checkpoints import checkpoint_metadata, find_checkpoint
+from mvfa.config import RunConfig
+from mvfa.outputs import map_overlays
+from mvfa.prefix import PrefixBudget
+from mvfa.runs import read_listings, selection_samples
 from mvfa.errors import MVFAError
 from tests.scripts_helpers import TINY_MODEL
 
@@ -145,7 +141,7 @@ def test_every_image_gets_a_figure_and_an_index_row(tmp_path):
     """Without N: one figure per test image (same stem, other suffix: the suffix joins the name) and index.csv rows with ranks."""
     result, data, maps_of, asked = overlay_inputs(tmp_path)
     folder = tmp_path / "maps"
-    written = map_overlays(config(tmp_path), result, data, maps_of, folder, threshold=0.6)
+    written = map_overlays(config(tmp_path), result, data, maps_of, folder, threshold=0.6, score_is_map_max=True)
     assert asked == [[0, 1, 2, 3, 4, 5]]
     names = ["normal_n1.png", "normal_n2.png", "normal_n2_jpg.png", "abnormal_a1.png", "abnormal_a2.png", "abnormal_a3.png"]
     assert [p.name for p in written] == names
