@@ -125,7 +125,9 @@ def test_test_scripts_do_not_list_training_flags_but_accept_the_release_ones(mod
 def test_choices_match_the_modules_that_use_them():
     """mvfa.choices repeats, without torch, the values the engine and the commands define."""
     from dataset import synthetic
-    from mvfa import bench, demo, distributed, engine, evaluation, export_onnx, losses, reproduce, training
+    from mvfa import demo, distributed, engine, evaluation, export_onnx, losses, reproduce, training
+    from mvfa.bench import __main__ as bench_run
+    from mvfa.bench import config as bench_config
 
     assert choices.MODES == engine.MODES and choices.SELECTIONS == engine.SELECTIONS
     assert choices.PREFIX_CACHE_MODES == engine.PREFIX_CACHE_MODES and choices.PRECISIONS == engine.PRECISIONS
@@ -139,7 +141,7 @@ def test_choices_match_the_modules_that_use_them():
     assert choices.PROTOCOLS == reproduce.PROTOCOLS
     assert choices.DEMO_DATASETS == tuple(d.name for d in synthetic.SYNTHETIC_DATASETS)
     assert (choices.DEMO_FEW_EPOCHS, choices.DEMO_ZERO_EPOCHS) == (demo.DemoSettings.few_epochs, demo.DemoSettings.zero_epochs)
-    assert choices.BENCH_SECTIONS == bench.SECTIONS and choices.BENCH_BRAIN_TEST_IMAGES == bench.BRAIN_TEST_IMAGES
+    assert choices.BENCH_SECTIONS == bench_run.SECTIONS and choices.BENCH_BRAIN_TEST_IMAGES == bench_config.BRAIN_TEST_IMAGES
     assert choices.DEFAULT_OPSET == export_onnx.DEFAULT_OPSET
 
 
