@@ -195,6 +195,7 @@ class FewShotSupport(Protocol):
 def train_loop(
     config: LoopSettings, model: AdaptedViT, batches: Callable[[int], Iterable[tuple]], selector: Selector,
     log_rows: list[dict], device: torch.device, dist: Dist = SINGLE, logger: RunLogger | None = None,
+    progress_every_s: float = PROGRESS_LINE_S,
 ) -> dict:
     """The loop: epochs of `batches(epoch)` (sized, iterable); `selector` scores the current adapters
     at its points of each epoch (the number of steps done: 0 is before the first step).
@@ -203,7 +204,7 @@ def train_loop(
     each epoch's mean loss (the release's printed `Loss:`). `log_rows` gets a row per evaluation, or
     per epoch when nothing is scored (--select last); `logger` (e.g. TensorBoard) every step's loss
     and every row. Where stderr is no terminal (a log file), a line reports progress every
-    PROGRESS_LINE_S seconds. A NaN or infinite loss or adapter weight raises TrainingDiverged.
+    `progress_every_s` seconds. A NaN or infinite loss or adapter weight raises TrainingDiverged.
 
     Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
     process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
@@ -218,8 +219,8 @@ def train_loop(
     logger = logger if logger is not None else RunLogger()
     steps_done = 0  # over the run: the logger's step axis
     total = 0  # steps of the current epoch
-    last_line = time.monotonic()
-    to_terminal = sys.stderr.isatty()
+    lines = _ProgressLines(config.epoch, progress_every_s)
+    amp = autocast_for(device, config.precision)
 
     def add_row(row: dict) -> None:
         log_rows.append(row)
@@ -249,7 +250,7 @@ def train_loop(
         for done, (images, masks, labels, features, has_masks, prefix) in enumerate(bar):
             if done in points:
                 evaluate(epoch, done, losses)
-            with autocast_for(device, config.precision):
+            with amp:
                 parts = train_step(
                     model, optimizers, images.to(device), masks.to(device), labels.to(device),
                     features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
@@ -259,23 +260,34 @@ def train_loop(
                 raise diverged(epoch, done + 1, f"the loss is {losses[-1]}")
             steps_done += 1
             logger.scalar("train/loss", losses[-1], steps_done)
-            if not to_terminal and time.monotonic() - last_line >= PROGRESS_LINE_S:
-                last_line = time.monotonic()
-                print(f"epoch {epoch}/{config.epoch} step {done + 1}/{total}: mean loss {np.mean(losses):.4f}", flush=True)
+            lines.step(epoch, done + 1, total, losses)
         if total in points:
             evaluate(epoch, total, losses)
         epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
         if not selector.active:  # nothing scored: the epoch's loss is the log's row
             add_row({"epoch": epoch, "step": total, "loss": epoch_losses[-1], **effective})
         print(_epoch_summary(epoch, config.epoch, epoch_losses[-1], log_rows, effective), flush=True)
-    if config.select == "last" or best["score"] is None:
+    if config.select == "last" or best["score"] is None:  # the last adapters
         broadcast_parameters(model.adapter_parameters(), dist)
         if not adapters_finite(model):
             raise diverged(config.epoch, total, "the adapters hold NaN or infinite values")
-        best = {"score": None, "epoch": config.epoch, "step": None, "adapters": model.adapter_state()}
-    else:
-        print(f"selected epoch {best['epoch']} step {best['step']} ({config.select} {best['score']:.4f})")
+        return {"score": None, "epoch": config.epoch, "step": None, "adapters": model.adapter_state(),
+                "epoch_losses": epoch_losses}
+    print(f"selected epoch {best['epoch']} step {best['step']} ({config.select} {best['score']:.4f})")
     return {**best, "epoch_losses": epoch_losses}
+
+
+class _ProgressLines:
+    """Where stderr is no terminal (a log file): a line on the training's progress every `every_s` seconds."""
+
+    def __init__(self, epochs: int, every_s: float) -> None:
+        self.epochs, self.every_s, self.last = epochs, every_s, time.monotonic()
+        self.active = not sys.stderr.isatty()
+
+    def step(self, epoch: int, done: int, total: int, losses: list[float]) -> None:
+        if self.active and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            print(f"epoch {epoch}/{self.epochs} step {done}/{total}: mean loss {np.mean(losses):.4f}", flush=True)
 
 
 def _effective_batch(config: LoopSettings, dist: Dist) -> dict:
@@ -422,73 +434,90 @@ def zero_shot_batches(
     uint8 tensors when `may_decode(nbytes)` allows their size (the run's prefix-cache budget; the
     release decodes every PNG every epoch; --prefix_cache off keeps that); the batches are the same.
     """
-    features, flags, samples, source_of, source_items = [], [], [], [], []
-    for index, source in enumerate(release_source_order(sources)):
-        features.append(text_features_of(source))
-        flags.append(source.has_masks)
-        split = source.samples("test")
-        source_items.append(listed_items(source, split, len(samples), listing))
-        samples.extend(split)
-        source_of.extend([index] * len(split))
-    all_features = torch.stack(features)
-    all_flags = torch.tensor(flags)
-    source_of = torch.tensor(source_of, dtype=torch.long)
-    dataset = ImageSet(samples, config.img_size)
-    decoded = None
-    if may_decode(len(dataset) * 3 * config.img_size**2):
-        decoded = TensorSet.load(samples, config.img_size, config.num_workers, desc="zero-shot sources")
-
-    def as_batch(index: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """(images, masks, labels, each image's own text features, has-masks flags, no prefix)."""
-        source = source_of[index]
-        return images, masks, labels.float(), all_features[source].cpu(), all_flags[source], None
-
-    def load(indices: list[int]) -> tuple:
-        """The batch of `indices`: from the decoded tensors, else decoded here (none: an empty batch)."""
-        index = torch.as_tensor(indices, dtype=torch.long)
-        if decoded is not None:
-            return as_batch(index, decoded.images[index].float() / PIXEL_LEVELS, decoded.masks[index][:, None].float(),
-                            decoded.labels[index])
-        if not indices:
-            size = config.img_size
-            return as_batch(index, torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0))
-        batch = default_collate([dataset[i] for i in indices])
-        return as_batch(index, batch["image"], batch["mask"], batch["label"])
-
+    images = SourceImages(config, sources, text_features_of, may_decode, listing)
     data_parallel = config.ddp and dist.active
     per_step = config.batch_size * (dist.world_size if data_parallel else 1)
     rank_offset = dist.rank * config.batch_size if data_parallel else 0
 
-    class EpochBatches:
-        """One epoch: the release's batches of `per_step` images in its order (--ddp: the effective
-        batch of every rank together, of which this rank takes its run)."""
+    def epoch_batches(epoch: int) -> _ZeroShotEpoch:
+        """The release's batches of `per_step` images in its order (--ddp: the effective batch of every
+        rank together, of which this rank takes its run)."""
+        release = replay.zero_shot_batches(images.source_items, per_step)
+        order = replay.shuffled_pass(len(release))
+        for _ in release_zero_shot_points(len(release)):
+            replay.loader_pass()  # the test loader of each of the release's evaluations
+        return _ZeroShotEpoch(images, [release[i][rank_offset : rank_offset + config.batch_size] for i in order],
+                              config.num_workers)
 
-        def __init__(self) -> None:
-            release = replay.zero_shot_batches(source_items, per_step)
-            order = replay.shuffled_pass(len(release))
-            for _ in release_zero_shot_points(len(release)):
-                replay.loader_pass()  # the test loader of each of the release's evaluations
-            self.parts = [release[i][rank_offset : rank_offset + config.batch_size] for i in order]
+    return epoch_batches
 
-        def __len__(self) -> int:
-            return len(self.parts)
 
-        def __iter__(self):
-            if decoded is not None or config.num_workers == 0:
-                return (load(part) for part in self.parts)
-            return self._from_workers()
+class SourceImages:
+    """The zero-shot sources' test images in the release's source order, with each image's source,
+    text features and has-masks flag; decoded once when the budget allows."""
 
-        def _from_workers(self):
-            """Decoding in worker processes, in this epoch's order (empty parts stay empty batches)."""
-            filled = [part for part in self.parts if part]
-            loader = iter(DataLoader(  # its own generator: the global random state stays untouched
-                dataset, batch_sampler=filled, num_workers=config.num_workers, generator=torch.Generator()
-            )) if filled else iter(())
-            for part in self.parts:
-                if not part:
-                    yield load(part)
-                    continue
-                batch = next(loader)
-                yield as_batch(torch.as_tensor(part, dtype=torch.long), batch["image"], batch["mask"], batch["label"])
+    def __init__(
+        self, config: LoopSettings, sources: list[MedicalDataset], text_features_of: Callable[[MedicalDataset], torch.Tensor],
+        may_decode: Callable[[int], bool], listing: Callable[[Path], list[str]],
+    ) -> None:
+        features, flags, samples, source_of = [], [], [], []
+        self.source_items: list[list[int]] = []  # each source's items in its listing order
+        for index, source in enumerate(release_source_order(sources)):
+            features.append(text_features_of(source))
+            flags.append(source.has_masks)
+            split = source.samples("test")
+            self.source_items.append(listed_items(source, split, len(samples), listing))
+            samples.extend(split)
+            source_of.extend([index] * len(split))
+        self.features, self.flags = torch.stack(features), torch.tensor(flags)
+        self.source_of = torch.tensor(source_of, dtype=torch.long)
+        self.img_size = config.img_size
+        self.dataset = ImageSet(samples, config.img_size)
+        self.decoded = None
+        if may_decode(len(self.dataset) * 3 * config.img_size**2):
+            self.decoded = TensorSet.load(samples, config.img_size, config.num_workers, desc="zero-shot sources")
 
-    return lambda epoch: EpochBatches()
+    def as_batch(self, index: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(images, masks, labels, each image's own text features, has-masks flags, no prefix)."""
+        source = self.source_of[index]
+        return images, masks, labels.float(), self.features[source].cpu(), self.flags[source], None
+
+    def load(self, indices: list[int]) -> tuple:
+        """The batch of `indices`: from the decoded tensors, else decoded here (none: an empty batch)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if self.decoded is not None:
+            return self.as_batch(index, self.decoded.images[index].float() / PIXEL_LEVELS,
+                                 self.decoded.masks[index][:, None].float(), self.decoded.labels[index])
+        if not indices:
+            size = self.img_size
+            return self.as_batch(index, torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0))
+        batch = default_collate([self.dataset[i] for i in indices])
+        return self.as_batch(index, batch["image"], batch["mask"], batch["label"])
+
+
+class _ZeroShotEpoch:
+    """One epoch's batches (lists of image indices), loaded as they are visited."""
+
+    def __init__(self, images: SourceImages, parts: list[list[int]], num_workers: int) -> None:
+        self.images, self.parts, self.num_workers = images, parts, num_workers
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __iter__(self):
+        if self.images.decoded is not None or self.num_workers == 0:
+            return (self.images.load(part) for part in self.parts)
+        return self._from_workers()
+
+    def _from_workers(self):
+        """Decoding in worker processes, in this epoch's order (empty parts stay empty batches)."""
+        filled = [part for part in self.parts if part]
+        loader = iter(DataLoader(  # its own generator: the global random state stays untouched
+            self.images.dataset, batch_sampler=filled, num_workers=self.num_workers, generator=torch.Generator()
+        )) if filled else iter(())
+        for part in self.parts:
+            if not part:
+                yield self.images.load(part)
+                continue
+            batch = next(loader)
+            yield self.images.as_batch(torch.as_tensor(part, dtype=torch.long), batch["image"], batch["mask"], batch["label"])

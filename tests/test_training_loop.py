@@ -254,15 +254,14 @@ def test_logger_receives_every_step_loss_and_every_row():
 
 
 def test_progress_lines_when_output_goes_to_a_file(monkeypatch, capsys):
-    """stderr not a terminal (a log file, CI): a progress line at most every PROGRESS_LINE_S seconds; on a terminal none."""
+    """stderr not a terminal (a log file, CI): a progress line at most every progress_every_s seconds; on a terminal none."""
     model = tiny_model()
-    monkeypatch.setattr(training, "PROGRESS_LINE_S", 0.0)  # every step is due
     monkeypatch.setattr(training.sys.stderr, "isatty", lambda: False, raising=False)
     train_loop(settings(epoch=1, select="last"), model, det_batches(3), Selector(after_epoch, ScriptedScorer(model, []),
-               active=False), [], CPU)
+               active=False), [], CPU, progress_every_s=0.0)  # every step is due
     lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/1 step 1/3", "epoch 1/1 step 2/3", "epoch 1/1 step 3/3"]
     monkeypatch.setattr(training.sys.stderr, "isatty", lambda: True, raising=False)
     train_loop(settings(epoch=1, select="last"), model, det_batches(3), Selector(after_epoch, ScriptedScorer(model, []),
-               active=False), [], CPU)
+               active=False), [], CPU, progress_every_s=0.0)
     assert not [line for line in capsys.readouterr().out.splitlines() if " step " in line]
