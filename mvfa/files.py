@@ -2,7 +2,7 @@
 torch files read as data with a one-line error, and the checks and messages of paths a command writes.
 
 The one place that renames a temporary file onto its target: every file written whole goes
-through `atomic_target` (or its `write_text_atomic`, `write_bytes_atomic`, `save_torch_atomic`).
+through `atomic_target` (or its `write_text_atomic`, `save_torch_atomic`).
 torch is imported by the functions that need it, so that light modules may use the others.
 """
 from __future__ import annotations
@@ -83,11 +83,6 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str, encoding: str | None = None) -> None:
     with atomic_target(path) as tmp:
         tmp.write_text(text, encoding=encoding, newline="")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_target(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def save_torch_atomic(obj, path: str | Path) -> None:
