@@ -39,7 +39,8 @@ from .choices import (
 from .errors import MVFAError
 from .parsers import new_parser
 from .run_log import LOGGERS
-from .runtime import INTERRUPTED, USER_ERRORS, guarded, resolve_cache_dir, resolve_device, resolve_precision  # noqa: F401
+from .runtime import INTERRUPTED, USER_ERRORS  # noqa: F401 - the scripts' exit code on Ctrl-C and their user errors
+from .runtime import guarded, resolve_cache_dir, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     from .distributed import Dist
