@@ -15,9 +15,7 @@ Exit codes: 0 written; 2 bad input or output (one line on stderr, nothing writte
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
@@ -27,6 +25,7 @@ if __name__ == "__main__":  # flags and --help answer before torch is imported (
 
 import torch
 
+from mvfa.files import save_torch_atomic
 from mvfa.parsers import convert_parser as build_parser
 
 from .config import CLIPConfig, list_models, load_config
@@ -78,18 +77,7 @@ def convert(source: Path, target: Path, force: bool = False) -> tuple[dict[str, 
         config = infer_config(state_dict)
     except KeyError as err:
         raise CheckpointError(f"{source} lacks the entry {err.args[0]!r}; cannot infer its architecture") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
-    temporary = Path(handle.name)
-    try:
-        with handle:
-            torch.save(state_dict, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    save_torch_atomic(state_dict, target)
     return state_dict, config, sha256_of(target)
 
 

@@ -35,10 +35,8 @@ Decisions (each is repeated where it applies):
 """
 from __future__ import annotations
 
-import os
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +48,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.errors import DatasetError
+from mvfa.files import write_text_atomic
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "is_image_name",
+    "folder_entries",
+    "MaskIndex",
     "MASK_FOLDERS",
     "SPLITS",
     "Sample",
@@ -117,17 +119,32 @@ class Sample:
     mask_path: Path | None = None
 
 
-def _is_image_file(path: Path) -> bool:
-    return (
-        not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and path.is_file()
-    )
+def is_image_name(path: Path) -> bool:
+    """Whether ``path``'s suffix is one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def folder_entries(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other entries) directly inside ``folder``, each sorted by file name.
+
+    Image files are regular files (or links to them) with an image suffix; the other entries are
+    what is neither an image file, a folder nor hidden: files of other types, FIFOs, devices, broken
+    links (opening a FIFO named like an image would wait for a writer forever, so it is no image).
+    """
+    images, others = [], []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if path.name.startswith("."):
+            continue
+        if is_image_name(path) and path.is_file():
+            images.append(path)
+        elif not path.is_dir():
+            others.append(path)
+    return images, others
 
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files directly inside ``folder``, sorted by file name."""
-    return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+    return folder_entries(folder)[0]
 
 
 def _mask_folder(ungood: Path) -> Path | None:
@@ -144,7 +161,7 @@ def _detect_has_masks(root: Path) -> bool:
     return any(_mask_folder(root / split / ABNORMAL_DIR) is not None for split in SPLITS)
 
 
-class _MaskIndex:
+class MaskIndex:
     """Looks masks up by image file name, then by stem (so ``0001.jpeg`` may use ``0001.png``)."""
 
     def __init__(self, folder: Path) -> None:
@@ -155,13 +172,21 @@ class _MaskIndex:
             self.by_name[path.name] = path
             self.by_stem.setdefault(path.stem, []).append(path)
 
-    def find(self, image: Path) -> Path:
+    def lookup(self, image: Path) -> Path | None:
+        """The mask named like ``image``, else the one mask of its stem; None when there is none or
+        several of its stem."""
         exact = self.by_name.get(image.name)
         if exact is not None:
             return exact
         candidates = self.by_stem.get(image.stem, [])
-        if len(candidates) == 1:
-            return candidates[0]
+        return candidates[0] if len(candidates) == 1 else None
+
+    def find(self, image: Path) -> Path:
+        """:meth:`lookup`, with a :class:`DatasetError` saying what is missing instead of None."""
+        found = self.lookup(image)
+        if found is not None:
+            return found
+        candidates = self.by_stem.get(image.stem, [])
         if len(candidates) > 1:
             names = ", ".join(p.name for p in candidates)
             raise DatasetError(
@@ -222,7 +247,7 @@ class MedicalDataset:
                 f"{split_dir} holds no images: put {'/'.join(IMAGE_SUFFIXES)} files into good/img and Ungood/img"
             )
 
-        masks: _MaskIndex | None = None
+        masks: MaskIndex | None = None
         if self.has_masks and abnormal:
             folder = _mask_folder(split_dir / ABNORMAL_DIR)
             if folder is None:
@@ -230,7 +255,7 @@ class MedicalDataset:
                     f"{split_dir / ABNORMAL_DIR / MASK_FOLDERS[0]} is missing: {self.name} has masks in another "
                     f"split, so every split needs a mask for each abnormal image (or remove all mask folders)"
                 )
-            masks = _MaskIndex(folder)
+            masks = MaskIndex(folder)
 
         out = [Sample(path=p, label=0, mask_path=None) for p in normal]
         out += [Sample(path=p, label=1, mask_path=masks.find(p) if masks else None) for p in abnormal]
@@ -530,7 +555,7 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
 
     Lines of other iterates already in ``path`` are kept (the release format holds several
     iterates per file); this iterate's lines are replaced. The file is written to a temporary file in
-    the same folder and moved into place with ``os.replace``, so a crash never leaves half a file.
+    the same folder and moved into place (:func:`mvfa.files.write_text_atomic`), so a crash never leaves half a file.
     ``iterate`` must be >= 0 (``a--1`` could not be read back).
     """
     path = Path(path)
@@ -544,28 +569,7 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
     entries[iterate] = names
     text = f"{SEED_COMMENT} iterate {iterate}: {support.source}\n"
     text += "".join(f"a-{i}: {' '.join(a)}\nn-{i}: {' '.join(n)}\n" for i, (a, n) in entries.items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp's 0o600 would make the list private to its writer
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _default_file_mode() -> int:
-    """0o666 less the process umask: the mode a plainly created file gets."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    write_text_atomic(path, text, encoding="utf-8")
 
 
 @dataclass

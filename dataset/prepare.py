@@ -107,6 +107,7 @@ class Report:
     unused_masks: int = 0
     linked: bool = False
     binarize: int | None = None  # --binarize_masks threshold, None without the flag
+    seed_lists: Path = SEED_LISTS  # the shipped support lists: a dataset named like one of them draws its own
 
     def count(self, split: str, label: str) -> int:
         return sum(1 for i in self.items if i.split == split and i.label == label)
@@ -149,7 +150,7 @@ class Report:
         word = name.replace("_", " ").lower()
         command = ["python", "train_few.py", "--obj", name, "--data_path", str(self.out.parent),
                    "--prompt_name", word, "--shot", str(shot), "--select", select]
-        if (SEED_LISTS / name).exists():
+        if (self.seed_lists / name).exists():
             command += ["--iterate", "-1"]
         return "next: " + " ".join(shlex.quote(part) for part in command)
 

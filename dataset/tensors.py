@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mvfa.errors import MVFAError
-from mvfa.runtime import progress
+from mvfa.compute import progress
 
 from .medical import ImageSet, Sample
 

@@ -23,7 +23,7 @@ from .errors import MVFAError
 from .evaluation import evaluate, fit_normalization
 from .model import AdaptedViT
 from .normalization import Normalization
-from .scorer import Scorer
+from .scorer import Scorer, ScoringMode
 from .thresholds import choose_threshold
 
 
@@ -122,8 +122,8 @@ def stored_normalization(meta: dict, source: str) -> Normalization | None:
     return None if entry is None else Normalization.from_dict(entry, f"the normalisation stored in {source}")
 
 
-def stored_threshold(meta: dict, source: str, scorer: Scorer) -> tuple[float, Normalization] | None:
-    """(threshold, its statistics) when the checkpoint has a threshold that applies to this scorer.
+def stored_threshold(meta: dict, source: str, scoring: ScoringMode) -> tuple[float, Normalization] | None:
+    """(threshold, its statistics) when the checkpoint has a threshold that applies to this scoring.
 
     Malformed statistics only give a note here (the release's protocol does not need them).
     """
@@ -133,6 +133,6 @@ def stored_threshold(meta: dict, source: str, scorer: Scorer) -> tuple[float, No
         print(f"note: threshold not reported: {err}")
         return None
     threshold = meta.get("threshold") if isinstance(meta, dict) else None
-    if norm is None or threshold is None or meta.get("mode") != scorer.mode or norm.missing(scorer.normalization_branches):
+    if norm is None or threshold is None or meta.get("mode") != scoring.mode or norm.missing(scoring.normalization_branches):
         return None
     return float(threshold), norm

@@ -20,13 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from CLIP.errors import CLIPError
-from dataset.errors import DatasetError
 
 from .choices import (
     CALIBRATION_RULES,
@@ -44,15 +39,13 @@ from .choices import (
 from .errors import MVFAError
 from .parsers import new_parser
 from .run_log import LOGGERS
+from .runtime import INTERRUPTED, USER_ERRORS  # noqa: F401 - the scripts' exit code on Ctrl-C and their user errors
+from .runtime import guarded, resolve_cache_dir, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
-    import torch
-
     from .distributed import Dist
     from .config import RunConfig
 
-USER_ERRORS = (CLIPError, DatasetError, MVFAError)
-INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
 RELEASE_DEFAULTS = {
     "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
     "zero-shot": {"obj": "Retina_RESC", "learning_rate": 1e-4, "save_path": "./ckpt/zero-shot/"},
@@ -326,27 +319,12 @@ def write_run_config(output_dir: Path, flags: dict) -> Path:
 # A run
 
 
-def resolve_device(requested: str | None) -> torch.device:
-    import torch
-
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise MVFAError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MVFAError(f"--device {requested} was asked for, but no CUDA device is available: use --device cpu")
-    return device
-
-
 def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
     """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
     from .config import RunConfig
-    from .text import default_cache_dir
 
     device = resolve_device(device if device is not None else args.device)
-    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     shot = getattr(args, "shot", 0)
     iterate = getattr(args, "iterate", -1)
     config = RunConfig(
@@ -377,7 +355,7 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
         quick_gelu=args.quick_gelu,
         det_loss=args.det_loss,
         prefix_cache=args.prefix_cache,
-        cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        cache_dir=resolve_cache_dir(args.cache_dir),
         compile=args.compile,
         scoring_dtypes=args.scoring_dtypes,
     )
@@ -403,48 +381,6 @@ def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: s
     stage = "train" if train else "test"
     config.output_dir = Path(args.output_dir) if args.output_dir else Path("results") / mode / args.obj / f"{stage}-{config.run_tag()}"
     return config
-
-
-def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeout_s: float, backend: str | None = None) -> int:
-    """Run `work(dist, device)` inside the process group (none outside torchrun); the exit code.
-
-    A user error prints one line `error: ...` and gives 2. With several ranks any failure ends this
-    process at once, before the process group's teardown (mvfa.distributed.fail), so that no rank
-    waits for it in a collective.
-    """
-    from .distributed import fail, process_group
-
-    try:
-        with process_group(device, timeout_s, backend) as (dist, rank_device):
-            try:
-                work(dist, rank_device)
-            except USER_ERRORS as err:
-                if dist.active:
-                    fail(dist, f"error: {one_line(err)}", 2)
-                raise
-            except BaseException:
-                if dist.active:
-                    fail(dist, traceback.format_exc(), 1)
-                raise
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # every file is written whole or not at all: nothing half-written remains
-        print("error: interrupted: files of this run being written were discarded; earlier results are intact",
-              file=sys.stderr)
-        return INTERRUPTED
-    return 0
-
-
-def one_line(err: Exception) -> str:
-    """The user error's message; one raised in a DataLoader worker arrives wrapped in the worker's
-    traceback ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."): its
-    last line holds the message."""
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    last = text.strip().splitlines()[-1]
-    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(mode: str, train: bool, argv: list[str] | None = None) -> int:

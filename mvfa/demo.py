@@ -30,17 +30,16 @@ import torch
 
 from CLIP import create_model
 from CLIP.config import CKPT_DIR, load_config
-from CLIP.errors import CLIPError
-from dataset.errors import DatasetError
 from dataset.medical import load_image, open_dataset, select_support, write_seed_file
 from dataset.synthetic import SYNTHETIC_DATASETS, generate_benchmark
 
 from .config import RunConfig
-from .files import write_text_atomic as write_atomic
-from .runs import RunResult, run
 from .errors import MVFAError
+from .files import save_torch_atomic, write_text_atomic
+from .runs import RunResult, run
 from .paper import PAPER_AUC, PAPER_ROWS, format_cell, paper_mean, row_names
 from .parsers import demo_parser
+from .runtime import USER_ERRORS, default_device
 from .visualize import overlay, save_png
 
 TINY_MODEL = "ViT-Tiny-14"
@@ -82,7 +81,7 @@ def parse_args(argv: list[str] | None) -> DemoSettings:
     settings = DemoSettings(
         output_dir=Path(args.output_dir), datasets=tuple(args.datasets), seed=args.seed,
         few_epochs=args.few_epochs, zero_epochs=args.zero_epochs,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=args.device or default_device(),
     )
     if args.quick:
         settings.n_valid, settings.n_test = (5, 5), (4, 4)
@@ -97,10 +96,7 @@ def tiny_clip_checkpoint(settings: DemoSettings) -> Path:
     if not path.is_file():
         torch.manual_seed(settings.seed)
         state = create_model(TINY_MODEL).state_dict()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        save_torch_atomic(state, path)
     return path
 
 
@@ -296,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                 if "pixel_auroc" in result.metrics:
                     results[(mode, "loc")][obj] = 100 * result.metrics["pixel_auroc"]
                 overlays += write_overlays(result, settings, mode, obj)
-    except (CLIPError, DatasetError, MVFAError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = results_table(results, settings.datasets, settings.shot)
-    write_atomic(settings.output_dir / "results.md", f"{DISCLAIMER}\n\n{table}\n")
+    write_text_atomic(settings.output_dir / "results.md", f"{DISCLAIMER}\n\n{table}\n")
     print(f"\n{table}\n")
     print(f"{len(overlays)} overlays in {settings.output_dir / 'overlays'}; table in {settings.output_dir / 'results.md'}")
     print(DISCLAIMER)

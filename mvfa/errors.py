@@ -7,3 +7,8 @@ class MVFAError(Exception):
 
 class CheckpointFormatError(MVFAError, ValueError):
     """An adapter checkpoint is unreadable or does not fit the model."""
+
+
+def single_line(text) -> str:
+    """`text` with every run of white space (line breaks too) as one space: an error line's message."""
+    return " ".join(str(text).split())

@@ -30,7 +30,7 @@ from .metrics import auroc, compute_metrics, pixel_auroc, sharded_pixel_metrics
 from .model import AdaptedViT
 from .normalization import MinMax, Normalization
 from .prefix import adapted_tokens, set_prefixes
-from .runtime import autocast_for, progress
+from .compute import autocast_for, progress
 from .scorer import RawBatch, Scorer
 
 

@@ -34,23 +34,13 @@ if __name__ == "__main__":  # flags and --help answer before torch is imported (
 import torch
 from torch import nn
 
+from .adapter_settings import read_adapters, resolve_clip_weights, resolve_settings
 from .backbone import build_adapted_model
-from .files import write_text_atomic as write_atomic
-from .errors import MVFAError
-from .files import atomic_target
+from .errors import MVFAError, single_line
+from .files import atomic_target, check_writable_file, os_error_text, write_text_atomic
 from .model import AdaptedViT
 from .parsers import export_onnx_parser as build_parser
-from .predict import (
-    INTERRUPTED_EXIT,
-    USER_ERRORS,
-    _one_line,
-    cache_dir_of,
-    check_writable_file,
-    os_error_text,
-    read_adapters,
-    resolve_clip_weights,
-    resolve_settings,
-)
+from .runtime import INTERRUPTED, USER_ERRORS, resolve_cache_dir
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
@@ -119,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note)
         model, text_bank = build_adapted_model(
             settings.model_name, settings.img_size, settings.features_list, clip.path, "openai", settings.quick_gelu,
-            torch.device("cpu"), cache_dir_of(args),
+            torch.device("cpu"), resolve_cache_dir(args.cache_dir),
         )
         model.load_adapter_state(state, source=str(ckpt))
         model.eval()
@@ -143,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.object_word:
             description["text_features"] = text_bank(settings.object_word).cpu().tolist()  # [embed, 2]: normal, abnormal
         sidecar = output.with_name(output.name + ".json")
-        write_atomic(sidecar, json.dumps(description, indent=2) + "\n")
+        write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
         print(f"wrote {output} and {output.name}.json ({len(settings.features_list)} stages, input {settings.img_size} px)")
         if args.check:
             images = torch.rand(2, 3, settings.img_size, settings.img_size, generator=torch.Generator().manual_seed(0))
@@ -154,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             scale = max(float(t.abs().max()) for t in expected)
             print(f"check: onnxruntime tokens differ from PyTorch's by at most {error:.2e} (largest token value {scale:.2e})")
     except USER_ERRORS as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {single_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"error: interrupted: nothing half-written at --output {args.output}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        return INTERRUPTED
     except OSError as err:  # a write that failed midway (disk full, ...)
         print(f"error: {os_error_text(err)}: nothing half-written at --output {args.output}", file=sys.stderr)
         return 1

@@ -1,19 +1,23 @@
 """Files written whole or not at all (a temporary file beside the target, renamed onto it at the end),
-and torch files read as data with a one-line error."""
+torch files read as data with a one-line error, and the checks and messages of paths a command writes.
+
+The one place that renames a temporary file onto its target: every file written whole goes
+through `atomic_target` (or its `write_text_atomic`, `save_torch_atomic`).
+torch is imported by the functions that need it, so that light modules may use the others.
+"""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
-
+from .errors import MVFAError, single_line
 
 WRITE_BITS = 0o222  # a folder without any of these is read-only, whoever runs
 
@@ -48,15 +52,27 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _flush_to_disk(name: str) -> None:
+    handle = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 @contextmanager
 def atomic_target(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed.
+
+    The temporary file is flushed to disk (fsync) before the rename, so that a crash leaves the
+    earlier file or the new one, never an empty one; it gets the mode a plainly created file gets."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         yield Path(tmp_name)
+        _flush_to_disk(tmp_name)
         os.chmod(tmp_name, _default_file_mode())
         os.replace(tmp_name, path)
     except BaseException:
@@ -64,12 +80,14 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, encoding: str | None = None) -> None:
     with atomic_target(path) as tmp:
-        tmp.write_text(text, newline="")
+        tmp.write_text(text, encoding=encoding, newline="")
 
 
 def save_torch_atomic(obj, path: str | Path) -> None:
+    import torch
+
     with atomic_target(path) as tmp:
         torch.save(obj, tmp)
 
@@ -77,6 +95,8 @@ def save_torch_atomic(obj, path: str | Path) -> None:
 def load_torch_data(path: str | Path, what: str, error: type[Exception], shown: str | None = None):
     """`torch.load(path, weights_only=True)` on the CPU; a file torch cannot read raises
     `error("<shown> is not a readable <what> (<the first line of torch's message>)")` (shown: the path)."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
@@ -121,6 +141,46 @@ def default_folder_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o777 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths a command writes: checks before any work, messages of failed writes
+
+
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words ("a FIFO", "a broken link", ...)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return "a broken link" if path.is_symlink() else f"unreadable ({err.strerror or err})"
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file"))
+    return next((word for test, word in kinds if test(mode)), "a special file")
+
+
+def os_error_text(err: OSError) -> str:
+    """'cannot write <file> (<reason>)' from an OSError, on one line."""
+    where = f" {err.filename}" if err.filename else ""
+    return single_line(f"cannot write{where} ({err.strerror or err})")
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Before any work: `path` can be written as a file (not a folder; its folder exists or can be
+    made, and accepts new files: probed with a temporary file, removed at once). One error line else."""
+    if path.is_dir():
+        raise MVFAError(f"{flag} {path} is a folder: pass the path of a file")
+    if path.exists() and not path.is_file():
+        raise MVFAError(f"{flag} {path} is {file_kind(path)}: pass the path of a regular file")
+    existing = nearest_existing(Path(os.path.abspath(path.parent)))
+    if not existing.is_dir():
+        raise MVFAError(f"{flag} {path} cannot be written: {existing} is a file, not a folder; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise MVFAError(f"{flag} {path} cannot be written ({err.strerror or err} in {existing}): "
+                        "choose a folder you can write to") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from .errors import MVFAError
 from .files import load_torch_data, save_torch_atomic
 from .model import AdaptedViT
 from .prefix import PrefixCache, adapted_tokens
-from .runtime import autocast_for
+from .compute import autocast_for
 
 BANK_BRANCHES = ("seg", "det")
 BANK_FILE_FORMAT = "mvfa-memory-bank/1"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -59,23 +60,31 @@ __all__ = [
     "pixel_average_precision",
     "pixel_f1_max",
     "pixel_metrics",
+    "Blocking",
     "aupro",
     "compute_metrics",
     "sharded_pixel_metrics",
 ]
 
-# Elements per chunk in the pixel-level loops: bounds the temporary buffers (~50 MB at most).
-_CHUNK = 1 << 20
-# The larger class is sorted in up to this many blocks in parallel, each of at least _MIN_BLOCK.
-_MAX_THREADS = 8
-_MIN_BLOCK = 1 << 21
 # Queries per binary-search call on the CPU (see _narrowed_search).
 _QUERY_CHUNK = 1 << 16
-# torch (GPU): bigger chunks, one thread, sorted in blocks of at most _TORCH_SORT_BLOCK.
+# torch (GPU): bigger chunks, one thread, sorted in blocks of at most Blocking.torch_sort_block.
 _CHUNK_TORCH = 1 << 24
-_TORCH_SORT_BLOCK = 1 << 24
-# Tests set this to run the torch (GPU) code path on CPU tensors.
-_TORCH_PATH_ON_CPU = False
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """How the pixel-level metrics cut their work into chunks, blocks and threads. The values they
+    give do not depend on it (exact integer counts); memory and speed do."""
+
+    chunk: int = 1 << 20  # elements per chunk in the pixel-level loops: bounds the temporary buffers (~50 MB)
+    max_threads: int = 8  # the larger class is sorted in up to this many blocks in parallel ...
+    min_block: int = 1 << 21  # ... each of at least this many elements
+    torch_sort_block: int = 1 << 24  # torch: elements sorted at once (bounds torch.sort's int64 buffers)
+    torch_on_cpu: bool = False  # CPU tensors take the torch (GPU) code path too, not numpy's
+
+
+DEFAULT_BLOCKING = Blocking()
 
 ArrayLike = Any  # numpy array, torch tensor, or sequence
 
@@ -293,6 +302,7 @@ class _Split(NamedTuple):
 
     pos: list
     neg: list
+    blocking: Blocking = DEFAULT_BLOCKING
 
     @property
     def n_pos(self) -> int:
@@ -303,19 +313,19 @@ class _Split(NamedTuple):
         return sum(int(b.shape[0]) for b in self.neg)
 
 
-def _n_threads() -> int:
+def _n_threads(max_threads: int) -> int:
     """Threads for sorting and counting (numpy releases the GIL in sort and searchsorted)."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         n = os.cpu_count() or 1
-    return max(1, min(n, _MAX_THREADS))
+    return max(1, min(n, max_threads))
 
 
-def _map(fn, items: list) -> list:
+def _map(fn, items: list, max_threads: int) -> list:
     """``[fn(x) for x in items]``, on a thread pool when there is more than one item and thread
     (numpy work only: torch work runs in order on the calling thread)."""
-    k = min(_n_threads(), len(items))
+    k = min(_n_threads(max_threads), len(items))
     if items and _is_tensor(items[0]):
         k = 1
     if k <= 1:
@@ -324,7 +334,8 @@ def _map(fn, items: list) -> list:
         return list(ex.map(fn, items))  # results in order: sums stay deterministic
 
 
-def _split_numpy(s: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _split_numpy(s: np.ndarray, y: np.ndarray, what: str,
+                 blocking: Blocking = DEFAULT_BLOCKING) -> tuple[np.ndarray, np.ndarray]:
     """Copy the scores into a positive and a negative array (unsorted), chunk by chunk.
 
     Extra memory: one copy of the scores, plus chunk-sized temporaries.
@@ -341,10 +352,11 @@ def _split_numpy(s: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, n
     if check and y.dtype.kind not in "biuf":
         raise TypeError(f"{what}: labels must be bool or 0/1 numbers, got dtype {y.dtype}")
     n = s.size
-    starts = list(range(0, n, _CHUNK))
+    chunk = blocking.chunk
+    starts = list(range(0, n, chunk))
 
     def count(i: int) -> int:
-        yc = y[i:i + _CHUNK]
+        yc = y[i:i + chunk]
         if check:
             if yc.dtype.kind == "u":
                 bad = yc > 1
@@ -358,7 +370,7 @@ def _split_numpy(s: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, n
                     f"{np.unique(yc[bad])[:5].tolist()} (binarise masks first, e.g. mask > 0)")
         return int(np.count_nonzero(yc))
 
-    counts = _map(count, starts)
+    counts = _map(count, starts, blocking.max_threads)
     n_pos = sum(counts)
     pos = np.empty(n_pos, dtype=work)
     neg = np.empty(n - n_pos, dtype=work)
@@ -366,15 +378,15 @@ def _split_numpy(s: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, n
 
     def fill(j: int) -> None:
         i = starts[j]
-        m = y[i:i + _CHUNK]
+        m = y[i:i + chunk]
         if check:
             m = m != 0
-        sc = s[i:i + _CHUNK]
+        sc = s[i:i + chunk]
         ip, ineg = pos_at[j], i - pos_at[j]
         pos[ip:pos_at[j + 1]] = sc[m]
         neg[ineg:ineg + sc.size - counts[j]] = sc[~m]
 
-    _map(fill, list(range(len(starts))))
+    _map(fill, list(range(len(starts))), blocking.max_threads)
     return pos, neg
 
 
@@ -419,21 +431,21 @@ def _split_torch(s: "torch.Tensor", y: "torch.Tensor", what: str):
     return pos, neg
 
 
-def _sorted_blocks(a, n_blocks: int) -> list:
+def _sorted_blocks(a, n_blocks: int, blocking: Blocking) -> list:
     """Sort ``a`` ascending in place, in ``n_blocks`` contiguous pieces (numpy, in parallel), or
-    in pieces of at most _TORCH_SORT_BLOCK (torch: bounds the memory ``torch.sort`` takes for
-    its int64 indices and buffers)."""
+    in pieces of at most ``blocking.torch_sort_block`` (torch: bounds the memory ``torch.sort``
+    takes for its int64 indices and buffers)."""
     if not isinstance(a, np.ndarray):
-        size = int(a.shape[0])
-        blocks = [a[i:i + _TORCH_SORT_BLOCK] for i in range(0, size, _TORCH_SORT_BLOCK)] or [a]
+        size, step = int(a.shape[0]), blocking.torch_sort_block
+        blocks = [a[i:i + step] for i in range(0, size, step)] or [a]
         for blk in blocks:
             blk.copy_(torch.sort(blk).values)
         return blocks
     size = a.shape[0]
-    n_blocks = max(1, min(n_blocks, size // _MIN_BLOCK))
+    n_blocks = max(1, min(n_blocks, size // blocking.min_block))
     edges = [size * i // n_blocks for i in range(n_blocks + 1)]
     blocks = [a[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
-    _map(lambda blk: blk.sort(), blocks)
+    _map(lambda blk: blk.sort(), blocks, blocking.max_threads)
     return blocks
 
 
@@ -445,10 +457,10 @@ def _has_nan_sorted(a) -> bool:
     return bool(np.isnan(last)) if isinstance(a, np.ndarray) else bool(torch.isnan(last))
 
 
-def _sorted_split(scores: ArrayLike, labels: ArrayLike, what: str) -> _Split:
+def _sorted_split(scores: ArrayLike, labels: ArrayLike, what: str, blocking: Blocking) -> _Split:
     """Split into positive/negative copies and sort them (the larger in parallel blocks)."""
     _check_shapes(_shape(scores), _shape(labels), what)
-    if _is_tensor(scores) and (scores.device.type != "cpu" or _TORCH_PATH_ON_CPU):
+    if _is_tensor(scores) and (scores.device.type != "cpu" or blocking.torch_on_cpu):
         s = scores.detach().reshape(-1)
         y = labels.reshape(-1) if _is_tensor(labels) else torch.as_tensor(
             np.asarray(labels).reshape(-1))
@@ -460,10 +472,11 @@ def _sorted_split(scores: ArrayLike, labels: ArrayLike, what: str) -> _Split:
         y = _to_numpy(labels)
         if s.size == 0:
             raise ValueError(f"{what}: no samples")
-        pos, neg = _split_numpy(s, y, what)
-    k = _n_threads()
+        pos, neg = _split_numpy(s, y, what, blocking)
+    k = _n_threads(blocking.max_threads)
     big_pos = pos.shape[0] > neg.shape[0]
-    sp = _Split(_sorted_blocks(pos, k if big_pos else 1), _sorted_blocks(neg, 1 if big_pos else k))
+    sp = _Split(_sorted_blocks(pos, k if big_pos else 1, blocking), _sorted_blocks(neg, 1 if big_pos else k, blocking),
+                blocking)
     if any(_has_nan_sorted(blk) for blk in sp.pos + sp.neg):
         raise ValueError(f"{what}: the scores contain NaN")
     return sp
@@ -510,10 +523,10 @@ def _rank_below(blocks: list, q, side: str):
     return out
 
 
-def _query_chunks(blocks: list) -> list:
+def _query_chunks(blocks: list, chunk: int) -> list:
     """Runs of sorted queries: chunks of the (sorted) blocks, short on the CPU so that each
     chunk's range in the searched blocks stays in cache (and the threads share the chunks)."""
-    size = _CHUNK_TORCH if blocks and _is_tensor(blocks[0]) else min(_CHUNK, _QUERY_CHUNK)
+    size = _CHUNK_TORCH if blocks and _is_tensor(blocks[0]) else min(chunk, _QUERY_CHUNK)
     return [blk[i:i + size] for blk in blocks for i in range(0, int(blk.shape[0]), size)]
 
 
@@ -530,13 +543,14 @@ def _mann_whitney_auroc(sp: _Split, what: str = "AUROC") -> float:
     # Query the smaller class in the larger. For a positive p, the negatives < p plus the
     # negatives <= p make 2 (#less + 0.5 #equal). For a negative q among the positives:
     # (P - #{<= q}) + (P - #{< q}) = 2 (#greater + 0.5 #equal).
+    chunk, threads = sp.blocking.chunk, sp.blocking.max_threads
     if n_pos <= n_neg:
         parts = _map(lambda q: _count_below(sp.neg, q, "left") + _count_below(sp.neg, q, "right"),
-                     _query_chunks(sp.pos))
+                     _query_chunks(sp.pos, chunk), threads)
         twice_u = sum(parts)
     else:
         parts = _map(lambda q: 2 * n_pos * int(q.shape[0]) - _count_below(sp.pos, q, "left")
-                     - _count_below(sp.pos, q, "right"), _query_chunks(sp.neg))
+                     - _count_below(sp.pos, q, "right"), _query_chunks(sp.neg, chunk), threads)
         twice_u = sum(parts)
     return _exact_ratio(twice_u, 2 * n_pos * n_neg)
 
@@ -565,18 +579,19 @@ def _ap_f1_sorted(sp: _Split, neg_below: np.ndarray | None = None,
         denom = _f64(tp + fp)
         return float((tp_f / denom).sum()), float((2.0 * tp_f / (denom + n_pos)).max())
 
-    chunks = _query_chunks(sp.pos)
+    chunks = _query_chunks(sp.pos, sp.blocking.chunk)
+    threads = sp.blocking.max_threads
     if neg_below is None:
-        parts = _map(lambda q: part(q, _rank_below(sp.neg, q, "left")), chunks)
+        parts = _map(lambda q: part(q, _rank_below(sp.neg, q, "left")), chunks, threads)
     else:
         edges = np.cumsum([0] + [int(q.shape[0]) for q in chunks]).tolist()
-        parts = _map(lambda i: part(chunks[i], neg_below[edges[i]:edges[i + 1]]), list(range(len(chunks))))
+        parts = _map(lambda i: part(chunks[i], neg_below[edges[i]:edges[i + 1]]), list(range(len(chunks))), threads)
     prec_sum = math.fsum(p for p, _ in parts)
     f1 = max(0.0, max(f for _, f in parts))
     return prec_sum / n_pos, f1
 
 
-def pixel_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
+def pixel_auroc(scores: ArrayLike, labels: ArrayLike, blocking: Blocking = DEFAULT_BLOCKING) -> float:
     """Exact AUROC for very large inputs (Mann-Whitney U), equal to ``roc_auc_score``.
 
     Copies the positive and the negative scores apart (float32 stays float32), sorts each in
@@ -586,23 +601,24 @@ def pixel_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     rounded once. Peak extra memory is about one copy of the scores plus a few tens of MB of
     chunk buffers. torch tensors on a GPU are processed on the GPU, sorted in blocks of 16M
     elements (``torch.sort`` allocates int64 indices and buffers for each block, ~1 GB at most).
+    ``blocking`` chooses those chunk, block and thread sizes (the result does not depend on them).
     """
-    return _mann_whitney_auroc(_sorted_split(scores, labels, "pixel AUROC"))
+    return _mann_whitney_auroc(_sorted_split(scores, labels, "pixel AUROC", blocking))
 
 
-def pixel_average_precision(scores: ArrayLike, labels: ArrayLike) -> float:
+def pixel_average_precision(scores: ArrayLike, labels: ArrayLike, blocking: Blocking = DEFAULT_BLOCKING) -> float:
     """Average precision for very large inputs (equal to ``average_precision_score``)."""
-    return _ap_f1_sorted(_sorted_split(scores, labels, "pixel AP"))[0]
+    return _ap_f1_sorted(_sorted_split(scores, labels, "pixel AP", blocking))[0]
 
 
-def pixel_f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
+def pixel_f1_max(scores: ArrayLike, labels: ArrayLike, blocking: Blocking = DEFAULT_BLOCKING) -> float:
     """F1-max for very large inputs (equal to :func:`f1_max`)."""
-    return _ap_f1_sorted(_sorted_split(scores, labels, "pixel F1-max"))[1]
+    return _ap_f1_sorted(_sorted_split(scores, labels, "pixel F1-max", blocking))[1]
 
 
-def pixel_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+def pixel_metrics(scores: ArrayLike, labels: ArrayLike, blocking: Blocking = DEFAULT_BLOCKING) -> dict[str, float]:
     """``{"auroc", "ap", "f1_max"}`` for very large inputs, from one split and sort."""
-    sp = _sorted_split(scores, labels, "pixel metrics")
+    sp = _sorted_split(scores, labels, "pixel metrics", blocking)
     auc = _mann_whitney_auroc(sp, "pixel AUROC")
     ap, f1 = _ap_f1_sorted(sp)
     return {"auroc": auc, "ap": ap, "f1_max": f1}

@@ -44,7 +44,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -60,183 +59,53 @@ if __name__ == "__main__":  # flags and --help answer before torch is imported (
 import torch
 from PIL import Image
 
-from CLIP.config import CKPT_DIR, load_config
-from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
-from dataset.medical import IMAGE_SUFFIXES, Sample, load_image, load_mask
+from dataset.medical import IMAGE_SUFFIXES, MaskIndex, Sample, folder_entries, is_image_name, load_image, load_mask
 from dataset.tensors import PIXEL_LEVELS, TensorSet
 
+from .adapter_settings import SETTING_NAMES, ClipWeights, ModelSettings, read_adapters, resolve_clip_weights, resolve_settings
 from .augment import augment
-from .calibration import stored_normalization
 from .backbone import build_adapted_model
-from .cli import resolve_device
-from .errors import MVFAError
+from .calibration import stored_normalization, stored_threshold
+from .errors import MVFAError, single_line
 from .evaluation import evaluate
-from .files import write_text_atomic as write_atomic
+from .files import (
+    check_writable_file,
+    default_folder_mode,
+    file_kind,
+    nearest_existing,
+    os_error_text,
+    remove_stale_temporaries,
+    temporary_target,
+    write_text_atomic,
+)
 from .memory_bank import MemoryBank, bank_branch, build_memory_bank, check_bank_file, read_memory_bank, save_memory_bank
+from .model import AdaptedViT
 from .normalization import Normalization
-from .scorer import FewShotScorer, ZeroShotScorer
-from .files import default_folder_mode, nearest_existing, remove_stale_temporaries, temporary_target
-from .model import AdaptedViT, read_checkpoint
-from .parsers import add_model_flags  # noqa: F401 - importable from here, as before
+from .parsers import add_model_flags  # noqa: F401 - mvfa.predict.add_model_flags is public
+from .scorer import FewShotScorer, ScoringMode, ZeroShotScorer
 from .parsers import predict_parser as build_parser
-from .text import default_cache_dir
+from .runtime import INTERRUPTED, USER_ERRORS, resolve_cache_dir, resolve_device, resolve_precision
 from .visualize import overlay, save_png
 
-USER_ERRORS = (CLIPError, DatasetError, MVFAError)
 CHUNK = 32  # images decoded and scored at a time
-INTERRUPTED_EXIT = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
-RELEASE_HINT = (
-    "the release's checkpoints: --model_name ViT-L-14-336 --img_size 240 --features_list 6 12 18 24, "
-    "--has_masks 1 for Brain, Liver and Retina_RESC, 0 for the others"
-)
 PREDICTIONS_FILE = "predictions.csv"
 SUMMARY_FILE = "predict.json"
 OVERLAY_NAME = re.compile(r"^.+_overlay(_\d+)?\.png$")  # what _overlay_names gives
 SHOWN_NAMES = 3  # names listed in an error about a folder's content
 
 
-@dataclass
-class ModelSettings:
-    """What the adapters were trained with: from the checkpoint's metadata, flags override or fill in."""
-
-    model_name: str
-    img_size: int
-    features_list: tuple[int, ...]
-    quick_gelu: bool | None
-    object_word: str | None
-    has_masks: bool | None
-
-
-# (settings field, meta key, flag)
-_FACTS = (
-    ("model_name", "model_name", "--model_name"),
-    ("img_size", "img_size", "--img_size"),
-    ("features_list", "features_list", "--features_list"),
-    ("object_word", "object_word", "--prompt_name"),
-    ("has_masks", "has_masks", "--has_masks"),
-)
-# Facts a flag may fill in but not contradict: other values build another model than the adapters'.
-# (--prompt_name may differ on purpose: another object word; --has_masks chooses the scoring branch.)
-_MUST_MATCH = ("model_name", "img_size", "features_list")
-
-
-def _fact_text(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def resolve_settings(args: argparse.Namespace, meta: dict, source: str, needed: tuple[str, ...]) -> ModelSettings:
-    """Flags first, then the checkpoint's metadata; the `needed` facts missing from both give one error
-    line, and so does a model flag (_MUST_MATCH) that contradicts the metadata."""
-    flags = {
-        "model_name": args.model_name,
-        "img_size": args.img_size,
-        "features_list": tuple(args.features_list) if args.features_list else None,
-        "object_word": getattr(args, "prompt_name", None),
-        "has_masks": None if getattr(args, "has_masks", None) is None else bool(args.has_masks),
-    }
-    values, missing = {}, []
-    for name, key, flag in _FACTS:
-        stored = meta.get(key)
-        if name == "features_list" and stored is not None:
-            stored = tuple(int(v) for v in stored)
-        if name in _MUST_MATCH and flags[name] is not None and stored is not None:
-            same = str(flags[name]) == str(stored) if name == "model_name" else flags[name] == stored
-            if not same:
-                raise MVFAError(
-                    f"{flag} {_fact_text(flags[name])} does not match {source}, whose adapters were trained with "
-                    f"{key} {_fact_text(stored)}: drop {flag} (the checkpoint's metadata gives it) or pass the "
-                    "checkpoint trained for it"
-                )
-        value = flags[name] if flags[name] is not None else stored
-        if name == "features_list" and value is not None:
-            value = tuple(int(v) for v in value)
-        values[name] = value
-        if value is None and name in needed:
-            missing.append(flag)
-    if missing:
-        what = "has no metadata (a release checkpoint?)" if not meta else "has no " + ", ".join(m.lstrip("-") for m in missing) + " in its metadata"
-        raise MVFAError(f"{source} {what}: pass {', '.join(missing)} ({RELEASE_HINT})")
-    quick_gelu = args.quick_gelu if args.quick_gelu is not None else meta.get("quick_gelu")
-    return ModelSettings(
-        model_name=str(values["model_name"]) if values["model_name"] is not None else None,
-        img_size=int(values["img_size"]) if values["img_size"] is not None else None,
-        features_list=values["features_list"],
-        quick_gelu=None if quick_gelu is None else bool(quick_gelu),
-        object_word=values["object_word"],
-        has_masks=values["has_masks"],
-    )
-
-
-@dataclass(frozen=True)
-class ClipWeights:
-    """The CLIP weights file a run loads, and where that choice came from (recorded in the outputs)."""
-
-    path: Path
-    source: str  # "--clip_ckpt", "checkpoint metadata" or "OpenAI's file of the model"
-
-
-def resolve_clip_weights(flag: str | None, meta: dict, model_name: str, source: str) -> tuple[ClipWeights, list[str]]:
-    """(the CLIP weights to load, notes to print): --clip_ckpt, else the file the checkpoint's metadata
-    records as `clip_ckpt` when it exists here, else OpenAI's file of the model in CLIP/ckpt/.
-
-    The metadata's `clip_ckpt` is the path given at training (None: OpenAI's default file); older
-    checkpoints do not have it. Nothing found is one error line naming the --clip_ckpt to pass.
-    """
-    if flag is not None:
-        path = Path(flag)
-        if not path.is_file():
-            raise MVFAError(f"--clip_ckpt {path} not found: pass the CLIP weights file the adapters were trained with")
-        return ClipWeights(path, "--clip_ckpt"), []
-    recorded = meta.get("clip_ckpt")
-    recorded = str(recorded) if isinstance(recorded, (str, Path)) and str(recorded) else None
-    if recorded is not None and Path(recorded).is_file():
-        return ClipWeights(Path(recorded), "checkpoint metadata"), []
-    config = load_config(model_name)
-    default = CKPT_DIR / config.openai_file if config.openai_file else None
-    if default is not None and default.is_file():
-        notes = []
-        if recorded is not None:
-            notes.append(f"note: {source} was trained with the CLIP weights {recorded}, not found here: using "
-                         f"{default} instead (pass --clip_ckpt to choose)")
-        return ClipWeights(default, "OpenAI's file of the model"), notes
-    if recorded is not None:
-        why = f"it was trained with the CLIP weights {recorded}, which is not found here"
-        if default is not None:
-            why += f", and OpenAI's file {default} is absent too"
-        todo = f"pass --clip_ckpt {recorded} (or that file's new place)"
-    elif default is not None:
-        why = f"it was trained with OpenAI's {config.openai_file}, which is not found at {default}"
-        todo = f"download it there or pass --clip_ckpt PATH_TO_{config.openai_file}"
-    else:
-        why = (f"model {model_name!r} has no OpenAI weights file and the checkpoint does not record which CLIP "
-               "weights it was trained with")
-        todo = "pass --clip_ckpt PATH (the CLIP weights given to training with --clip_ckpt)"
-    raise MVFAError(f"no CLIP weights for {source}: {why}; {todo}")
-
-
-def read_adapters(path: Path) -> tuple[dict, dict]:
-    """(adapter state, metadata dict: empty for the release's checkpoints)."""
-    state = read_checkpoint(path)
-    meta = state.get("meta")
-    return state, meta if isinstance(meta, dict) else {}
-
-
 def build(args: argparse.Namespace, settings: ModelSettings, state: dict, source: str, clip: ClipWeights):
     """The adapted model with the checkpoint's adapters, its text bank and the device, precision."""
     device = resolve_device(args.device)
-    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     model, text_bank = build_adapted_model(
         settings.model_name, settings.img_size, settings.features_list, clip.path,
-        "openai", settings.quick_gelu, device, cache_dir_of(args), visual_fp32_later=True,
+        "openai", settings.quick_gelu, device, resolve_cache_dir(args.cache_dir), visual_fp32_later=True,
     )
     model.load_adapter_state(state, source=source)
     model.eval()
     return model, text_bank, device, precision
-
-
-def cache_dir_of(args: argparse.Namespace) -> Path | None:
-    return None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
 def check_bank_shape(bank: MemoryBank, branch: str, model: AdaptedViT, path: str) -> None:
@@ -258,34 +127,13 @@ def check_bank_shape(bank: MemoryBank, branch: str, model: AdaptedViT, path: str
 # Inputs
 
 
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def file_kind(path: Path) -> str:
-    """What a path that is not a regular file is, in words ("a FIFO", "a broken link", ...)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as err:
-        return "a broken link" if path.is_symlink() else f"unreadable ({err.strerror or err})"
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file"))
-    return next((word for test, word in kinds if test(mode)), "a special file")
-
-
 def list_images(folder: Path, report) -> list[Path]:
-    """Image files directly in `folder`, by name; other files reported through `report` and skipped.
-
-    Only regular files (or links to them) are read: opening a FIFO named like an image would wait
-    for a writer forever."""
-    images = []
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        if path.name.startswith(".") or path.is_dir():
-            continue
+    """Image files directly in `folder`, by name (dataset.medical.folder_entries); other files reported
+    through `report` and skipped."""
+    images, others = folder_entries(folder)
+    for path in others:
         if not path.is_file():
             report(f"skipped {path.name}: {file_kind(path)}, not a regular file")
-        elif is_image_name(path):
-            images.append(path)
         else:
             report(f"skipped {path.name}: not an image (image files end in {'/'.join(IMAGE_SUFFIXES)})")
     return images
@@ -307,25 +155,16 @@ def input_images(path: Path, report) -> list[Path]:
 
 
 class MaskFinder:
-    """Masks of --masks by the image's file name, else by its stem (one mask of that stem)."""
+    """Masks of --masks by the image's file name, else by its stem (one mask of that stem): dataset.medical.MaskIndex."""
 
     def __init__(self, folder: Path | None) -> None:
-        self.by_name: dict[str, Path] = {}
-        self.by_stem: dict[str, list[Path]] = {}
-        if folder is None:
-            return
-        if not folder.is_dir():
+        if folder is not None and not folder.is_dir():
             raise MVFAError(f"--masks {folder} is not a folder")
-        for path in folder.iterdir():
-            if path.is_file() and not path.name.startswith(".") and is_image_name(path):
-                self.by_name[path.name] = path
-                self.by_stem.setdefault(path.stem, []).append(path)
+        self.index = MaskIndex(folder) if folder is not None else None
 
     def find(self, image: Path) -> Path | None:
-        if image.name in self.by_name:
-            return self.by_name[image.name]
-        candidates = self.by_stem.get(image.stem, [])
-        return candidates[0] if len(candidates) == 1 else None
+        """The mask of `image`; None when there is none, or several of its stem and none of its name."""
+        return self.index.lookup(image) if self.index is not None else None
 
 
 def load_support(folder: Path, img_size: int, report) -> torch.Tensor:
@@ -340,16 +179,6 @@ def load_support(folder: Path, img_size: int, report) -> torch.Tensor:
     return images
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def os_error_text(err: OSError) -> str:
-    """'cannot write <file> (<reason>)' from an OSError, on one line."""
-    where = f" {err.filename}" if err.filename else ""
-    return _one_line(f"cannot write{where} ({err.strerror or err})")
-
-
 # ------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -357,25 +186,6 @@ def os_error_text(err: OSError) -> str:
 def _listed(names: list[str]) -> str:
     shown = ", ".join(sorted(names)[:SHOWN_NAMES])
     return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
-
-
-def check_writable_file(path: Path, flag: str) -> None:
-    """Before any work: `path` can be written as a file (not a folder; its folder exists or can be
-    made, and accepts new files: probed with a temporary file, removed at once). One error line else."""
-    if path.is_dir():
-        raise MVFAError(f"{flag} {path} is a folder: pass the path of a file")
-    if path.exists() and not path.is_file():
-        raise MVFAError(f"{flag} {path} is {file_kind(path)}: pass the path of a regular file")
-    existing = nearest_existing(Path(os.path.abspath(path.parent)))
-    if not existing.is_dir():
-        raise MVFAError(f"{flag} {path} cannot be written: {existing} is a file, not a folder; choose another path")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as err:
-        raise MVFAError(f"{flag} {path} cannot be written ({err.strerror or err} in {existing}): "
-                        "choose a folder you can write to") from None
 
 
 class OutputFolder:
@@ -496,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return predict(args)
     except USER_ERRORS as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {single_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"error: interrupted: no partial results were written to --output_dir {args.output_dir}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        return INTERRUPTED
     except OSError as err:  # a write that failed midway (disk full, a folder removed under the run)
         print(f"error: {os_error_text(err)}: no partial results were written to --output_dir {args.output_dir}; "
               "free space or fix the folder and run again", file=sys.stderr)
@@ -520,11 +330,11 @@ class _Scoring:
 
 def _scoring(args: argparse.Namespace, meta: dict, ckpt: Path, settings: ModelSettings, few_shot: bool) -> _Scoring:
     """Statistics and threshold: the checkpoint's when they fit this scoring mode."""
-    mode = "few-shot" if few_shot else "zero-shot"
+    scoring = ScoringMode("few-shot" if few_shot else "zero-shot", settings.has_masks)
+    mode = scoring.mode
     normalization, notes = None, []
     stored = stored_normalization(meta, str(ckpt))
-    needed = (FewShotScorer if few_shot else ZeroShotScorer).branches_needed(settings.has_masks)
-    if stored is not None and not stored.missing(needed):
+    if stored is not None and not stored.missing(scoring.normalization_branches):
         normalization = stored
     calibrated = normalization is not None
     if not calibrated:
@@ -535,8 +345,9 @@ def _scoring(args: argparse.Namespace, meta: dict, ckpt: Path, settings: ModelSe
     if threshold is None:
         threshold_source = None
         stored_value = meta.get("threshold")
-        if stored_value is not None and meta.get("mode") == mode and calibrated:
-            threshold, threshold_source = float(stored_value), f"checkpoint ({meta.get('threshold_rule')} on valid)"
+        applies = stored_threshold(meta, str(ckpt), scoring)
+        if applies is not None:
+            threshold, threshold_source = applies[0], f"checkpoint ({meta.get('threshold_rule')} on valid)"
         elif stored_value is not None and meta.get("mode") != mode:
             notes.append(f"note: the checkpoint's threshold is for {meta.get('mode')} scoring "
                          f"({'with' if meta.get('mode') == 'few-shot' else 'without'} --support): decisions left empty; pass --threshold")
@@ -564,7 +375,7 @@ def predict(args: argparse.Namespace) -> int:
                             "replaces whole: write the bank elsewhere")
     ckpt = Path(args.ckpt)
     state, meta = read_adapters(ckpt)
-    settings = resolve_settings(args, meta, str(ckpt), tuple(name for name, _, _ in _FACTS))
+    settings = resolve_settings(args, meta, str(ckpt), SETTING_NAMES)
     clip, clip_notes = resolve_clip_weights(args.clip_ckpt, meta, settings.model_name, str(ckpt))
     if args.bank is not None:
         check_bank_file(args.bank)
@@ -626,7 +437,7 @@ def _score_images(args, images, masks, settings, scoring, scorer, model, precisi
                 tensors.append((load_image(path, settings.img_size) * PIXEL_LEVELS).round().to(torch.uint8))
                 chunk.append(path)
             except DatasetError as err:
-                report(f"error: {_one_line(err)}")
+                report(f"error: {single_line(err)}")
                 failed += 1
         if not chunk:
             continue
@@ -673,7 +484,7 @@ def _mask_for(masks: MaskFinder, image: Path, size: int) -> tuple[torch.Tensor |
                               f"{image_file.size[0]}x{image_file.size[1]}: contour not drawn")
         return load_mask(path, size)[0], None
     except (OSError, DatasetError) as err:
-        return None, f"cannot read mask {path}: {_one_line(err)} (contour not drawn)"
+        return None, f"cannot read mask {path}: {single_line(err)} (contour not drawn)"
 
 
 def _write_outputs(folder, rows, args, ckpt, clip, mode, settings, scoring, failed, images) -> None:
@@ -681,7 +492,7 @@ def _write_outputs(folder, rows, args, ckpt, clip, mode, settings, scoring, fail
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "score", "decision", "map_max", "overlay"])
     writer.writerows(rows)
-    write_atomic(folder / PREDICTIONS_FILE, buffer.getvalue())
+    write_text_atomic(folder / PREDICTIONS_FILE, buffer.getvalue())
     summary = {
         "checkpoint": str(ckpt),
         "clip_ckpt": str(clip.path),
@@ -702,7 +513,7 @@ def _write_outputs(folder, rows, args, ckpt, clip, mode, settings, scoring, fail
         "abnormal": sum(1 for row in rows if row[2] == "abnormal"),
         "failed": failed,
     }
-    write_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

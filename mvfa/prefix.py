@@ -15,7 +15,7 @@ from dataset.tensors import TensorSet
 from .choices import PREFIX_CACHE_MODES
 from .errors import MVFAError
 from .model import AdaptedViT
-from .runtime import autocast_for, progress
+from .compute import autocast_for, progress
 
 CUDA_CACHE_SHARE = 0.5  # auto: prefix caches may use this share of free GPU memory
 CPU_CACHE_SHARE = 0.25  # ... or of the machine's RAM

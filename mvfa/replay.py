@@ -108,9 +108,10 @@ def listing_of(order: str, listings: dict[str, list[str]] | None, data_path: Pat
 class ReleaseRandom:
     """The release's generators for one seed: `torch` (its global CPU generator) and `python` (random)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, buffer_floats: int = THROWAWAY_FLOATS) -> None:
         self.torch = torch.Generator().manual_seed(seed)
         self.python = random.Random(seed)
+        self.buffer_floats = buffer_floats  # the size of the buffer that skipped draws go to
         self._buffer: torch.Tensor | None = None
         self.passes: list[dict] = []  # every shuffled pass drawn: {"n": items, "order": [...]}
 
@@ -169,8 +170,8 @@ class ReleaseRandom:
             # when the count is not a multiple of it
             count += NORMAL_BLOCK
         if self._buffer is None:
-            self._buffer = torch.empty(THROWAWAY_FLOATS)
+            self._buffer = torch.empty(self.buffer_floats)
         while count > 0:
-            part = min(count, THROWAWAY_FLOATS)
+            part = min(count, self.buffer_floats)
             self._buffer[:part].uniform_(generator=self.torch)
             count -= part

@@ -57,14 +57,13 @@ from CLIP.config import CKPT_DIR, load_config
 from CLIP.loading import sha256_of
 from dataset.medical import find_datasets, select_support
 
-from .cli import guarded, resolve_device
 from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from .choices import DEFAULT_SEED_DIR
 from .config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
-from .files import write_text_atomic as write_atomic
 from .outputs import json_ready
 from .runs import run
 from .errors import MVFAError
+from .files import write_text_atomic
 from .paper import (
     PAPER_AUC,
     PAPER_LEARNING_RATES,
@@ -75,7 +74,7 @@ from .paper import (
     row_names,
 )
 from .parsers import reproduce_parser
-from .text import default_cache_dir
+from .runtime import guarded, resolve_cache_dir, resolve_device, resolve_precision
 
 PROTOCOLS = {"release": ("test", "test"), "leakfree": ("valid", "valid")}  # protocol -> (select, normalize)
 METRICS = {"det": "image_auroc", "loc": "pixel_auroc"}
@@ -133,9 +132,9 @@ def base_config(args: argparse.Namespace, device: str | None = None) -> RunConfi
         model_name=args.model_name, clip_ckpt=Path(args.clip_ckpt) if args.clip_ckpt else None, pretrain=args.pretrain,
         img_size=args.img_size, features_list=tuple(args.features_list), seed=args.seed, epoch=args.epoch,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=str(device),
-        precision=args.precision or ("fp16" if device.type == "cuda" else "fp32"), num_workers=args.num_workers,
+        precision=resolve_precision(args.precision, device), num_workers=args.num_workers,
         quick_gelu=args.quick_gelu, det_loss=args.det_loss, prefix_cache=args.prefix_cache,
-        cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        cache_dir=resolve_cache_dir(args.cache_dir),
     )
 
 
@@ -220,7 +219,7 @@ def combined_hash(datasets: dict[str, str]) -> str:
 
 def write_data_file(plan: Plan, root: Path, data: DataFingerprints) -> None:
     payload = {"data_path": str(data.data_path), "method": DATA_METHOD, "datasets": data.for_plan(plan)}
-    write_atomic(plan.run_dir(root) / DATA_FILE, json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(plan.run_dir(root) / DATA_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def check_finished(plan: Plan, config: RunConfig, root: Path, data: DataFingerprints | None = None) -> bool:
@@ -546,8 +545,8 @@ def report(rows: list[dict], datasets: list[str], args: argparse.Namespace, conf
 
 def write_results(root: Path, data_path: Path, datasets: list[str], args: argparse.Namespace) -> list[dict]:
     rows = collect(root, data_path)
-    write_atomic(root / "results.csv", rows_csv(rows))
-    write_atomic(root / "results.md", report(rows, datasets, args, run_configs(root, rows)))
+    write_text_atomic(root / "results.csv", rows_csv(rows))
+    write_text_atomic(root / "results.md", report(rows, datasets, args, run_configs(root, rows)))
     return rows
 
 

@@ -38,7 +38,7 @@ from .prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
 from .prompts import object_word
 from .replay import ReleaseRandom, listing_of
 from .run_log import RunLogger, make_logger
-from .runtime import autocast_for, compile_model, seed_everything
+from .compute import autocast_for, compile_model, seed_everything
 from .scorer import FewShotScorer, Scorer, ZeroShotScorer
 from .support import cache_support_prefixes, prepare_few_shot
 from .text import TextFeatureBank
@@ -282,7 +282,7 @@ def test_and_write(
     normalization = chosen_normalization(
         config, run.meta, source, lambda: fit_reference(config, model, run.target, scorer, support_samples, dist)[1]
     )
-    threshold = stored_threshold(run.meta, source, scorer)
+    threshold = stored_threshold(run.meta, source, scorer.scoring_mode)
     score_under = threshold[1] if threshold is not None and normalization != threshold[1] else None
     result = score(run, model, scorer, run.test_set, normalization=normalization, full_metrics=True,
                    desc=f"{run.target.name} test", score_under=score_under)

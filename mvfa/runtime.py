@@ -1,67 +1,107 @@
-"""The process a run lives in: autocast, progress bars, seeding, torch.compile."""
+"""What the commands share about the process they run in: the device and precision they default to,
+the cache folder flag's rule, the errors they report as one line, and the launcher of a run.
+
+This module imports no torch at import time: the commands parse their flags (and answer --help)
+before torch is loaded; the functions that need it import it when called.
+"""
 from __future__ import annotations
 
-import contextlib
-import random
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from CLIP.errors import CLIPError
+from dataset.errors import DatasetError
 
-from .distributed import is_secondary_rank
 from .errors import MVFAError
 
+if TYPE_CHECKING:
+    import torch
 
-def progress(iterable, desc: str):
-    """A tqdm bar on terminals; silent when stderr is not a terminal (logs, pipes, tests) and on ranks other than 0."""
-    return tqdm(iterable, desc=desc, leave=False, disable=True if is_secondary_rank() else None)
+    from .distributed import Dist
 
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """torch.autocast on CUDA for fp16/bf16; nothing on CPU (fp32 there: bf16 is slow on CPUs)."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device_type="cuda", dtype=dtype)
+USER_ERRORS = (CLIPError, DatasetError, MVFAError)  # a command prints these as one line `error: ...`, exit 2
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
+NO_CACHE = "none"  # --cache_dir none: no text-feature cache
 
 
-def seed_everything(seed: int) -> None:
-    """Seed the global generators, as the release does (a --pretrain none backbone draws from torch's);
-    the release's own draws are replayed on private generators (mvfa.replay)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def default_device() -> str:
+    """A command's device without --device: "cuda" when a CUDA device is available, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _CompiledMethod:
-    """A method of the model under torch.compile; a failure to compile it is a one-line MVFAError."""
+def resolve_device(requested: str | None) -> torch.device:
+    """The device of --device (None: default_device()); a malformed or unavailable one is a user error."""
+    import torch
 
-    def __init__(self, method, name: str) -> None:
-        self.compiled = torch.compile(method)
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        try:
-            return self.compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as err:  # dynamo's and inductor's own failures (not user errors)
-            cause = getattr(err, "inner_exception", None) or err.__cause__ or err  # e.g. the C++ compiler's error
-            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-            reason = f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
-            raise MVFAError(f"--compile: torch.compile failed on the model's {self.name} ({reason}); run without --compile") from None
-
-
-def compile_model(model) -> None:
-    """--compile: torch.compile (inductor) the two halves of the adapted ViT's forward, `encode_prefix`
-    (the frozen blocks before the first adapter stage) and `forward_from_prefix` (the rest, with the
-    adapters), which every training step, evaluation, prefix cache and memory bank goes through.
-
-    Compilation happens at the first call of each shape and grad mode (a few recompilations per run).
-    Compiled kernels fuse and order operations differently, so results agree with the eager run to
-    float rounding, not bit for bit; without --compile nothing changes.
-    """
+    if requested is None:
+        return torch.device(default_device())
     try:
-        import torch._dynamo  # noqa: F401 - the exception classes _CompiledMethod catches
-    except Exception as err:  # a torch build without dynamo
-        raise MVFAError(f"--compile: torch.compile is not available in this torch build ({err}); run without --compile") from None
-    model.encode_prefix = _CompiledMethod(model.encode_prefix, "frozen blocks (encode_prefix)")
-    model.forward_from_prefix = _CompiledMethod(model.forward_from_prefix, "adapted blocks (forward_from_prefix)")
+        device = torch.device(requested)
+    except RuntimeError:
+        raise MVFAError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MVFAError(f"--device {requested} was asked for, but no CUDA device is available: use --device cpu")
+    return device
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> str:
+    """--precision, else fp16 on CUDA and fp32 elsewhere."""
+    return requested or ("fp16" if device.type == "cuda" else "fp32")
+
+
+def resolve_cache_dir(flag: str | None) -> Path | None:
+    """--cache_dir: "none" turns the text-feature cache off (None); unset is mvfa.text.default_cache_dir()."""
+    if flag == NO_CACHE:
+        return None
+    if flag:
+        return Path(flag)
+    from .text import default_cache_dir
+
+    return default_cache_dir()
+
+
+def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeout_s: float, backend: str | None = None) -> int:
+    """Run `work(dist, device)` inside the process group (none outside torchrun); the exit code.
+
+    A user error prints one line `error: ...` and gives 2. With several ranks any failure ends this
+    process at once, before the process group's teardown (mvfa.distributed.fail), so that no rank
+    waits for it in a collective.
+    """
+    from .distributed import fail, process_group
+
+    try:
+        with process_group(device, timeout_s, backend) as (dist, rank_device):
+            try:
+                work(dist, rank_device)
+            except USER_ERRORS as err:
+                if dist.active:
+                    fail(dist, f"error: {one_line(err)}", 2)
+                raise
+            except BaseException:
+                if dist.active:
+                    fail(dist, traceback.format_exc(), 1)
+                raise
+    except USER_ERRORS as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # every file is written whole or not at all: nothing half-written remains
+        print("error: interrupted: files of this run being written were discarded; earlier results are intact",
+              file=sys.stderr)
+        return INTERRUPTED
+    return 0
+
+
+def one_line(err: Exception) -> str:
+    """The user error's message; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."): its
+    last line holds the message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last

@@ -25,7 +25,7 @@ from .memory_bank import MemoryBank, bank_branch, build_memory_bank
 from .model import AdaptedViT, StageTokens
 from .normalization import MinMax, Normalization, affine
 from .prefix import PrefixCache
-from .runtime import autocast_for
+from .compute import autocast_for
 
 MEMORY_CHUNK_ELEMENTS = 1 << 24  # bank similarities are computed in chunks of at most this many elements
 
@@ -64,6 +64,20 @@ def _global_range(low: torch.Tensor, high: torch.Tensor, dist: Dist) -> tuple[to
     return both[0], -both[1]
 
 
+@dataclass(frozen=True)
+class ScoringMode:
+    """What a scorer is before its reference state exists (e.g. to check a checkpoint's statistics)."""
+
+    mode: str  # "zero-shot" or "few-shot"
+    has_masks: bool
+
+    @property
+    def normalization_branches(self) -> tuple[str, ...]:
+        """The branches fixed statistics of this scoring must cover."""
+        scorer = FewShotScorer if self.mode == "few-shot" else ZeroShotScorer
+        return scorer.branches_needed(self.has_masks)
+
+
 class Scorer:
     """What both modes share; see the module docstring."""
 
@@ -78,6 +92,10 @@ class Scorer:
         self.has_masks = has_masks
         self.release_dtypes = release_dtypes  # on CUDA, score inside the forward's autocast, as the release
         self.memory_chunk_elements = memory_chunk_elements
+
+    @property
+    def scoring_mode(self) -> ScoringMode:
+        return ScoringMode(self.mode, self.has_masks)
 
     def refresh(self, model: AdaptedViT) -> None:
         """Bring the reference state up to the model's current adapters (nothing for zero-shot)."""

@@ -39,7 +39,7 @@ from .errors import MVFAError
 from .replay import RELEASE_SOURCE_ORDER, ReleaseRandom
 from .run_log import RunLogger
 from .distributed import SINGLE, Dist, average_gradients, broadcast_parameters
-from .runtime import autocast_for, progress
+from .compute import autocast_for, progress
 from .losses import BinaryDiceLoss, FocalLoss, det_loss
 from .model import AdaptedViT
 

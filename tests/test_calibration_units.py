@@ -9,17 +9,23 @@ from mvfa.calibration import stored_normalization, stored_threshold
 from mvfa.errors import MVFAError
 from mvfa.memory_bank import MemoryBank
 from mvfa.normalization import Normalization
-from mvfa.scorer import FewShotScorer, Scorer, ZeroShotScorer
+from mvfa.scorer import FewShotScorer, ScoringMode, ZeroShotScorer
 
 ZERO_WITH_MAPS = Normalization(0.1, 0.9, zero_map_low=0.2, zero_map_high=0.8, count=12, source="12 normal images")
 FEW_WITHOUT_MASKS = Normalization(0.1, 0.9, few_score_low=0.3, few_score_high=0.6, count=4, source="4 normal images")
 
 
-def scorer(mode: str, has_masks: bool) -> Scorer:
-    """A scorer of `mode` (its text features and bank do not matter here)."""
-    if mode == "few-shot":
-        return FewShotScorer(torch.zeros(8, 2), has_masks, MemoryBank(None, None))
-    return ZeroShotScorer(torch.zeros(8, 2), has_masks)
+def scorer(mode: str, has_masks: bool) -> ScoringMode:
+    return ScoringMode(mode, has_masks)
+
+
+def test_a_scorer_states_its_scoring_mode():
+    """A built scorer and the mode named before it exists need the same branches."""
+    few = FewShotScorer(torch.zeros(8, 2), True, MemoryBank(None, None))
+    assert few.scoring_mode == ScoringMode("few-shot", True)
+    assert few.normalization_branches == ScoringMode("few-shot", True).normalization_branches == ("zero_map", "few_map")
+    zero = ZeroShotScorer(torch.zeros(8, 2), False)
+    assert zero.scoring_mode.normalization_branches == zero.normalization_branches == ("zero_score",)
 
 
 def meta(norm: Normalization | None, mode: str = "zero-shot", threshold=0.42) -> dict:

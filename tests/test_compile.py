@@ -24,7 +24,7 @@ import torch
 
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, runtime
+from mvfa import cli, compute
 from mvfa.model import AdaptedViT, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
@@ -69,7 +69,7 @@ def test_a_compilation_failure_is_one_line(setup, tmp_path, capsys, monkeypatch)
     def failing_backend(graph, example_inputs):
         raise RuntimeError("no C++ compiler here\nsecond line")
 
-    monkeypatch.setattr(runtime.torch, "compile", lambda fn: torch._dynamo.optimize(failing_backend)(fn))
+    monkeypatch.setattr(compute.torch, "compile", lambda fn: torch._dynamo.optimize(failing_backend)(fn))
     argv = tiny_argv(setup["data"], setup["clip"], setup["root"] / "ckpt", tmp_path / "out", "Brain", "--shot", "1",
                      "--iterate", "-1", "--checkpoint", str(setup["adapters"]), "--cache_dir", "none", "--compile")
     assert cli.main_test_few(argv) == 2

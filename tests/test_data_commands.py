@@ -2,6 +2,7 @@
 mask stops the scripts with one line (tiny random CLIP substituted for ViT-L, 1 epoch)."""
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -69,15 +70,16 @@ def test_printed_next_command_runs(tmp_path, capsys, clip, n_normal, n_abnormal,
     assert f"support: {shot} abnormal + {shot} normal valid images" in captured.out
 
 
-def test_next_command_of_a_benchmark_name_draws_its_support(tmp_path, capsys, clip, monkeypatch):
+def test_next_command_of_a_benchmark_name_draws_its_support(tmp_path, capsys, clip):
     """A prepared dataset named like one with shipped seed lists (real BMAD file names) draws its support."""
     seeds = tmp_path / "seeds"
     (seeds / "Brain").mkdir(parents=True)
     (seeds / "Brain" / "1-shot.txt").write_text("a-0: not_here.png\nn-0: nor_here.png\n")
-    monkeypatch.setattr(prepare, "SEED_LISTS", seeds)
     out = tmp_path / "data" / "Brain_AD"
-    assert prepare.main(flat_folders(tmp_path / "in", 10, 6) + ["--out", str(out)]) == 0
-    argv = next_argv(capsys.readouterr().out)
+    flags = flat_folders(tmp_path / "in", 10, 6)
+    folders = dict(zip(flags[::2], map(Path, flags[1::2])))
+    report = prepare.prepare(folders["--normal"], folders["--abnormal"], out, folders["--masks"])
+    argv = next_argv(dataclasses.replace(report, seed_lists=seeds).text())
     assert argv[argv.index("--iterate") + 1] == "-1"
     code = cli.main_train_few(argv + tiny(clip, tmp_path / "run") + ["--fewshot_seed_dir", str(seeds)])
     assert code == 0, capsys.readouterr().err

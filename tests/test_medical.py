@@ -659,7 +659,7 @@ def test_seed_file_is_written_whole_with_the_usual_mode(tmp_path: Path, monkeypa
     def broken_replace(*_args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("dataset.medical.os.replace", broken_replace)
+    monkeypatch.setattr("mvfa.files.os.replace", broken_replace)  # the one atomic writer, mvfa.files
     with pytest.raises(OSError, match="disk full"):
         write_seed_file(path, select_support(ds, 4, 1, 7, []), 1)
     assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["4-shot.txt"]

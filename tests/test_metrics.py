@@ -199,12 +199,11 @@ def test_pixel_auroc_two_million_heavy_ties():
     assert M.auroc(s, y) == pytest.approx(ref, abs=1e-9)
 
 
-def test_pixel_auroc_memory_is_about_one_copy(monkeypatch):
+def test_pixel_auroc_memory_is_about_one_copy():
     # numpy reports its allocations to tracemalloc; with small chunks the extra memory is the
     # positive and negative copies (together the size of the scores) plus chunk buffers.
-    monkeypatch.setattr(M, "_CHUNK", 1 << 14)
-    monkeypatch.setattr(M, "_MAX_THREADS", 2)  # chunk buffers are per thread
-    monkeypatch.setattr(M, "_MIN_BLOCK", 1 << 18)  # sort in 2 blocks on a 2-core machine
+    # Chunk buffers are per thread; 2 threads sort in 2 blocks on a 2-core machine.
+    blocking = M.Blocking(chunk=1 << 14, max_threads=2, min_block=1 << 18)
     rng = np.random.default_rng(12)
     n = 2_000_000
     s = rng.random(n, dtype=np.float32)
@@ -213,27 +212,25 @@ def test_pixel_auroc_memory_is_about_one_copy(monkeypatch):
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        M.pixel_auroc(s, y)
+        M.pixel_auroc(s, y, blocking=blocking)
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
     assert peak <= 1.15 * s.nbytes, peak
 
 
-def test_results_do_not_depend_on_threads_or_blocks(monkeypatch):
+def test_results_do_not_depend_on_threads_or_blocks():
     rng = np.random.default_rng(13)
     s, y = random_case(rng, 600_000, 0.3, decimals=3, dtype=np.float32)
     ref = (roc_auc_score(y, s), average_precision_score(y, s), sk_f1_max(y, s))
     for threads, min_block, chunk in ((1, 1 << 21, 1 << 20), (2, 1 << 15, 1 << 12),
                                       (8, 1 << 14, 1 << 13)):
-        monkeypatch.setattr(M, "_MAX_THREADS", threads)
-        monkeypatch.setattr(M, "_MIN_BLOCK", min_block)
-        monkeypatch.setattr(M, "_CHUNK", chunk)
-        pm = M.pixel_metrics(s, y)
+        blocking = M.Blocking(chunk=chunk, max_threads=threads, min_block=min_block)
+        pm = M.pixel_metrics(s, y, blocking=blocking)
         assert pm["auroc"] == pytest.approx(ref[0], abs=1e-12)
         assert pm["ap"] == pytest.approx(ref[1], abs=1e-12)
         assert pm["f1_max"] == pytest.approx(ref[2], abs=1e-12)
-        assert M.pixel_auroc(s, ~y) == pytest.approx(1 - ref[0], abs=1e-12)  # the other branch
+        assert M.pixel_auroc(s, ~y, blocking=blocking) == pytest.approx(1 - ref[0], abs=1e-12)  # the other branch
 
 
 # ------------------------------------------------------------------------------------------
@@ -428,27 +425,26 @@ def test_compute_metrics():
 # CUDA (runs only where a GPU is present)
 # ------------------------------------------------------------------------------------------
 
-def test_torch_code_path_on_cpu(monkeypatch):
-    # The GPU code path (torch.sort / torch.searchsorted), exercised on CPU tensors.
-    monkeypatch.setattr(M, "_TORCH_PATH_ON_CPU", True)
-    monkeypatch.setattr(M, "_TORCH_SORT_BLOCK", 3000)  # several sorted blocks
+def test_torch_code_path_on_cpu():
+    # The GPU code path (torch.sort / torch.searchsorted), exercised on CPU tensors, in several sorted blocks.
+    on_cpu = M.Blocking(torch_on_cpu=True, torch_sort_block=3000)
     rng = np.random.default_rng(22)
     for rate in (0.05, 0.95):
         s, y = random_case(rng, 20_000, rate, decimals=2, dtype=np.float32)
         st, yt = torch.from_numpy(s), torch.from_numpy(y)
-        assert M.pixel_auroc(st, yt) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert M.pixel_auroc(st, yt, blocking=on_cpu) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
         s16 = st.half()
-        assert M.pixel_auroc(s16, yt.to(torch.uint8)) == \
+        assert M.pixel_auroc(s16, yt.to(torch.uint8), blocking=on_cpu) == \
             pytest.approx(roc_auc_score(y, s16.float().numpy()), abs=1e-12)
-        pm = M.pixel_metrics(st, yt.float())
+        pm = M.pixel_metrics(st, yt.float(), blocking=on_cpu)
         assert pm["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
         assert pm["f1_max"] == pytest.approx(sk_f1_max(y, s), abs=1e-12)
     with pytest.raises(ValueError, match="NaN"):
-        M.pixel_auroc(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]))
+        M.pixel_auroc(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]), blocking=on_cpu)
     with pytest.raises(ValueError, match="0 \\(normal\\) or 1"):
-        M.pixel_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 3]))
+        M.pixel_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 3]), blocking=on_cpu)
     with pytest.raises(ValueError, match="only one class"):
-        M.pixel_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]))
+        M.pixel_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), blocking=on_cpu)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -144,7 +144,7 @@ def test_special_files_named_like_images_are_skipped(setup, ckpt, tmp_path, caps
 # Whole or nothing
 
 
-@pytest.mark.parametrize("writer", ["write_atomic", "save_png"])
+@pytest.mark.parametrize("writer", ["write_text_atomic", "save_png"])
 def test_an_interrupted_run_leaves_the_earlier_results_or_none(setup, ckpt, tmp_path, capsys, monkeypatch, writer):
     out = tmp_path / "out"
     assert predict.main(argv(setup, ckpt, setup["images"], out)) == 0

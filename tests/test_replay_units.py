@@ -9,7 +9,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from CLIP.config import load_config
-from mvfa import replay as replay_module
 from mvfa.replay import NORMAL, UNIFORM, BuildSizes, ReleaseRandom, clip_build_draws
 
 # A made-up small build whose every normal draw of 16 or more elements is a multiple of 16 (the
@@ -204,10 +203,9 @@ def test_torch_normal_off_the_block_uses_n_plus_16_uniforms():
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 29])
-def test_uniform_skip_in_small_chunks_matches_one_uniform_draw(monkeypatch, count):
+def test_uniform_skip_in_small_chunks_matches_one_uniform_draw(count):
     """A UNIFORM skip through a buffer of 4 floats (several chunks) moves the generator like one uniform_ of n."""
-    monkeypatch.setattr(replay_module, "THROWAWAY_FLOATS", 4)
-    replay = ReleaseRandom(13)
+    replay = ReleaseRandom(13, buffer_floats=4)
     replay._skip(UNIFORM, count)
     assert replay._buffer.numel() == 4
     real = torch.Generator().manual_seed(13)
@@ -215,10 +213,9 @@ def test_uniform_skip_in_small_chunks_matches_one_uniform_draw(monkeypatch, coun
     assert same_state(replay.torch, real)
 
 
-def test_normal_skip_in_small_chunks_matches_torch_normal(monkeypatch):
+def test_normal_skip_in_small_chunks_matches_torch_normal():
     """A NORMAL skip of 64 floats through a buffer of 5 moves the generator like normal_ of 64."""
-    monkeypatch.setattr(replay_module, "THROWAWAY_FLOATS", 5)
-    replay = ReleaseRandom(13)
+    replay = ReleaseRandom(13, buffer_floats=5)
     replay._skip(NORMAL, 64)
     real = torch.Generator().manual_seed(13)
     torch.empty(64).normal_(generator=real)

@@ -14,7 +14,7 @@ from mvfa.config import RunConfig
 from mvfa.evaluation import evaluate
 from mvfa.memory_bank import bank_branch, build_memory_bank
 from mvfa.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
-from mvfa.runtime import autocast_for
+from mvfa.compute import autocast_for
 from mvfa.scorer import FewShotScorer, ZeroShotScorer
 from mvfa.support import FewShotData, cache_support_prefixes
 from mvfa.files import save_torch_atomic, write_text_atomic
