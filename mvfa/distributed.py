@@ -4,7 +4,7 @@ Under `torchrun --nproc_per_node N` (or any launcher that sets WORLD_SIZE, RANK 
 `process_group` starts a process group, NCCL when the rank's device is a GPU (cuda:LOCAL_RANK) and
 gloo on the CPU, and yields a `Dist`: the rank, the number of ranks, and the device that tensor
 collectives use. Without those variables (or with WORLD_SIZE 1) it yields `SINGLE` and starts
-nothing, so a plain `python script.py` behaves exactly as before.
+nothing, so a plain `python script.py` runs as one process with no group.
 
 Library code receives a `Dist` as an argument (never reads the environment); every helper here is
 a no-op for `SINGLE`. The only state is what torch.distributed itself holds.
@@ -107,8 +107,7 @@ def process_group(
 ) -> Iterator[tuple[Dist, str | None]]:
     """Yield (Dist, device for the run); a process group lives inside under torchrun, nothing otherwise.
 
-    Outside a multi-process launch the device is `requested_device` unchanged (the scripts resolve it
-    as before). Under torchrun it is the rank's device; the backend is NCCL for GPUs and gloo for the
+    Outside a multi-process launch the device is `requested_device` unchanged (the scripts resolve it). Under torchrun it is the rank's device; the backend is NCCL for GPUs and gloo for the
     CPU unless `backend` says otherwise. `timeout_s` bounds every collective, the start included.
     """
     ranks = launched_ranks()

@@ -63,7 +63,7 @@ def text_tower_fingerprint(clip_model: CLIP) -> str:
 
     Each tensor's bytes as C-contiguous fp32 are hashed from its own buffer (hashlib reads the numpy
     view): a CPU fp32 contiguous tensor is not copied; another dtype, device or layout is converted
-    one tensor at a time. The value is the one the former `.numpy().tobytes()` form gave.
+    one tensor at a time; the value equals hashing each tensor's `.numpy().tobytes()`.
     """
     digest = hashlib.sha256(json.dumps({"quick_gelu": clip_model.config.quick_gelu}).encode())
     hash_tensors(digest, ((name, t) for name, t in clip_model.state_dict().items() if not name.startswith("visual.")))

@@ -22,8 +22,7 @@ COMMANDS = {
     "mvfa.demo": "demo",
     "mvfa.commands": "dispatcher",
     "mvfa.__main__": "dispatcher",  # python -m mvfa
-    "mvfa.bench": "bench",
-    "mvfa.bench_metrics": "bench",
+    "mvfa.bench": "bench",  # with every module of the mvfa.bench package
     "dataset.prepare": "prepare",
     "CLIP.convert": "convert",
 }
@@ -36,11 +35,8 @@ RENAMES_ALLOWED = {
     "dataset/synthetic.py": "a generated dataset folder swapped with the earlier one (folders, not a file)",
     "dataset/prepare.py": "the prepared dataset folder renamed into place whole (a folder, not a file)",
     "mvfa/predict.py": "the output folder replaced whole by its staging folder (a folder, not a file)",
-    "mvfa/bench.py": "moved by another change of #15: its report writer goes to mvfa.files with that move",
 }
 RENAMES = ("replace", "rename", "renames")
-# `def write_atomic` left where another change of #15 removes it (it calls mvfa.files.write_text_atomic):
-WRITE_ATOMIC_LEFT = {"mvfa/engine.py": "deleted by the engine rewrite; nothing imports it (see below)"}
 
 
 def _module_name(path: Path) -> str:
@@ -64,12 +60,14 @@ MODULES = _modules()
 ROOT_SCRIPTS = {name for name, path in MODULES.items() if path.parent == ROOT}
 
 
-def _is_command(name: str) -> bool:
-    return name in COMMANDS or name in ROOT_SCRIPTS
-
-
 def _family(name: str) -> str:
+    if name.startswith("mvfa.bench."):
+        return COMMANDS["mvfa.bench"]
     return COMMANDS.get(name, name)
+
+
+def _is_command(name: str) -> bool:
+    return _family(name) != name or name in COMMANDS or name in ROOT_SCRIPTS
 
 
 def _imported(name: str, path: Path) -> set[str]:
@@ -94,7 +92,7 @@ def _imported(name: str, path: Path) -> set[str]:
 
 def test_every_package_is_seen():
     assert {"mvfa.files", "mvfa.runtime", "dataset.medical", "CLIP.model"} <= set(MODULES)
-    assert set(COMMANDS) - {"mvfa.bench", "mvfa.bench_metrics"} <= set(MODULES)
+    assert set(COMMANDS) <= set(MODULES) and "mvfa.bench.release" in MODULES
     assert ROOT_SCRIPTS >= {"train_few", "test_few", "train_zero", "test_zero"}
 
 
@@ -141,20 +139,10 @@ def test_one_atomic_file_writer():
         relative = path.relative_to(ROOT).as_posix()
         if relative == ATOMIC_WRITER or relative in RENAMES_ALLOWED:
             continue
-        found = [f for f in _renames(path) if not (relative in WRITE_ATOMIC_LEFT and f.endswith("def write_atomic"))]
+        found = _renames(path)
         if found:
             misplaced[relative] = found
     assert not misplaced, f"write files through mvfa.files (atomic_target, write_text_atomic, ...): {misplaced}"
     for relative in RENAMES_ALLOWED:
         path = ROOT / relative
         assert not path.exists() or _renames(path), f"{relative} renames nothing: drop it from RENAMES_ALLOWED"
-
-
-def test_engine_write_atomic_is_not_imported():
-    """engine.write_atomic is going: nothing imports it (commands write through mvfa.files.write_text_atomic)."""
-    users = []
-    for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and any(alias.name == "write_atomic" for alias in node.names):
-                users.append(name)
-    assert not users, users
