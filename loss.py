@@ -1,4 +1,4 @@
-"""The release's loss module: `FocalLoss`, `BinaryDiceLoss` (logic lives in mvfa.losses)."""
-from mvfa.losses import BinaryDiceLoss, FocalLoss, det_loss
+"""The release's loss module: `FocalLoss`, `BinaryDiceLoss` (logic lives in mvfa.method.losses)."""
+from mvfa.method.losses import BinaryDiceLoss, FocalLoss, det_loss
 
 __all__ = ["BinaryDiceLoss", "FocalLoss", "det_loss"]

@@ -1,5 +1,5 @@
-"""The release's prompt module: `REAL_NAME` and the prompt lists (logic lives in mvfa.prompts)."""
-from mvfa.prompts import ABNORMAL_STATES, NORMAL_STATES, REAL_NAME, TEMPLATES
+"""The release's prompt module: `REAL_NAME` and the prompt lists (logic lives in mvfa.method.prompts)."""
+from mvfa.method.prompts import ABNORMAL_STATES, NORMAL_STATES, REAL_NAME, TEMPLATES
 
 # The release's list names.
 prompt_normal = list(NORMAL_STATES)

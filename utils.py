@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mvfa.augment import augment
-from mvfa.text import encode_prompt_ensemble
+from mvfa.method.augment import augment
+from mvfa.method.text import encode_prompt_ensemble
 
 __all__ = ["augment", "cos_sim", "encode_text_with_prompt_ensemble"]
 

@@ -15,8 +15,8 @@ Exit codes: 0 written; 2 bad input or output (one line on stderr, nothing writte
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+import sys
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
     from mvfa.commands import run_as_module
@@ -25,8 +25,8 @@ if __name__ == "__main__":  # flags and --help answer before torch is imported (
 
 import torch
 
-from mvfa.files import save_torch_atomic
 from mvfa.parsers import convert_parser as build_parser
+from mvfa.runtime.files import save_torch_atomic
 
 from .config import CLIPConfig, list_models, load_config
 from .errors import CheckpointError, CLIPError

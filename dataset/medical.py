@@ -35,20 +35,20 @@ Decisions (each is repeated where it applies):
 """
 from __future__ import annotations
 
-import re
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+import re
+import struct
 from typing import Sequence
+import zlib
 
+from PIL import Image
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.errors import DatasetError
-from mvfa.files import write_text_atomic
+from mvfa.runtime.files import write_text_atomic
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -555,7 +555,7 @@ def write_seed_file(path: Path | str, support: "Support", iterate: int) -> None:
 
     Lines of other iterates already in ``path`` are kept (the release format holds several
     iterates per file); this iterate's lines are replaced. The file is written to a temporary file in
-    the same folder and moved into place (:func:`mvfa.files.write_text_atomic`), so a crash never leaves half a file.
+    the same folder and moved into place (:func:`mvfa.runtime.files.write_text_atomic`), so a crash never leaves half a file.
     ``iterate`` must be >= 0 (``a--1`` could not be read back).
     """
     path = Path(path)

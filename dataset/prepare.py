@@ -42,23 +42,23 @@ Decisions:
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 import hashlib
 import math
 import os
+from pathlib import Path
 import shlex
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
     from mvfa.commands import run_as_module
 
     run_as_module("prepare")
 
-import numpy as np
 from PIL import Image
+import numpy as np
 
 from dataset.errors import DatasetError
 from dataset.medical import (
@@ -73,8 +73,8 @@ from dataset.medical import (
     mask_array,
     open_checked,
 )
-from mvfa.files import missing_folders, nearest_existing, writable_folder
 from mvfa.parsers import prepare_parser as build_parser
+from mvfa.runtime.files import missing_folders, nearest_existing, writable_folder
 
 CLASSES = (("normal", NORMAL_DIR), ("abnormal", ABNORMAL_DIR))
 MASK_DIR = MASK_FOLDERS[0]

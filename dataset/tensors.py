@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mvfa.errors import MVFAError
-from mvfa.compute import progress
+from mvfa.runtime.compute import progress
+from mvfa.runtime.errors import MVFAError
 
 from .medical import ImageSet, Sample
 
@@ -24,7 +24,7 @@ class TensorSet:
     masks: torch.Tensor  # [N, S, S] bool
     labels: torch.Tensor  # [N] int64
     paths: list[str]
-    prefix_cache: Any = None  # mvfa.prefix.PrefixCache of the frozen blocks' outputs, when computed
+    prefix_cache: Any = None  # mvfa.method.prefix.PrefixCache of the frozen blocks' outputs, when computed
 
     @classmethod
     def load(cls, samples: list[Sample], img_size: int, num_workers: int = 0, desc: str = "loading") -> "TensorSet":

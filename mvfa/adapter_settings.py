@@ -9,8 +9,8 @@ from pathlib import Path
 
 from CLIP.config import CKPT_DIR, load_config
 
-from .errors import MVFAError
-from .model import read_checkpoint
+from mvfa.method.model import read_checkpoint
+from mvfa.runtime.errors import MVFAError
 
 RELEASE_HINT = (
     "the release's checkpoints: --model_name ViT-L-14-336 --img_size 240 --features_list 6 12 18 24, "

@@ -3,7 +3,7 @@
 `main_train_few(argv)`, `main_test_few(argv)`, `main_train_zero(argv)`, `main_test_zero(argv)` return
 an exit code; bad input prints one line `error: ...` on stderr and returns 2, without a traceback.
 
-Under `torchrun --nproc_per_node N` the same commands run as N ranks (mvfa.distributed): the
+Under `torchrun --nproc_per_node N` the same commands run as N ranks (mvfa.runtime.distributed): the
 evaluation is sharded with the single-process results, rank 0 prints and writes. A rank that fails
 prints its error (a user error in one line, anything else with its traceback) and leaves at once
 with exit code 2 or 1, so that torchrun stops the job instead of the other ranks waiting.
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+import sys
 from typing import TYPE_CHECKING
 
-from .choices import (
+from mvfa.choices import (
     CALIBRATION_RULES,
     DEFAULT_SEED_DIR,
     DEFAULT_TIMEOUT_S,
@@ -36,15 +36,15 @@ from .choices import (
     SCORING_DTYPES,
     SELECTIONS,
 )
-from .errors import MVFAError
-from .parsers import new_parser
-from .run_log import LOGGERS
-from .runtime import INTERRUPTED, USER_ERRORS  # noqa: F401 - the scripts' exit code on Ctrl-C and their user errors
-from .runtime import guarded, resolve_cache_dir, resolve_device, resolve_precision
+from mvfa.parsers import new_parser
+from mvfa.runs.run_log import LOGGERS
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.process import INTERRUPTED, USER_ERRORS  # noqa: F401 - the scripts' exit code on Ctrl-C and their user errors
+from mvfa.runtime.process import guarded, resolve_cache_dir, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
-    from .distributed import Dist
-    from .config import RunConfig
+    from mvfa.runtime.distributed import Dist
+    from mvfa.runs.config import RunConfig
 
 RELEASE_DEFAULTS = {
     "few-shot": {"obj": "Liver", "learning_rate": 1e-3, "save_path": "./ckpt/few-shot/"},
@@ -308,7 +308,7 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argp
 
 
 def write_run_config(output_dir: Path, flags: dict) -> Path:
-    from .files import write_text_atomic  # imports torch: only once a run has happened
+    from mvfa.runtime.files import write_text_atomic  # imports torch: only once a run has happened
 
     path = Path(output_dir) / RUN_CONFIG_FILE
     write_text_atomic(path, json.dumps(flags, indent=2) + "\n")
@@ -321,7 +321,7 @@ def write_run_config(output_dir: Path, flags: dict) -> Path:
 
 def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
     """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
-    from .config import RunConfig
+    from mvfa.runs.config import RunConfig
 
     device = resolve_device(device if device is not None else args.device)
     precision = resolve_precision(args.precision, device)
@@ -394,7 +394,7 @@ def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
     flags = run_flags(parser, args)
 
     def work(dist: Dist, device: str | None) -> None:
-        from .runs import run
+        from mvfa.runs.run import run
 
         config = config_from_args(args, mode, train, device)
         run(config, dist)

@@ -13,14 +13,15 @@ the other `python -m` entries go the same way (`run_as_module`, called before th
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 import importlib
 import sys
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NoReturn
 
-from . import cli, parsers
+from mvfa import cli
+from mvfa import parsers
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ real BMAD file names) is never searched for synthetic data.
 """
 from __future__ import annotations
 
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+import shlex
+import sys
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
     from mvfa.commands import run_as_module
@@ -33,14 +33,14 @@ from CLIP.config import CKPT_DIR, load_config
 from dataset.medical import load_image, open_dataset, select_support, write_seed_file
 from dataset.synthetic import SYNTHETIC_DATASETS, generate_benchmark
 
-from .config import RunConfig
-from .errors import MVFAError
-from .files import save_torch_atomic, write_text_atomic
-from .runs import RunResult, run
-from .paper import PAPER_AUC, PAPER_ROWS, format_cell, paper_mean, row_names
-from .parsers import demo_parser
-from .runtime import USER_ERRORS, default_device
-from .visualize import overlay, save_png
+from mvfa.paper import PAPER_AUC, PAPER_ROWS, format_cell, paper_mean, row_names
+from mvfa.parsers import demo_parser
+from mvfa.runs.config import RunConfig
+from mvfa.runs.run import RunResult, run
+from mvfa.runs.visualize import overlay, save_png
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.files import save_torch_atomic, write_text_atomic
+from mvfa.runtime.process import USER_ERRORS, default_device
 
 TINY_MODEL = "ViT-Tiny-14"
 PAPER_MODEL = "ViT-L-14-336"

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 import sys
 import warnings
-from pathlib import Path
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
     from mvfa.commands import run_as_module
@@ -34,13 +34,13 @@ if __name__ == "__main__":  # flags and --help answer before torch is imported (
 import torch
 from torch import nn
 
-from .adapter_settings import read_adapters, resolve_clip_weights, resolve_settings
-from .backbone import build_adapted_model
-from .errors import MVFAError, single_line
-from .files import atomic_target, check_writable_file, os_error_text, write_text_atomic
-from .model import AdaptedViT
-from .parsers import export_onnx_parser as build_parser
-from .runtime import INTERRUPTED, USER_ERRORS, resolve_cache_dir
+from mvfa.adapter_settings import read_adapters, resolve_clip_weights, resolve_settings
+from mvfa.method.backbone import build_adapted_model
+from mvfa.method.model import AdaptedViT
+from mvfa.parsers import export_onnx_parser as build_parser
+from mvfa.runtime.errors import MVFAError, single_line
+from mvfa.runtime.files import atomic_target, check_writable_file, os_error_text, write_text_atomic
+from mvfa.runtime.process import INTERRUPTED, USER_ERRORS, resolve_cache_dir
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"

@@ -37,10 +37,10 @@ Two families of functions
 """
 from __future__ import annotations
 
-import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+import math
+import os
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -845,7 +845,7 @@ def compute_metrics(image_scores: ArrayLike, image_labels: ArrayLike,
 # --------------------------------------------------------------------------------------------
 
 class Collective(Protocol):
-    """What :func:`sharded_pixel_metrics` needs from the processes (mvfa.distributed.NumpyCollective)."""
+    """What :func:`sharded_pixel_metrics` needs from the processes (mvfa.runtime.distributed.NumpyCollective)."""
 
     is_main: bool
 
@@ -901,7 +901,7 @@ def sharded_pixel_metrics(maps: ArrayLike, masks: ArrayLike, comm: Collective, f
     """Pixel metrics of maps split over processes, equal to a single process's to the last digit.
 
     Each process holds the maps and masks of a run of consecutive images, the main rank the first
-    run (mvfa.distributed's batch shards). Returns ``pixel_auroc`` and, when ``full``, also
+    run (mvfa.runtime.distributed's batch shards). Returns ``pixel_auroc`` and, when ``full``, also
     ``pixel_ap``, ``pixel_f1_max`` and ``pixel_aupro`` (up to ``fpr_limit``): the values
     :func:`compute_metrics` (and :func:`pixel_auroc`) give on the concatenated maps, because
     every quantity is either an exact integer count or the same floating-point computation on the

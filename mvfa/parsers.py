@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .choices import (
+from mvfa.choices import (
     BENCH_BRAIN_TEST_IMAGES,
     BENCH_SECTIONS,
     DEFAULT_OPSET,
@@ -26,7 +26,7 @@ from .choices import (
     PREFIX_CACHE_MODES,
     PROTOCOLS,
 )
-from .paper import PAPER_ROWS
+from mvfa.paper import PAPER_ROWS
 
 CACHE_DIR_HELP = "on-disk cache of text features (default: $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)"
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when present, else cpu)"

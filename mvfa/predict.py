@@ -38,38 +38,45 @@ when interrupted).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 import csv
+from dataclasses import dataclass
 import io
 import json
 import os
+from pathlib import Path
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
     from mvfa.commands import run_as_module
 
     run_as_module("predict")
 
-import torch
 from PIL import Image
+import torch
 
 from dataset.errors import DatasetError
 from dataset.medical import IMAGE_SUFFIXES, MaskIndex, Sample, folder_entries, is_image_name, load_image, load_mask
 from dataset.tensors import PIXEL_LEVELS, TensorSet
 
-from .adapter_settings import SETTING_NAMES, ClipWeights, ModelSettings, read_adapters, resolve_clip_weights, resolve_settings
-from .augment import augment
-from .backbone import build_adapted_model
-from .calibration import stored_normalization, stored_threshold
-from .errors import MVFAError, single_line
-from .evaluation import evaluate
-from .files import (
+from mvfa.adapter_settings import SETTING_NAMES, ClipWeights, ModelSettings, read_adapters, resolve_clip_weights, resolve_settings
+from mvfa.calibration.normalization import Normalization
+from mvfa.method.augment import augment
+from mvfa.method.backbone import build_adapted_model
+from mvfa.method.evaluation import evaluate
+from mvfa.method.memory_bank import MemoryBank, bank_branch, build_memory_bank, check_bank_file, read_memory_bank, save_memory_bank
+from mvfa.method.model import AdaptedViT
+from mvfa.method.scorer import FewShotScorer, ScoringMode, ZeroShotScorer
+from mvfa.parsers import add_model_flags  # noqa: F401 - mvfa.predict.add_model_flags is public
+from mvfa.parsers import predict_parser as build_parser
+from mvfa.runs.calibrate import stored_normalization, stored_threshold
+from mvfa.runs.visualize import overlay, save_png
+from mvfa.runtime.errors import MVFAError, single_line
+from mvfa.runtime.files import (
     check_writable_file,
     default_folder_mode,
     file_kind,
@@ -79,14 +86,7 @@ from .files import (
     temporary_target,
     write_text_atomic,
 )
-from .memory_bank import MemoryBank, bank_branch, build_memory_bank, check_bank_file, read_memory_bank, save_memory_bank
-from .model import AdaptedViT
-from .normalization import Normalization
-from .parsers import add_model_flags  # noqa: F401 - mvfa.predict.add_model_flags is public
-from .scorer import FewShotScorer, ScoringMode, ZeroShotScorer
-from .parsers import predict_parser as build_parser
-from .runtime import INTERRUPTED, USER_ERRORS, resolve_cache_dir, resolve_device, resolve_precision
-from .visualize import overlay, save_png
+from mvfa.runtime.process import INTERRUPTED, USER_ERRORS, resolve_cache_dir, resolve_device, resolve_precision
 
 CHUNK = 32  # images decoded and scored at a time
 PREDICTIONS_FILE = "predictions.csv"
@@ -175,7 +175,7 @@ def load_support(folder: Path, img_size: int, report) -> torch.Tensor:
     if not paths:
         raise MVFAError(f"--support {folder} holds no image ({'/'.join(IMAGE_SUFFIXES)} files)")
     support = TensorSet.load([Sample(path=p, label=0) for p in paths], img_size, desc="support")
-    images, _ = augment(support.float_images())  # as mvfa.support.prepare_few_shot
+    images, _ = augment(support.float_images())  # as mvfa.runs.support.prepare_few_shot
     return images
 
 
@@ -198,7 +198,7 @@ class OutputFolder:
     renames when the run is complete: an interruption (Ctrl-C, an error) removes the staging folder
     and leaves --output_dir as it was, the earlier complete results or nothing. A killed run leaves
     its staging folder; the next run with the same --output_dir removes it, and the `.<file>.<random>.tmp`
-    files of interrupted atomic writes inside --output_dir (mvfa.files).
+    files of interrupted atomic writes inside --output_dir (mvfa.runtime.files).
 
     As the folder is replaced whole, --output_dir must be new, empty, or hold only an earlier run's
     outputs (predictions.csv, predict.json, *_overlay.png), which need --overwrite: files predict

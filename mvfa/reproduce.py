@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+from dataclasses import dataclass, replace
 import hashlib
 import io
 import json
-import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
+import sys
 
 if __name__ == "__main__":  # flags and --help answer before torch is imported (mvfa.commands), then main runs
     from mvfa.commands import run_as_module
@@ -57,14 +57,8 @@ from CLIP.config import CKPT_DIR, load_config
 from CLIP.loading import sha256_of
 from dataset.medical import find_datasets, select_support
 
-from .distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
-from .choices import DEFAULT_SEED_DIR
-from .config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
-from .outputs import json_ready
-from .runs import run
-from .errors import MVFAError
-from .files import write_text_atomic
-from .paper import (
+from mvfa.choices import DEFAULT_SEED_DIR
+from mvfa.paper import (
     PAPER_AUC,
     PAPER_LEARNING_RATES,
     PAPER_ROWS,
@@ -73,8 +67,14 @@ from .paper import (
     paper_mean,
     row_names,
 )
-from .parsers import reproduce_parser
-from .runtime import guarded, resolve_cache_dir, resolve_device, resolve_precision
+from mvfa.parsers import reproduce_parser
+from mvfa.runs.config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
+from mvfa.runs.outputs import json_ready
+from mvfa.runs.run import run
+from mvfa.runtime.distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.files import write_text_atomic
+from mvfa.runtime.process import guarded, resolve_cache_dir, resolve_device, resolve_precision
 
 PROTOCOLS = {"release": ("test", "test"), "leakfree": ("valid", "valid")}  # protocol -> (select, normalize)
 METRICS = {"det": "image_auroc", "loc": "pixel_auroc"}

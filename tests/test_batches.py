@@ -1,27 +1,27 @@
-"""The training batches of a few-shot and a zero-shot epoch (mvfa.training): the release's orders,
+"""The training batches of a few-shot and a zero-shot epoch (mvfa.runs.training): the release's orders,
 batch sizes, what each batch carries, the listing rules, and --ddp's split of every step."""
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from dataset.medical import MedicalDataset, Sample
-from mvfa.distributed import Dist
-from mvfa.errors import MVFAError
-from mvfa.replay import ReleaseRandom
-from mvfa.training import (
+from mvfa.runs.replay import ReleaseRandom
+from mvfa.runs.training import (
     few_shot_batches,
     listed_items,
     release_source_order,
     release_zero_shot_points,
     zero_shot_batches,
 )
+from mvfa.runtime.distributed import Dist
+from mvfa.runtime.errors import MVFAError
 
 SIZE = 16  # zero-shot image size (the sources' PNGs are 8 x 8 constant grey, resized)
 

@@ -28,7 +28,7 @@ EXPECTED = {
               "pixel_auroc peak extra memory / scores size"],
     "memory": ["evaluate bytes per image beyond the maps", "fused map bytes per image",
                "bank search peak / (Q x B x 4 bytes)"],
-    "startup": ["text features s, full 77-position context (release)", "text features s, trimmed context (mvfa.text)",
+    "startup": ["text features s, full 77-position context (release)", "text features s, trimmed context (mvfa.method.text)",
                 "text features s, on-disk cache hit"],
     "process": ["test_few.py wall s, text cache cold", "test_few.py peak RSS, cold", "release emulation wall s",
                 "release emulation peak RSS", "test_few speed-up vs release emulation, cold",
@@ -111,7 +111,7 @@ def is_bench(module: str) -> bool:
 
 def test_no_library_module_imports_the_bench():
     files = library_files()
-    assert REPO / "mvfa" / "runs.py" in files and REPO / "test_few.py" in files
+    assert REPO / "mvfa" / "runs" / "run.py" in files and REPO / "test_few.py" in files
     assert not any(REPO / "mvfa" / "bench" in p.parents for p in files)
     offenders = {}
     for path in files:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from CLIP import create_model
-from mvfa.model import AdaptedViT
+from mvfa.method.model import AdaptedViT
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
 STAGES = [int(s) for s in TINY_STAGES]

@@ -1,15 +1,15 @@
-"""Reading a checkpoint's calibration back (mvfa.calibration): its normalisation statistics, and its
+"""Reading a checkpoint's calibration back (mvfa.runs.calibrate): its normalisation statistics, and its
 threshold only where it applies to the scoring mode at hand."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mvfa.calibration import stored_normalization, stored_threshold
-from mvfa.errors import MVFAError
-from mvfa.memory_bank import MemoryBank
-from mvfa.normalization import Normalization
-from mvfa.scorer import FewShotScorer, ScoringMode, ZeroShotScorer
+from mvfa.calibration.normalization import Normalization
+from mvfa.method.memory_bank import MemoryBank
+from mvfa.method.scorer import FewShotScorer, ScoringMode, ZeroShotScorer
+from mvfa.runs.calibrate import stored_normalization, stored_threshold
+from mvfa.runtime.errors import MVFAError
 
 ZERO_WITH_MAPS = Normalization(0.1, 0.9, zero_map_low=0.2, zero_map_high=0.8, count=12, source="12 normal images")
 FEW_WITHOUT_MASKS = Normalization(0.1, 0.9, few_score_low=0.3, few_score_high=0.6, count=4, source="4 normal images")

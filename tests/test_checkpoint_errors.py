@@ -8,8 +8,8 @@ import torch
 from tests import clip_helpers
 
 from CLIP import create_model
-from mvfa.errors import CheckpointFormatError
-from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.method.model import AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.runtime.errors import CheckpointFormatError
 
 STAGES = [2, 4, 6, 8]
 

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 import pickle
 import re
 import shutil
 import struct
 import warnings
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 
-import clip_helpers as helpers
 from CLIP import CheckpointError, create_model
 from CLIP.convert import main as convert_main
 from CLIP.loading import is_torchscript_archive, read_state_dict, read_torchscript_state_dict
+import clip_helpers as helpers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPENAI_NAME = "ViT-L-14-336px.pt"
@@ -263,7 +263,7 @@ def test_test_zero_refuses_a_hostile_archive_in_one_line(tmp_path, capsys):
     tiny = helpers.save_torchscript_archive(torch.load(write_tiny_clip(tmp_path / "tiny.pt"), weights_only=True),
                                             tmp_path / "tiny_archive.pt")
     path = with_data_pkl(tiny, tmp_path / OPENAI_NAME, helpers.global_call_pickle("builtins", "eval", f"open({str(marker)!r}, 'w')"))
-    from mvfa.model import AdaptedViT, save_checkpoint
+    from mvfa.method.model import AdaptedViT, save_checkpoint
     from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
     adapters = tmp_path / "adapters.pth"  # test_zero reads its adapters before the CLIP weights

@@ -24,8 +24,9 @@ import torch
 
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, compute
-from mvfa.model import AdaptedViT, save_checkpoint
+from mvfa import cli
+from mvfa.method.model import AdaptedViT, save_checkpoint
+from mvfa.runtime import compute
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 SCORE_TOL = 1e-4

@@ -3,18 +3,18 @@ mask stops the scripts with one line (tiny random CLIP substituted for ViT-L, 1 
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from pathlib import Path
+import shlex
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from CLIP import create_model
 from dataset import prepare
 from mvfa import cli
-from mvfa.model import AdaptedViT, save_checkpoint
+from mvfa.method.model import AdaptedViT, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
 
 

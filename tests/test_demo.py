@@ -6,13 +6,15 @@ import io
 import json
 import shlex
 
+from PIL import Image
 import numpy as np
 import pytest
-from PIL import Image
 
-from mvfa import cli, demo, predict
+from mvfa import cli
+from mvfa import demo
+from mvfa import predict
 from mvfa.paper import PAPER_AUC, PAPER_AVERAGE, paper_mean
-from mvfa.visualize import CONTOUR_COLOUR, display_size, overlay
+from mvfa.runs.visualize import CONTOUR_COLOUR, display_size, overlay
 
 ENTRY_POINTS = {
     ("python", "train_few.py"): cli.main_train_few,

@@ -10,12 +10,12 @@ import contextlib
 import io
 import json
 import os
+from pathlib import Path
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +24,13 @@ import torch.multiprocessing as mp
 
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, distributed, reproduce
-from mvfa.distributed import SINGLE, Dist
+from mvfa import cli
+from mvfa import reproduce
+from mvfa.method.model import AdaptedViT
 from mvfa.metrics import compute_metrics, pixel_auroc, sharded_pixel_metrics
-from mvfa.model import AdaptedViT
-from mvfa.training import make_optimizers, train_step
+from mvfa.runs.training import make_optimizers, train_step
+from mvfa.runtime import distributed
+from mvfa.runtime.distributed import SINGLE, Dist
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,8 +263,9 @@ DRIVER = """
 import sys
 sys.path.insert(0, {repo!r})
 import os
-from mvfa import cli, evaluation
-from mvfa.errors import MVFAError
+from mvfa import cli
+from mvfa.method import evaluation
+from mvfa.runtime.errors import MVFAError
 
 if os.environ["RANK"] == "1":
     def failing(*args, **kwargs):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
+import stat
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import torch
 
 from CLIP import create_model
 from mvfa import export_onnx
-from mvfa.model import AdaptedViT, save_checkpoint
+from mvfa.method.model import AdaptedViT, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
 
 

@@ -1,11 +1,11 @@
-"""mvfa.heap.trim_heap: glibc's malloc_trim where it exists, nothing elsewhere."""
+"""mvfa.runtime.heap.trim_heap: glibc's malloc_trim where it exists, nothing elsewhere."""
 from __future__ import annotations
 
 import platform
 
 import pytest
 
-from mvfa import heap
+from mvfa.runtime import heap
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")

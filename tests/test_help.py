@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from mvfa import choices, cli, commands
+from mvfa import choices
+from mvfa import cli
+from mvfa import commands
 
 REPO = Path(__file__).resolve().parents[1]
 HELP_SECONDS = float(os.environ.get("MVFA_HELP_SECONDS", "2.0"))
@@ -125,7 +127,14 @@ def test_test_scripts_do_not_list_training_flags_but_accept_the_release_ones(mod
 def test_choices_match_the_modules_that_use_them():
     """mvfa.choices holds, without torch, the values the library and the commands check against."""
     from dataset import synthetic
-    from mvfa import config, demo, distributed, export_onnx, losses, prefix, reproduce, thresholds
+    from mvfa.runs import config
+    from mvfa import demo
+    from mvfa.runtime import distributed
+    from mvfa import export_onnx
+    from mvfa.method import losses
+    from mvfa.method import prefix
+    from mvfa import reproduce
+    from mvfa.calibration import thresholds
     from mvfa.bench import __main__ as bench_run
     from mvfa.bench import config as bench_config
 
@@ -145,7 +154,9 @@ def test_choices_match_the_modules_that_use_them():
 
 
 def test_old_names_stay_importable():
-    from mvfa import bench, export_onnx, predict
+    from mvfa import bench
+    from mvfa import export_onnx
+    from mvfa import predict
     from dataset import prepare
 
     for module in (bench, export_onnx, predict, prepare):

@@ -86,6 +86,15 @@ def test_commands_run_from_another_folder(installed, tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("usage: mvfa predict"), done.stderr
     done = run_installed(installed, tmp_path, "-m", "mvfa.predict", "--help")
     assert done.returncode == 0 and done.stdout.startswith("usage: python -m mvfa.predict"), done.stderr
+    done = run_installed(installed, tmp_path, "-m", "mvfa.bench", "--help")
+    assert done.returncode == 0 and "--only" in done.stdout, done.stderr
+
+
+def test_every_subpackage_is_installed(installed):
+    """The library's subpackages and the benchmark's modules are in the installed tree."""
+    for package in ("mvfa/method", "mvfa/calibration", "mvfa/runs", "mvfa/runtime", "mvfa/bench"):
+        sources = {p.name for p in (REPO / package).glob("*.py")}
+        assert sources and sources == {p.name for p in (installed / package).glob("*.py")}, package
 
 
 def test_package_files_are_found_relative_to_the_package(installed, tmp_path):

@@ -29,8 +29,8 @@ COMMANDS = {
 DISPATCHER = "mvfa.commands"  # runs every command's main; every command's `python -m` entry goes through it
 SCRIPTS_MAIN = "mvfa.cli"  # the root scripts train_*.py / test_*.py call its main functions
 
-ATOMIC_WRITER = "mvfa/files.py"
-# Renames outside mvfa.files, each a different operation than writing one file whole:
+ATOMIC_WRITER = "mvfa/runtime/files.py"
+# Renames outside mvfa.runtime.files, each a different operation than writing one file whole:
 RENAMES_ALLOWED = {
     "dataset/synthetic.py": "a generated dataset folder swapped with the earlier one (folders, not a file)",
     "dataset/prepare.py": "the prepared dataset folder renamed into place whole (a folder, not a file)",
@@ -91,7 +91,7 @@ def _imported(name: str, path: Path) -> set[str]:
 
 
 def test_every_package_is_seen():
-    assert {"mvfa.files", "mvfa.runtime", "dataset.medical", "CLIP.model"} <= set(MODULES)
+    assert {"mvfa.runtime.files", "mvfa.runtime.process", "dataset.medical", "CLIP.model"} <= set(MODULES)
     assert set(COMMANDS) <= set(MODULES) and "mvfa.bench.release" in MODULES
     assert ROOT_SCRIPTS >= {"train_few", "test_few", "train_zero", "test_zero"}
 
@@ -133,7 +133,7 @@ def _renames(path: Path) -> list[str]:
 
 
 def test_one_atomic_file_writer():
-    """Files are written whole by mvfa.files alone; the renames elsewhere are the folder operations listed."""
+    """Files are written whole by mvfa.runtime.files alone; the renames elsewhere are the folder operations listed."""
     misplaced = {}
     for name, path in MODULES.items():
         relative = path.relative_to(ROOT).as_posix()
@@ -142,7 +142,7 @@ def test_one_atomic_file_writer():
         found = _renames(path)
         if found:
             misplaced[relative] = found
-    assert not misplaced, f"write files through mvfa.files (atomic_target, write_text_atomic, ...): {misplaced}"
+    assert not misplaced, f"write files through mvfa.runtime.files (atomic_target, write_text_atomic, ...): {misplaced}"
     for relative in RENAMES_ALLOWED:
         path = ROOT / relative
         assert not path.exists() or _renames(path), f"{relative} renames nothing: drop it from RENAMES_ALLOWED"

@@ -13,7 +13,7 @@ lr 1e-3:
     zero-shot, target Histopathology    0.50->0.87                0.37->0.82                0.48->0.84
     zero-shot, target Liver             0.30->0.31 / 0.46->0.89   0.57->0.46 / 0.68->0.85   0.34->0.30 / 0.51->0.81
 
-(Measured 2026-12-03 with the release's replayed initial adapters and epoch orders, mvfa.replay.)
+(Measured 2026-12-03 with the release's replayed initial adapters and epoch orders, mvfa.runs.replay.)
 
 "A clear margin" over the untrained adapters is asserted as: training at least halves the error
 1 - AUROC (an absolute gain cannot be asked of a value that starts at 0.9 and ends at 1.0). The

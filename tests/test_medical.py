@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import pickle
 import shutil
-from pathlib import Path
 
+from PIL import Image, ImageFile
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
 from torchvision import transforms
 
 from dataset.errors import DatasetError
@@ -659,7 +659,7 @@ def test_seed_file_is_written_whole_with_the_usual_mode(tmp_path: Path, monkeypa
     def broken_replace(*_args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mvfa.files.os.replace", broken_replace)  # the one atomic writer, mvfa.files
+    monkeypatch.setattr("mvfa.runtime.files.os.replace", broken_replace)  # the one atomic writer, mvfa.runtime.files
     with pytest.raises(OSError, match="disk full"):
         write_seed_file(path, select_support(ds, 4, 1, 7, []), 1)
     assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["4-shot.txt"]

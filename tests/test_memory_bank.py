@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from CLIP import create_model
-from mvfa import scoring
-from mvfa.errors import MVFAError
 from dataset.tensors import TensorSet
-from mvfa.evaluation import evaluate
-from mvfa.memory_bank import MemoryBank, bank_branch, build_memory_bank
-from mvfa.prefix import adapted_tokens, compute_prefixes
-from mvfa.scorer import FewShotScorer
-from mvfa.model import AdaptedViT
+from mvfa.method import scoring
+from mvfa.method.evaluation import evaluate
+from mvfa.method.memory_bank import MemoryBank, bank_branch, build_memory_bank
+from mvfa.method.model import AdaptedViT
+from mvfa.method.prefix import adapted_tokens, compute_prefixes
+from mvfa.method.scorer import FewShotScorer
+from mvfa.runtime.errors import MVFAError
 from tests import clip_helpers
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE
 

@@ -7,11 +7,11 @@ import torch
 
 from CLIP import create_model
 from dataset.medical import load_image, load_mask, open_dataset, select_support
-from mvfa.augment import augment
-from mvfa.model import AdaptedViT, read_checkpoint
-from mvfa.prompts import REAL_NAME
-from mvfa.text import encode_prompt_ensemble
-from mvfa.training import make_optimizers, train_step
+from mvfa.method.augment import augment
+from mvfa.method.model import AdaptedViT, read_checkpoint
+from mvfa.method.prompts import REAL_NAME
+from mvfa.method.text import encode_prompt_ensemble
+from mvfa.runs.training import make_optimizers, train_step
 
 STAGES = [2, 4, 6, 8]
 IMG_SIZE = 84

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
+import shutil
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, predict
-from mvfa.errors import MVFAError
 from dataset.tensors import TensorSet
-from mvfa.evaluation import evaluate, fit_normalization
-from mvfa.memory_bank import build_memory_bank
-from mvfa.normalization import Normalization
-from mvfa.scorer import FewShotScorer, ZeroShotScorer
-from mvfa.thresholds import choose_threshold, threshold_metrics
-from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
-from mvfa.visualize import figure_layout
+from mvfa import cli
+from mvfa import predict
+from mvfa.calibration.normalization import Normalization
+from mvfa.calibration.thresholds import choose_threshold, threshold_metrics
+from mvfa.method.evaluation import evaluate, fit_normalization
+from mvfa.method.memory_bank import build_memory_bank
+from mvfa.method.model import AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.method.scorer import FewShotScorer, ZeroShotScorer
+from mvfa.runs.visualize import figure_layout
+from mvfa.runtime.errors import MVFAError
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 N_VALID, N_TEST = (6, 6), (5, 5)

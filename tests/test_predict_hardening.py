@@ -7,18 +7,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 import signal
 import stat
-from pathlib import Path
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from CLIP import create_model
-from mvfa import export_onnx, predict
-from mvfa.model import AdaptedViT, save_checkpoint
+from mvfa import export_onnx
+from mvfa import predict
+from mvfa.method.model import AdaptedViT, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
 
 FIFO_TIMEOUT_S = 120  # a predict that opens a FIFO waits forever: fail the test instead

@@ -11,11 +11,13 @@ import torch
 
 from CLIP import create_model
 from dataset.tensors import TensorSet
-from mvfa import evaluation, scorer, scoring
-from mvfa.evaluation import evaluate
-from mvfa.memory_bank import build_memory_bank
-from mvfa.scorer import FewShotScorer
-from mvfa.model import AdaptedViT
+from mvfa.method import evaluation
+from mvfa.method import scorer
+from mvfa.method import scoring
+from mvfa.method.evaluation import evaluate
+from mvfa.method.memory_bank import build_memory_bank
+from mvfa.method.model import AdaptedViT
+from mvfa.method.scorer import FewShotScorer
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE
 
 

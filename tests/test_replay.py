@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from CLIP.config import load_config
-from mvfa import cli, runs
-from mvfa.model import ResidualAdapter
-from mvfa.replay import BuildSizes, ReleaseRandom, clip_build_draws
-from mvfa.training import final_zero_shot_points, release_zero_shot_points
+from mvfa import cli
+from mvfa.method.model import ResidualAdapter
+from mvfa.runs import run as runs
+from mvfa.runs.replay import BuildSizes, ReleaseRandom, clip_build_draws
+from mvfa.runs.training import final_zero_shot_points, release_zero_shot_points
 
 GOLDEN_FLAGS = ["--img_size", "84", "--features_list", "2", "4", "6", "8", "--seed", "111", "--epoch", "2",
                 "--device", "cpu", "--threshold_rule", "none"]

@@ -1,4 +1,4 @@
-"""mvfa.replay in small pieces: the release's DataLoader draws, Python-random epochs, and the stream
+"""mvfa.runs.replay in small pieces: the release's DataLoader draws, Python-random epochs, and the stream
 a random CLIP initialisation uses (../shared/METHOD.md section 8), checked against torch itself."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from CLIP.config import load_config
-from mvfa.replay import NORMAL, UNIFORM, BuildSizes, ReleaseRandom, clip_build_draws
+from mvfa.runs.replay import NORMAL, UNIFORM, BuildSizes, ReleaseRandom, clip_build_draws
 
 # A made-up small build whose every normal draw of 16 or more elements is a multiple of 16 (the
 # widths of every shipped config are), so the stream comparison below does not hit the rounding case.

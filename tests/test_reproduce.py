@@ -4,9 +4,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +14,8 @@ import torch
 
 from dataset.medical import MedicalDataset, Sample
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, reproduce
+from mvfa import cli
+from mvfa import reproduce
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 DATASETS = ("Chest", "Brain")  # the paper's order: ChestXray before BrainMRI; Brain has masks

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from mvfa.errors import MVFAError
-from mvfa.run_log import RunLogger, TensorBoardLogger, make_logger
+from mvfa.runs.run_log import RunLogger, TensorBoardLogger, make_logger
+from mvfa.runtime.errors import MVFAError
 
 
 class FakeWriter:

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
 from CLIP import create_model
 from dataset.synthetic import generate_benchmark
-from mvfa import cli, runs, training
-from mvfa.errors import MVFAError
-from mvfa.files import LOCK_NAME, folder_lock
-from mvfa.model import AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa import cli
+from mvfa.method.model import AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.runs import run as runs
+from mvfa.runs import training
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.files import LOCK_NAME, folder_lock
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 CHECKPOINT = "Brain-1shot-it0-seed111.pth"

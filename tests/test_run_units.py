@@ -7,18 +7,18 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dataset.medical import MedicalDataset, Sample
-from mvfa.checkpoints import checkpoint_metadata, find_checkpoint
-from mvfa.config import RunConfig
-from mvfa.outputs import map_overlays
-from mvfa.prefix import PrefixBudget
-from mvfa.runs import read_listings, selection_samples
-from mvfa.errors import MVFAError
+from mvfa.method.prefix import PrefixBudget
+from mvfa.runs.checkpoints import checkpoint_metadata, find_checkpoint
+from mvfa.runs.config import RunConfig
+from mvfa.runs.outputs import map_overlays
+from mvfa.runs.run import read_listings, selection_samples
+from mvfa.runtime.errors import MVFAError
 from tests.scripts_helpers import TINY_MODEL
 
 CPU = torch.device("cpu")

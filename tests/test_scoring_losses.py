@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from CLIP import create_model
 from loss import BinaryDiceLoss, FocalLoss
-from mvfa import scoring, text
-from mvfa.errors import CheckpointFormatError
-from mvfa.losses import det_loss
-from mvfa.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT, read_checkpoint, save_checkpoint
-from mvfa.training import make_optimizers, train_step
+from mvfa.method import scoring
+from mvfa.method import text
+from mvfa.method.losses import det_loss
+from mvfa.method.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.runs.training import make_optimizers, train_step
+from mvfa.runtime.errors import CheckpointFormatError
 from utils import augment, cos_sim
 
 TEXT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # 2-d "text space": normal = e0, abnormal = e1
@@ -188,7 +189,7 @@ def test_checkpoint_round_trip_and_errors(tiny_clip, tmp_path):
 
 
 def test_text_features_are_cached_on_disk_by_weights_and_prompts(tiny_clip, tmp_path, monkeypatch):
-    from mvfa import text
+    from mvfa.method import text
 
     bank = text.TextFeatureBank(tiny_clip, tmp_path)
     first = bank("Brain")
@@ -220,7 +221,7 @@ def test_constant_maps_normalise_to_zeros_not_nan():
 def test_atomic_writes_leave_no_temporary_file_and_normal_permissions(tmp_path):
     import os
 
-    from mvfa.files import atomic_target, write_text_atomic
+    from mvfa.runtime.files import atomic_target, write_text_atomic
 
     write_text_atomic(tmp_path / "a" / "out.txt", "done\n")
     assert (tmp_path / "a" / "out.txt").read_text() == "done\n"
@@ -235,7 +236,7 @@ def test_atomic_writes_leave_no_temporary_file_and_normal_permissions(tmp_path):
 
 
 def test_text_bank_after_dropping_the_text_tower_keeps_computed_words_only():
-    from mvfa.errors import MVFAError
+    from mvfa.runtime.errors import MVFAError
 
     torch.manual_seed(0)
     clip_model = create_model("ViT-Tiny-14", 56)
@@ -251,7 +252,7 @@ def test_prompt_ensemble_in_batches_equals_one_batch_per_state(tiny_clip):
     """Batches of PROMPT_BATCH sentences at the state's context length give the features of one
     batch of all the state's sentences, bit for bit (the release encodes each state at once)."""
     from CLIP.tokenizer import tokenize
-    from mvfa.prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
+    from mvfa.method.prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 
     with torch.no_grad():
         columns = []

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
+import shutil
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-from dataset.synthetic import generate_benchmark
 from CLIP import create_model
+from dataset.synthetic import generate_benchmark
 from mvfa import cli
-from mvfa.model import AdaptedViT, save_checkpoint
+from mvfa.method.model import AdaptedViT, save_checkpoint
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
 N_VALID, N_TEST = (6, 6), (5, 5)
@@ -336,7 +336,7 @@ def test_text_tower_and_block_storage_per_script(bench, tmp_path, capsys, monkey
     """Every run frees the text tower once it has the features it needs (zero-shot training: the target's
     and each source's, encoded up front). Test runs keep the frozen blocks in the checkpoint's dtype
     behind the fp32 workspace; training runs compute with fp32 blocks."""
-    from mvfa.text import TextFeatureBank
+    from mvfa.method.text import TextFeatureBank
 
     calls = []
     drop, float_blocks = TextFeatureBank.drop_text_tower, AdaptedViT.float_with_block_workspace
@@ -366,5 +366,5 @@ def test_train_zero_with_an_unregistered_source_fails_before_building_the_model(
     code, out, err = run_script(cli.main_train_zero, argv, capsys)
     assert code == 2 and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Knee" in lines[0] and "mvfa.prompts.REAL_NAME" in lines[0], err
+    assert len(lines) == 1 and "Knee" in lines[0] and "mvfa.method.prompts.REAL_NAME" in lines[0], err
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from mvfa import cli
-from mvfa.runs import run
+from mvfa.runs.run import run
 
 RUNS = [
     ("few-shot", "Brain", True),

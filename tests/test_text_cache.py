@@ -4,8 +4,8 @@ computed for, with features of the right kind; any other entry is recomputed and
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
+import shutil
 
 import pytest
 import torch
@@ -13,8 +13,8 @@ import torch
 from tests import clip_helpers
 
 from CLIP import create_model
-from mvfa import text
-from mvfa.text import CACHE_FORMAT, TextFeatureBank, default_cache_dir, encode_prompt_ensemble, text_tower_fingerprint
+from mvfa.method import text
+from mvfa.method.text import CACHE_FORMAT, TextFeatureBank, default_cache_dir, encode_prompt_ensemble, text_tower_fingerprint
 
 WORD = "brain"
 
@@ -190,7 +190,7 @@ def test_the_scripts_run_with_an_unusable_cache(tmp_path, capsys):
 
     from dataset.synthetic import generate_benchmark
     from mvfa import cli
-    from mvfa.model import AdaptedViT, save_checkpoint
+    from mvfa.method.model import AdaptedViT, save_checkpoint
     from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
 
     data = tmp_path / "data"

@@ -8,7 +8,7 @@ import json
 import torch
 
 from CLIP import create_model
-from mvfa.text import text_tower_fingerprint
+from mvfa.method.text import text_tower_fingerprint
 
 # text_tower_fingerprint of the model below, computed with the former form (tobytes copies) at commit 7ee9729.
 EXPECTED_FP32 = "666aa7745a19b96ab5d6bbf12eaf95f8ef52ff52f11d320f06a7cb9886d1c2cb"

@@ -1,4 +1,4 @@
-"""mvfa.training's step and loop on a tiny adapted CLIP and hand-made batches: what a step moves,
+"""mvfa.runs.training's step and loop on a tiny adapted CLIP and hand-made batches: what a step moves,
 when the selector scores, which candidate wins, what the log and the logger receive."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from CLIP import create_model
-from mvfa import training
-from mvfa.model import AdaptedViT
-from mvfa.run_log import RunLogger
-from mvfa.training import (
+from mvfa.method.model import AdaptedViT
+from mvfa.runs import training
+from mvfa.runs.run_log import RunLogger
+from mvfa.runs.training import (
     Selector,
     after_epoch,
     compute_loss,

@@ -1,12 +1,12 @@
-"""The overlay figure (mvfa.visualize, figure=True): size, colour bar, caption text, contours, no tint."""
+"""The overlay figure (mvfa.runs.visualize, figure=True): size, colour bar, caption text, contours, no tint."""
 from __future__ import annotations
 
+from PIL import Image
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
-from mvfa.visualize import (
+from mvfa.runs.visualize import (
     BACKGROUND,
     CONTOUR_COLOUR,
     PREDICTED_COLOUR,

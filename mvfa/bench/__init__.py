@@ -16,7 +16,7 @@ Sections (``--only``, comma separated), one module each:
 forward     FLOPs per image (analytic, checked with torch's FlopCounterMode); CPU: FLOP/s of the
             adapted ViT at the best batch size against a large fp32 matrix product; CUDA: images/s
             with autocast fp16 and bf16 over batch sizes, and an 8192^3 bf16 matrix product.
-train_step  mvfa.training.train_step at batch 1 (both losses, a mask) against an emulation of the
+train_step  mvfa.runs.training.train_step at batch 1 (both losses, a mask) against an emulation of the
             release's step (every CLIP weight requires grad, the whole forward under autograd).
 protocol    per-image costs of the few-shot protocol's parts through the real code paths
             (the runs' training loop, build_memory_bank, evaluate), extrapolated to the release's

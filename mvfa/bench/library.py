@@ -9,22 +9,20 @@ from CLIP.model import CLIP, resample_positional_embedding
 from dataset.medical import ImageSet, open_dataset, select_support
 from dataset.synthetic import generate_benchmark
 from dataset.tensors import TensorSet
-from mvfa.augment import AUGMENTATIONS, augment
-from mvfa.config import RunConfig
-from mvfa.evaluation import evaluate
-from mvfa.memory_bank import bank_branch, build_memory_bank
-from mvfa.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
-from mvfa.compute import autocast_for
-from mvfa.scorer import FewShotScorer, ZeroShotScorer
-from mvfa.support import FewShotData, cache_support_prefixes
-from mvfa.files import save_torch_atomic, write_text_atomic
-from mvfa.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
+from mvfa.method.augment import AUGMENTATIONS, augment
+from mvfa.method.evaluation import evaluate
+from mvfa.method.memory_bank import bank_branch, build_memory_bank
+from mvfa.method.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
+from mvfa.method.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
+from mvfa.method.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
+from mvfa.method.scorer import FewShotScorer, ZeroShotScorer
+from mvfa.method.scoring import max_cosine_to_bank, normalize_bank
+from mvfa.method.text import TextFeatureBank, encode_prompt_ensemble
 from mvfa.parsers import bench_parser
-from mvfa.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
-from mvfa.replay import ReleaseRandom
-from mvfa.scoring import max_cosine_to_bank, normalize_bank
-from mvfa.text import TextFeatureBank, encode_prompt_ensemble
-from mvfa.training import (
+from mvfa.runs.config import RunConfig
+from mvfa.runs.replay import ReleaseRandom
+from mvfa.runs.support import FewShotData, cache_support_prefixes
+from mvfa.runs.training import (
     ZERO_SHOT_EVALS_PER_EPOCH,
     Selector,
     after_epoch,
@@ -34,6 +32,8 @@ from mvfa.training import (
     train_loop,
     train_step,
 )
+from mvfa.runtime.compute import autocast_for
+from mvfa.runtime.files import save_torch_atomic, write_text_atomic
 
 __all__ = [
     "ABNORMAL_STATES", "ADAPTER_MIX", "AUGMENTATIONS", "AdaptedViT", "CLIP", "FewShotData", "ImageSet",

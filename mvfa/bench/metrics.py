@@ -26,8 +26,8 @@ import tracemalloc
 import numpy as np
 
 # the toolkit names this module uses (it runs alone, without the rest of mvfa.bench)
-from mvfa.files import write_text_atomic
 from mvfa.metrics import pixel_auroc, pixel_metrics
+from mvfa.runtime.files import write_text_atomic
 
 _GEN_CHUNK = 1 << 22
 

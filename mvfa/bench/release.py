@@ -53,7 +53,7 @@ def encode_text_full_context(clip_model: CLIP, tokens: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def prompt_ensemble_full_context(clip_model: CLIP, object_word: str) -> torch.Tensor:
-    """mvfa.text.encode_prompt_ensemble with the release's full-context encoder."""
+    """mvfa.method.text.encode_prompt_ensemble with the release's full-context encoder."""
     device = next(clip_model.parameters()).device
     columns = []
     for states in (NORMAL_STATES, ABNORMAL_STATES):

@@ -1,5 +1,5 @@
 """Section startup: text features of the prompts over all 77 positions (the release) against the
-trimmed context mvfa.text uses, and a hit of the on-disk text-feature cache."""
+trimmed context mvfa.method.text uses, and a hit of the on-disk text-feature cache."""
 from __future__ import annotations
 
 from .common import Context, best_of, timed_value
@@ -27,7 +27,7 @@ def section_startup(ctx: Context) -> list[Row]:
     return [
         Row("text features s, full 77-position context (release)", full, "s",
             note=f"{prompts} prompts, tokenizing included, {device.type}"),
-        Row("text features s, trimmed context (mvfa.text)", trimmed, "s", note=f"{longest} of 77 positions"),
+        Row("text features s, trimmed context (mvfa.method.text)", trimmed, "s", note=f"{longest} of 77 positions"),
         Row("text speed-up, trimmed vs full context", full / trimmed, "x"),
         Row("max |trimmed - full| of the text features", difference, "", note="the same features, fp32"),
         Row("text features s, on-disk cache hit", hit, "s",

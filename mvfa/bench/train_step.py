@@ -1,4 +1,4 @@
-"""Section train_step: mvfa.training.train_step (from images and from a cached prefix) against the
+"""Section train_step: mvfa.runs.training.train_step (from images and from a cached prefix) against the
 release's step, interleaved."""
 from __future__ import annotations
 

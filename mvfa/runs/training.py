@@ -8,23 +8,23 @@ A batch of B images averages the per-image losses, so batch 1 is exactly the rel
 
 Data-parallel (--ddp): every rank computes the loss of its own part of the batch, and the adapters'
 gradients are then averaged over the ranks, weighted by their image counts, in one all-reduce
-(mvfa.distributed.average_gradients), so a step of W ranks equals one step on the concatenated
+(mvfa.runtime.distributed.average_gradients), so a step of W ranks equals one step on the concatenated
 batch. An explicit all-reduce rather than torch's DistributedDataParallel: DDP hooks the wrapped
 module's forward only, while training also enters through forward_from_prefix (prefix cache), the
 seg optimiser must step exactly when some rank's batch had masks, and the last batch of an epoch
 may leave a rank with fewer images, or none, which plain DDP averaging would weight wrongly.
 
-The loop reads its settings from any object with the fields of `LoopSettings` (mvfa.config's
+The loop reads its settings from any object with the fields of `LoopSettings` (mvfa.runs.config's
 RunConfig has them).
 """
 from __future__ import annotations
 
-import math
-import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+import math
 from pathlib import Path
+import sys
+import time
 from typing import Protocol
 
 import numpy as np
@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader, default_collate
 from dataset.medical import ABNORMAL_DIR, IMAGE_DIR, NORMAL_DIR, ImageSet, MedicalDataset, Sample
 from dataset.tensors import PIXEL_LEVELS, TensorSet
 
-from . import scoring
-from .errors import MVFAError
-from .replay import RELEASE_SOURCE_ORDER, ReleaseRandom
-from .run_log import RunLogger
-from .distributed import SINGLE, Dist, average_gradients, broadcast_parameters
-from .compute import autocast_for, progress
-from .losses import BinaryDiceLoss, FocalLoss, det_loss
-from .model import AdaptedViT
+from mvfa.method import scoring
+from mvfa.method.losses import BinaryDiceLoss, FocalLoss, det_loss
+from mvfa.method.model import AdaptedViT
+from mvfa.runs.replay import RELEASE_SOURCE_ORDER, ReleaseRandom
+from mvfa.runs.run_log import RunLogger
+from mvfa.runtime.compute import autocast_for, progress
+from mvfa.runtime.distributed import SINGLE, Dist, average_gradients, broadcast_parameters
+from mvfa.runtime.errors import MVFAError
 
 ADAM_BETAS = (0.5, 0.999)
 MASK_THRESHOLD = 0.5
@@ -169,7 +169,7 @@ def train_step(
 
 
 class LoopSettings(Protocol):
-    """The run settings the training loop and the batch builders read (mvfa.config.RunConfig has them)."""
+    """The run settings the training loop and the batch builders read (mvfa.runs.config.RunConfig has them)."""
 
     epoch: int
     learning_rate: float
@@ -184,7 +184,7 @@ class LoopSettings(Protocol):
 
 
 class FewShotSupport(Protocol):
-    """The augmented support a few-shot run trains on (mvfa.support.FewShotData has it)."""
+    """The augmented support a few-shot run trains on (mvfa.runs.support.FewShotData has it)."""
 
     support_images: torch.Tensor | None
     support_masks: torch.Tensor | None

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 FOCAL_GAMMA = 2.0
 FOCAL_SMOOTH = 1e-5

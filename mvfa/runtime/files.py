@@ -7,17 +7,17 @@ torch is imported by the functions that need it, so that light modules may use t
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
+from pathlib import Path
 import re
 import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
-from .errors import MVFAError, single_line
+from mvfa.runtime.errors import MVFAError, single_line
 
 WRITE_BITS = 0o222  # a folder without any of these is read-only, whoever runs
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from CLIP.config import load_config
 
-from .config import TRAINING_SETTINGS, RunConfig
-from .distributed import Dist
-from .errors import CheckpointFormatError, MVFAError
-from .model import AdaptedViT, read_checkpoint, save_checkpoint
-from .training import TrainingDiverged
+from mvfa.method.model import AdaptedViT, read_checkpoint, save_checkpoint
+from mvfa.runs.config import TRAINING_SETTINGS, RunConfig
+from mvfa.runs.training import TrainingDiverged
+from mvfa.runtime.distributed import Dist
+from mvfa.runtime.errors import CheckpointFormatError, MVFAError
 
 def checkpoint_metadata(config: RunConfig, dataset: MedicalDataset, word: str) -> dict:
     """Plain data stored beside the adapters, so the checkpoint says what it was trained for."""

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from . import scoring
-from .errors import MVFAError
-from .files import load_torch_data, save_torch_atomic
-from .model import AdaptedViT
-from .prefix import PrefixCache, adapted_tokens
-from .compute import autocast_for
+from mvfa.method import scoring
+from mvfa.method.model import AdaptedViT
+from mvfa.method.prefix import PrefixCache, adapted_tokens
+from mvfa.runtime.compute import autocast_for
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.files import load_torch_data, save_torch_atomic
 
 BANK_BRANCHES = ("seg", "det")
 BANK_FILE_FORMAT = "mvfa-memory-bank/1"

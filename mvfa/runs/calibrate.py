@@ -6,7 +6,7 @@ support) and chooses a decision threshold on valid data; both go into the checkp
 and mvfa.predict can score new images one at a time.
 
 The functions read their settings from any object with the fields of `CalibrationSettings`
-(mvfa.config.RunConfig has them).
+(mvfa.runs.config.RunConfig has them).
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from dataset.errors import DatasetError
 from dataset.medical import MedicalDataset, Sample
 from dataset.tensors import TensorSet
 
-from .distributed import SINGLE, Dist
-from .errors import MVFAError
-from .evaluation import evaluate, fit_normalization
-from .model import AdaptedViT
-from .normalization import Normalization
-from .scorer import Scorer, ScoringMode
-from .thresholds import choose_threshold
+from mvfa.calibration.normalization import Normalization
+from mvfa.calibration.thresholds import choose_threshold
+from mvfa.method.evaluation import evaluate, fit_normalization
+from mvfa.method.model import AdaptedViT
+from mvfa.method.scorer import Scorer, ScoringMode
+from mvfa.runtime.distributed import SINGLE, Dist
+from mvfa.runtime.errors import MVFAError
 
 
 # how a stored threshold's number reads: scores under the fitted statistics, not probabilities
@@ -32,7 +32,7 @@ SCORE_SCALE = "on the checkpoint's score scale (valid normal images span about 0
 
 
 class CalibrationSettings(Protocol):
-    """The run settings calibration reads (mvfa.config.RunConfig has them)."""
+    """The run settings calibration reads (mvfa.runs.config.RunConfig has them)."""
 
     mode: str  # "few-shot" or "zero-shot"
     img_size: int

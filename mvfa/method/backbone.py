@@ -8,9 +8,9 @@ import torch
 from CLIP import create_model
 from CLIP.clip import OPENAI
 
-from .errors import MVFAError
-from .model import AdaptedViT
-from .text import TextFeatureBank
+from mvfa.method.model import AdaptedViT
+from mvfa.method.text import TextFeatureBank
+from mvfa.runtime.errors import MVFAError
 
 
 def build_adapted_model(

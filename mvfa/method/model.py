@@ -7,21 +7,21 @@ The `mid` outputs live in the text embedding space and are the stage's seg and d
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 import copy
+from dataclasses import dataclass
 import hashlib
 import math
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+import re
 
 import torch
 from torch import nn
 
 from CLIP.model import CLIP
 
-from .errors import CheckpointFormatError
-from .files import load_torch_data, save_torch_atomic
+from mvfa.runtime.errors import CheckpointFormatError
+from mvfa.runtime.files import load_torch_data, save_torch_atomic
 
 STREAM_KEEP = 0.8  # weight of the backbone stream after an adapter stage
 ADAPTER_MIX = 0.1  # weight of each adapter's output (seg and det) added to the stream

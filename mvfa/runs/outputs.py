@@ -3,9 +3,9 @@ predictions.csv, train_log.csv, the support list, the release's printed lines an
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict
 import io
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +14,15 @@ import torch
 from dataset.medical import write_seed_file
 from dataset.tensors import TensorSet
 
-from .calibration import SCORE_SCALE
-from .checkpoints import support_names
-from .config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
-from .distributed import Dist, gather_objects
-from .errors import MVFAError
-from .evaluation import EvalResult
-from .files import nearest_existing, writable_folder, write_text_atomic
-from .thresholds import threshold_metrics
-from .visualize import overlay, save_png
+from mvfa.calibration.thresholds import threshold_metrics
+from mvfa.method.evaluation import EvalResult
+from mvfa.runs.calibrate import SCORE_SCALE
+from mvfa.runs.checkpoints import support_names
+from mvfa.runs.config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
+from mvfa.runs.visualize import overlay, save_png
+from mvfa.runtime.distributed import Dist, gather_objects
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.files import nearest_existing, writable_folder, write_text_atomic
 
 RESULT_FILES = ("metrics.json", "predictions.csv", "train_log.csv")
 

@@ -9,7 +9,7 @@ mm is min-max, over the whole scored set (the release) or with fixed statistics 
 
 A scorer turns one batch's tokens into its raw branch values (`raw`), scores a batch under fixed
 statistics (`fixed`), names the branches its statistics need, and collects a whole set for the
-release's set-wide min-max (`collector`). mvfa.evaluation drives it over a data set.
+release's set-wide min-max (`collector`). mvfa.method.evaluation drives it over a data set.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import scoring
-from .distributed import Dist, all_reduce, gathered_in_order
-from .errors import MVFAError
-from .memory_bank import MemoryBank, bank_branch, build_memory_bank
-from .model import AdaptedViT, StageTokens
-from .normalization import MinMax, Normalization, affine
-from .prefix import PrefixCache
-from .compute import autocast_for
+from mvfa.calibration.normalization import MinMax, Normalization, affine
+from mvfa.method import scoring
+from mvfa.method.memory_bank import MemoryBank, bank_branch, build_memory_bank
+from mvfa.method.model import AdaptedViT, StageTokens
+from mvfa.method.prefix import PrefixCache
+from mvfa.runtime.compute import autocast_for
+from mvfa.runtime.distributed import Dist, all_reduce, gathered_in_order
+from mvfa.runtime.errors import MVFAError
 
 MEMORY_CHUNK_ELEMENTS = 1 << 24  # bank similarities are computed in chunks of at most this many elements
 

@@ -24,14 +24,14 @@ shown as '?'.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
+import numpy as np
 
-from .files import atomic_target
+from mvfa.runtime.files import atomic_target
 
 HEATMAP_WEIGHT = 0.5  # legacy panel: share of the heatmap in the blend
 CONTOUR_COLOUR = (0, 255, 0)  # RGB: green ground-truth outline

@@ -9,11 +9,11 @@ turns the disk cache off for the run, with a one-line note.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from CLIP.model import CLIP, context_used
 from CLIP.tokenizer import tokenize
 
-from .errors import MVFAError
-from .heap import trim_heap
-from .model import hash_tensors, save_checkpoint
-from .prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
+from mvfa.method.model import hash_tensors, save_checkpoint
+from mvfa.method.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.heap import trim_heap
 
 CACHE_ENV = "MVFA_CACHE_DIR"
 CACHE_FORMAT = "mvfa-text-features/1"

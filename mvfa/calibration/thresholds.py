@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from .choices import THRESHOLD_RULES
-from .errors import MVFAError
+from mvfa.choices import THRESHOLD_RULES
+from mvfa.runtime.errors import MVFAError
 
 def threshold_metrics(scores, labels, threshold: float) -> dict:
     """Counts and rates of the decision `score >= threshold` (abnormal) against labels (1 abnormal)."""

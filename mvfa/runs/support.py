@@ -8,14 +8,14 @@ import torch
 from dataset.medical import MedicalDataset, Sample, Support, select_support
 from dataset.tensors import TensorSet
 
-from .augment import augment
-from .config import RunConfig
-from .model import AdaptedViT
-from .prefix import PrefixBudget, PrefixCache, compute_prefixes, prefix_bytes
+from mvfa.method.augment import augment
+from mvfa.method.model import AdaptedViT
+from mvfa.method.prefix import PrefixBudget, PrefixCache, compute_prefixes, prefix_bytes
+from mvfa.runs.config import RunConfig
 
 @dataclass
 class FewShotData:
-    """The augmented support of a few-shot run (mvfa.training.FewShotSupport's fields) and its prefix caches."""
+    """The augmented support of a few-shot run (mvfa.runs.training.FewShotSupport's fields) and its prefix caches."""
 
     support_images: torch.Tensor | None  # augmented abnormal then augmented normal (None in test runs: no training)
     support_masks: torch.Tensor | None

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .distributed import is_secondary_rank
-from .errors import MVFAError
+from mvfa.runtime.distributed import is_secondary_rank
+from mvfa.runtime.errors import MVFAError
 
 
 def progress(iterable, desc: str):
@@ -27,7 +27,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 def seed_everything(seed: int) -> None:
     """Seed the global generators, as the release does (a --pretrain none backbone draws from torch's);
-    the release's own draws are replayed on private generators (mvfa.replay)."""
+    the release's own draws are replayed on private generators (mvfa.runs.replay)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

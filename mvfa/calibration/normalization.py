@@ -1,14 +1,14 @@
 """Fixed normalisation statistics of the scoring branches, and their running min and max."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
+import math
 
 import torch
 
-from . import scoring
-from .distributed import Dist, all_reduce
-from .errors import MVFAError
+from mvfa.method import scoring
+from mvfa.runtime.distributed import Dist, all_reduce
+from mvfa.runtime.errors import MVFAError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Evaluation: one path that scores a data set with a model and a scorer (mvfa.scorer).
+"""Evaluation: one path that scores a data set with a model and a scorer (mvfa.method.scorer).
 
 `evaluate(model, scorer, data, normalization)` serves zero-shot and few-shot, training-time
 selection, calibration, the test scripts and mvfa.predict. Without `normalization` each branch is
@@ -24,14 +24,14 @@ import torch
 
 from dataset.tensors import TensorSet
 
-from .distributed import SINGLE, Dist, NumpyCollective, gathered_in_order
-from .errors import MVFAError
-from .metrics import auroc, compute_metrics, pixel_auroc, sharded_pixel_metrics
-from .model import AdaptedViT
-from .normalization import MinMax, Normalization
-from .prefix import adapted_tokens, set_prefixes
-from .compute import autocast_for, progress
-from .scorer import RawBatch, Scorer
+from mvfa.calibration.normalization import MinMax, Normalization
+from mvfa.method.model import AdaptedViT
+from mvfa.method.prefix import adapted_tokens, set_prefixes
+from mvfa.method.scorer import RawBatch, Scorer
+from mvfa.metrics import auroc, compute_metrics, pixel_auroc, sharded_pixel_metrics
+from mvfa.runtime.compute import autocast_for, progress
+from mvfa.runtime.distributed import SINGLE, Dist, NumpyCollective, gathered_in_order
+from mvfa.runtime.errors import MVFAError
 
 
 @dataclass

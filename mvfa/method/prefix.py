@@ -5,17 +5,17 @@ training step and evaluation of a fixed image set. `PrefixBudget` decides which 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+import os
 
 import torch
 
 from dataset.tensors import TensorSet
 
-from .choices import PREFIX_CACHE_MODES
-from .errors import MVFAError
-from .model import AdaptedViT
-from .compute import autocast_for, progress
+from mvfa.choices import PREFIX_CACHE_MODES
+from mvfa.method.model import AdaptedViT
+from mvfa.runtime.compute import autocast_for, progress
+from mvfa.runtime.errors import MVFAError
 
 CUDA_CACHE_SHARE = 0.5  # auto: prefix caches may use this share of free GPU memory
 CPU_CACHE_SHARE = 0.25  # ... or of the machine's RAM

@@ -1,15 +1,15 @@
 """The runs: a few-shot run and a zero-shot run, each read top to bottom.
 
 A run trains (with model selection, calibration and a saved checkpoint) or loads a checkpoint, then
-scores the target's test split and writes its files (mvfa.outputs). The four scripts, mvfa.demo and
+scores the target's test split and writes its files (mvfa.runs.outputs). The four scripts, mvfa.demo and
 mvfa.reproduce call `run(config)`.
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field, replace
+import json
 from pathlib import Path
+import time
 
 import numpy as np
 import torch
@@ -18,34 +18,34 @@ from CLIP.config import load_config
 from dataset.medical import MedicalDataset, Sample, open_dataset, source_datasets_for_zero_shot
 from dataset.tensors import TensorSet
 
-from .backbone import build_adapted_model
-from .calibration import calibrate, fit_reference, stored_normalization, stored_threshold
-from .checkpoints import (
+from mvfa.calibration.normalization import Normalization
+from mvfa.method.backbone import build_adapted_model
+from mvfa.method.evaluation import EvalResult, check_two_classes, evaluate
+from mvfa.method.model import AdaptedViT
+from mvfa.method.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
+from mvfa.method.prompts import object_word
+from mvfa.method.scorer import FewShotScorer, Scorer, ZeroShotScorer
+from mvfa.method.text import TextFeatureBank
+from mvfa.runs.calibrate import calibrate, fit_reference, stored_normalization, stored_threshold
+from mvfa.runs.checkpoints import (
     check_replaced_checkpoint, checkpoint_metadata, keep_last_good, read_test_checkpoint, save_adapters, support_names,
     warn_other_support,
 )
-from .config import RunConfig
-from .distributed import SINGLE, Dist, barrier, quiet_unless_main
-from .errors import MVFAError
-from .evaluation import EvalResult, check_two_classes, evaluate
-from .files import folder_lock
-from .model import AdaptedViT
-from .normalization import Normalization
-from .outputs import (
+from mvfa.runs.config import RunConfig
+from mvfa.runs.outputs import (
     check_outputs, map_overlays, print_release_lines, rows_of_maps, run_payload, threshold_report, write_run_files,
 )
-from .prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
-from .prompts import object_word
-from .replay import ReleaseRandom, listing_of
-from .run_log import RunLogger, make_logger
-from .compute import autocast_for, compile_model, seed_everything
-from .scorer import FewShotScorer, Scorer, ZeroShotScorer
-from .support import cache_support_prefixes, prepare_few_shot
-from .text import TextFeatureBank
-from .training import (
+from mvfa.runs.replay import ReleaseRandom, listing_of
+from mvfa.runs.run_log import RunLogger, make_logger
+from mvfa.runs.support import cache_support_prefixes, prepare_few_shot
+from mvfa.runs.training import (
     Selector, TrainingDiverged, after_epoch, few_shot_batches, final_zero_shot_points, release_zero_shot_points,
     train_loop, zero_shot_batches,
 )
+from mvfa.runtime.compute import autocast_for, compile_model, seed_everything
+from mvfa.runtime.distributed import SINGLE, Dist, barrier, quiet_unless_main
+from mvfa.runtime.errors import MVFAError
+from mvfa.runtime.files import folder_lock
 
 TEST_LABEL_WARNING = (
     "note: --select test picks the checkpoint with the best test-set AUROC, as the release did to "
@@ -187,7 +187,7 @@ def open_run(config: RunConfig, dist: Dist) -> RunState:
 
 
 def release_dtypes(config: RunConfig) -> bool:
-    """Score as the release on CUDA with autocast (mvfa.scorer.Scorer.scoring_context)."""
+    """Score as the release on CUDA with autocast (mvfa.method.scorer.Scorer.scoring_context)."""
     return config.scoring_dtypes == "release"
 
 
@@ -417,5 +417,5 @@ def _source_word(config: RunConfig, source: MedicalDataset) -> str:
     except KeyError:
         raise MVFAError(
             f"zero-shot training uses {source.name} from {config.data_path}, which has no registered object "
-            "word: remove it from --data_path or add it to mvfa.prompts.REAL_NAME"
+            "word: remove it from --data_path or add it to mvfa.method.prompts.REAL_NAME"
         ) from None

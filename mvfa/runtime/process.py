@@ -6,21 +6,21 @@ before torch is loaded; the functions that need it import it when called.
 """
 from __future__ import annotations
 
-import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
+import sys
+import traceback
 from typing import TYPE_CHECKING
 
 from CLIP.errors import CLIPError
 from dataset.errors import DatasetError
 
-from .errors import MVFAError
+from mvfa.runtime.errors import MVFAError
 
 if TYPE_CHECKING:
     import torch
 
-    from .distributed import Dist
+    from mvfa.runtime.distributed import Dist
 
 USER_ERRORS = (CLIPError, DatasetError, MVFAError)  # a command prints these as one line `error: ...`, exit 2
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
@@ -55,12 +55,12 @@ def resolve_precision(requested: str | None, device: torch.device) -> str:
 
 
 def resolve_cache_dir(flag: str | None) -> Path | None:
-    """--cache_dir: "none" turns the text-feature cache off (None); unset is mvfa.text.default_cache_dir()."""
+    """--cache_dir: "none" turns the text-feature cache off (None); unset is mvfa.method.text.default_cache_dir()."""
     if flag == NO_CACHE:
         return None
     if flag:
         return Path(flag)
-    from .text import default_cache_dir
+    from mvfa.method.text import default_cache_dir
 
     return default_cache_dir()
 
@@ -69,10 +69,10 @@ def guarded(work: Callable[[Dist, str | None], None], device: str | None, timeou
     """Run `work(dist, device)` inside the process group (none outside torchrun); the exit code.
 
     A user error prints one line `error: ...` and gives 2. With several ranks any failure ends this
-    process at once, before the process group's teardown (mvfa.distributed.fail), so that no rank
+    process at once, before the process group's teardown (mvfa.runtime.distributed.fail), so that no rank
     waits for it in a collective.
     """
-    from .distributed import fail, process_group
+    from mvfa.runtime.distributed import fail, process_group
 
     try:
         with process_group(device, timeout_s, backend) as (dist, rank_device):

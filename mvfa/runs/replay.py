@@ -17,12 +17,12 @@ builds are emulated by drawing into one reusable throwaway buffer, never by allo
 """
 from __future__ import annotations
 
-import math
-import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+import math
+import os
 from pathlib import Path
+import random
 
 import torch
 from torch import nn

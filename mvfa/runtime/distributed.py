@@ -15,19 +15,19 @@ gets a connection error from gloo (or, at the latest, the process group's timeou
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from collections.abc import Iterator
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
+import os
+import sys
 from typing import NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .errors import MVFAError
+from mvfa.runtime.errors import MVFAError
 
 ENV_WORLD_SIZE, ENV_RANK, ENV_LOCAL_RANK = "WORLD_SIZE", "RANK", "LOCAL_RANK"
 DEFAULT_TIMEOUT_S = 600.0  # longest wait in one collective before the job fails (--dist_timeout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MVFAError
+from mvfa.runtime.errors import MVFAError
 
 LOGGERS = ("none", "tensorboard")
 NOT_CURVES = ("epoch", "step", "effective_batch_size")  # a log row's place and settings, not curves

@@ -1,19 +1,19 @@
 """A run's settings (RunConfig: the scripts' flags as one record) and their validation."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 from pathlib import Path
 
 from CLIP.clip import OPENAI, resolve_pretrained
 from CLIP.config import load_config
 
-from .choices import (
+from mvfa.choices import (
     CALIBRATION_RULES, DEFAULT_SEED_DIR, EVAL_SCHEDULES, MODES, NORMALIZATIONS, ORDERS, PRECISIONS, PREFIX_CACHE_MODES,
     SCORING_DTYPES, SELECTIONS,
 )
-from .errors import MVFAError
-from .run_log import LOGGERS
+from mvfa.runs.run_log import LOGGERS
+from mvfa.runtime.errors import MVFAError
 
 PRETRAINS = (OPENAI, "none")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
