@@ -200,7 +200,7 @@ def test_zero_shot_checkpoint_is_calibrated_on_the_target_valid_split(trained, t
     meta = meta_of(ckpt)
     assert meta["mode"] == "zero-shot" and "own valid split" in meta["calibration"]["data"]
     norm = Normalization.from_dict(meta["normalization"])
-    assert norm.count == N_VALID[0] and norm.missing(few_shot=False, has_masks=False) == []
+    assert norm.count == N_VALID[0] and norm.missing(ZeroShotScorer.branches_needed(False)) == []
     assert norm.few_score_low is None
     images, _ = flat_test_folder(trained, "Chest", tmp_path / "images")
     capsys.readouterr()
