@@ -14,6 +14,7 @@ from mvfa.runs import training
 from mvfa.runs.run_log import RunLogger
 from mvfa.runs.training import (
     Selector,
+    Track,
     after_epoch,
     compute_loss,
     final_zero_shot_points,
@@ -48,7 +49,7 @@ def text_features() -> torch.Tensor:
 
 
 def settings(**changes) -> SimpleNamespace:
-    base = dict(epoch=2, learning_rate=1e-3, batch_size=1, precision="fp32", det_loss="release", select="test",
+    base = dict(epoch=2, learning_rate=1e-3, batch_size=1, precision="fp32", det_loss="release",
                 ddp=False, seed=0, img_size=TINY_SIZE, num_workers=0)
     return SimpleNamespace(**{**base, **changes})
 
@@ -172,8 +173,8 @@ def test_release_points_and_tie_rule(keep_ties, winner):
     scorer = ScriptedScorer(model, [0.1, 0.5, 0.5, 0.2, 0.5, 0.3, 0.4, 0.5, 0.1, 0.0])
     rows: list[dict] = []
     logger = RecordingLogger()
-    out = train_loop(settings(epoch=2), model, det_batches(10), Selector(release_zero_shot_points, scorer, keep_ties),
-                     rows, CPU, logger=logger)
+    (out,) = train_loop(settings(epoch=2), model, det_batches(10),
+                        [Track(Selector(release_zero_shot_points, scorer, keep_ties), "test", rows, logger)], CPU)
     points = [(e, s) for e in (1, 2) for s in (0, 2, 4, 6, 8)]
     assert [(r["epoch"], r["step"]) for r in rows] == points
     assert equal_states(scorer.seen[0], initial)  # the untrained adapters are scored first
@@ -191,7 +192,7 @@ def test_after_epoch_scores_the_end_of_every_epoch_and_the_earliest_tie_wins():
     model = tiny_model()
     scorer = ScriptedScorer(model, [0.3, 0.7, 0.7])
     rows: list[dict] = []
-    out = train_loop(settings(epoch=3), model, det_batches(3), Selector(after_epoch, scorer), rows, CPU)
+    (out,) = train_loop(settings(epoch=3), model, det_batches(3), [Track(Selector(after_epoch, scorer), "test", rows)], CPU)
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 3), (2, 3), (3, 3)]
     assert [r["loss"] for r in rows] == pytest.approx(out["epoch_losses"])
     assert equal_states(scorer.seen[-1], snapshot(model))  # the end of the epoch is what is scored
@@ -204,7 +205,8 @@ def test_final_points_score_the_final_adapters():
     model = tiny_model()
     scorer = ScriptedScorer(model, [0.1, 0.2, 0.3, 0.4, 0.9])
     rows: list[dict] = []
-    out = train_loop(settings(epoch=1), model, det_batches(10), Selector(final_zero_shot_points, scorer), rows, CPU)
+    (out,) = train_loop(settings(epoch=1), model, det_batches(10), [Track(Selector(final_zero_shot_points, scorer), "test", rows)],
+                        CPU)
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
     assert (out["epoch"], out["step"]) == (1, 10)
     assert equal_states(flat(out["adapters"]), snapshot(model))
@@ -216,8 +218,8 @@ def test_inactive_selector_returns_the_final_adapters_and_logs_each_epoch():
     scorer = ScriptedScorer(model, [])
     rows: list[dict] = []
     logger = RecordingLogger()
-    out = train_loop(settings(epoch=2, select="last"), model, det_batches(3), Selector(after_epoch, scorer, active=False),
-                     rows, CPU, logger=logger)
+    (out,) = train_loop(settings(epoch=2), model, det_batches(3),
+                        [Track(Selector(after_epoch, scorer, active=False), "last", rows, logger)], CPU)
     assert scorer.seen == []
     losses = step_losses(logger)
     means = [np.mean(losses[0:3]), np.mean(losses[3:6])]
@@ -232,7 +234,8 @@ def test_no_score_means_the_final_adapters():
     """A scorer that gives no value (None) selects nothing: the final adapters come back, score None."""
     model = tiny_model()
     rows: list[dict] = []
-    out = train_loop(settings(epoch=1), model, det_batches(2), Selector(after_epoch, ScriptedScorer(model, [None])), rows, CPU)
+    (out,) = train_loop(settings(epoch=1), model, det_batches(2), [Track(Selector(after_epoch, ScriptedScorer(model, [None])),
+                        "test", rows)], CPU)
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2)]
     assert out["score"] is None and out["step"] is None
     assert equal_states(flat(out["adapters"]), snapshot(model))
@@ -244,7 +247,7 @@ def test_logger_receives_every_step_loss_and_every_row():
     scorer = ScriptedScorer(model, [0.4, 0.6])
     rows: list[dict] = []
     logger = RecordingLogger()
-    out = train_loop(settings(epoch=2), model, det_batches(2), Selector(after_epoch, scorer), rows, CPU, logger=logger)
+    (out,) = train_loop(settings(epoch=2), model, det_batches(2), [Track(Selector(after_epoch, scorer), "test", rows, logger)], CPU)
     assert [step for tag, _, step in logger.scalars if tag == "train/loss"] == [1, 2, 3, 4]
     assert [(row, step) for row, step in logger.rows] == [(rows[0], 2), (rows[1], 4)]
     assert ("test/score", 0.6, 4) in logger.scalars and ("epoch/loss", rows[1]["loss"], 4) in logger.scalars
@@ -257,11 +260,49 @@ def test_progress_lines_when_output_goes_to_a_file(monkeypatch, capsys):
     """stderr not a terminal (a log file, CI): a progress line at most every progress_every_s seconds; on a terminal none."""
     model = tiny_model()
     monkeypatch.setattr(training.sys.stderr, "isatty", lambda: False, raising=False)
-    train_loop(settings(epoch=1, select="last"), model, det_batches(3), Selector(after_epoch, ScriptedScorer(model, []),
-               active=False), [], CPU, progress_every_s=0.0)  # every step is due
+    train_loop(settings(epoch=1), model, det_batches(3), [Track(Selector(after_epoch, ScriptedScorer(model, []),
+               active=False), "last")], CPU, progress_every_s=0.0)  # every step is due
     lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/1 step 1/3", "epoch 1/1 step 2/3", "epoch 1/1 step 3/3"]
     monkeypatch.setattr(training.sys.stderr, "isatty", lambda: True, raising=False)
-    train_loop(settings(epoch=1, select="last"), model, det_batches(3), Selector(after_epoch, ScriptedScorer(model, []),
-               active=False), [], CPU, progress_every_s=0.0)
+    train_loop(settings(epoch=1), model, det_batches(3), [Track(Selector(after_epoch, ScriptedScorer(model, []),
+               active=False), "last")], CPU, progress_every_s=0.0)
     assert not [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+
+
+def test_several_tracks_follow_one_trajectory_each_as_alone():
+    """Two selections along one trajectory (release points with ties, final points; and --select last):
+    the same losses and, per track, the rows, the selection and the adapters of the track alone."""
+    def tracks(model):
+        return [Track(Selector(release_zero_shot_points, ScriptedScorer(model, [0.1, 0.6, 0.6, 0.2, 0.5] * 2), True), "test"),
+                Track(Selector(final_zero_shot_points, ScriptedScorer(model, [0.4, 0.9, 0.3, 0.2, 0.1] * 2)), "valid"),
+                Track(Selector(after_epoch, ScriptedScorer(model, []), active=False), "last")]
+
+    together_model = tiny_model()
+    together = tracks(together_model)
+    shared = train_loop(settings(epoch=2), together_model, det_batches(5), together, CPU)
+    for index in range(3):
+        alone_model = tiny_model()
+        alone_track = tracks(alone_model)[index]
+        (alone,) = train_loop(settings(epoch=2), alone_model, det_batches(5), [alone_track], CPU)
+        assert together[index].log_rows == alone_track.log_rows
+        assert (shared[index]["epoch"], shared[index]["step"], shared[index]["score"]) == \
+            (alone["epoch"], alone["step"], alone["score"])
+        assert shared[index]["epoch_losses"] == alone["epoch_losses"]
+        assert equal_states(flat(shared[index]["adapters"]), flat(alone["adapters"]))
+    assert (shared[0]["epoch"], shared[0]["step"]) == (2, 2) and (shared[1]["epoch"], shared[1]["step"]) == (1, 2)
+    assert shared[2]["step"] is None and equal_states(flat(shared[2]["adapters"]), snapshot(together_model))
+
+
+def test_a_diverged_trajectory_reports_each_tracks_last_good_selection():
+    """NaN loss: TrainingDiverged names where, with each track's last good selection (None before any)."""
+    model = tiny_model()
+    images, masks, labels, text, flags, prefix = one_image(0, 1.0, False)
+    poisoned = [one_image(1, 0.0, False), (images * float("nan"), masks, labels, text, flags, prefix)]
+    tracks = [Track(Selector(release_zero_shot_points, ScriptedScorer(model, [0.5, 0.7])), "test"),
+              Track(Selector(after_epoch, ScriptedScorer(model, [])), "valid")]
+    with pytest.raises(training.TrainingDiverged) as err:
+        train_loop(settings(epoch=1), model, lambda epoch: list(poisoned), tracks, CPU)
+    assert err.value.where == {"epoch": 1, "step": 2}
+    assert err.value.best[0]["score"] == 0.7 and err.value.best[0]["step"] == 1
+    assert err.value.best[1] is None

@@ -25,6 +25,7 @@ from mvfa.runs.support import FewShotData, cache_support_prefixes
 from mvfa.runs.training import (
     ZERO_SHOT_EVALS_PER_EPOCH,
     Selector,
+    Track,
     after_epoch,
     compute_loss,
     few_shot_batches,
@@ -37,7 +38,7 @@ from mvfa.runtime.files import save_torch_atomic, write_text_atomic
 
 __all__ = [
     "ABNORMAL_STATES", "ADAPTER_MIX", "AUGMENTATIONS", "AdaptedViT", "CLIP", "FewShotData", "ImageSet",
-    "NORMAL_STATES", "PrefixBudget", "ReleaseRandom", "RunConfig", "STREAM_KEEP", "Selector", "TEMPLATES",
+    "NORMAL_STATES", "PrefixBudget", "ReleaseRandom", "RunConfig", "STREAM_KEEP", "Selector", "TEMPLATES", "Track",
     "TensorSet", "TextFeatureBank", "ZERO_SHOT_EVALS_PER_EPOCH", "after_epoch", "augment", "autocast_for",
     "bank_branch", "bench_parser", "build_memory_bank", "cache_set_prefixes", "cache_support_prefixes", "compute_loss", "create_model",
     "encode_prompt_ensemble", "evaluate", "prefix_bytes", "FewShotScorer", "ZeroShotScorer", "few_shot_batches", "generate_benchmark",

@@ -28,6 +28,7 @@ from .library import (
     ReleaseRandom,
     RunConfig,
     Selector,
+    Track,
     ZeroShotScorer,
     after_epoch,
     autocast_for,
@@ -82,7 +83,7 @@ def _time_training(ctx: Context, config: RunConfig, few_shot: FewShotData,
     selector = Selector(after_epoch, lambda: (None, {}))
     state = ctx.model.adapter_state()
     with contextlib.redirect_stdout(io.StringIO()):
-        train_loop(config, ctx.model, timed_batches, selector, [], ctx.device)
+        train_loop(config, ctx.model, timed_batches, [Track(selector, config.select)], ctx.device)
     sync(ctx.device)
     stamps.append(time.perf_counter())
     ctx.model.load_adapter_state(state)

@@ -8,7 +8,6 @@ from CLIP.config import load_config
 
 from mvfa.method.model import AdaptedViT, read_checkpoint, save_checkpoint
 from mvfa.runs.config import TRAINING_SETTINGS, RunConfig
-from mvfa.runs.training import TrainingDiverged
 from mvfa.runtime.distributed import Dist
 from mvfa.runtime.errors import CheckpointFormatError, MVFAError
 
@@ -184,18 +183,17 @@ def save_adapters(config: RunConfig, model: AdaptedViT, meta: dict, dist: Dist) 
     return path
 
 
-def keep_last_good(config: RunConfig, model: AdaptedViT, err: TrainingDiverged, meta: dict, dist: Dist) -> str:
-    """A diverged run's error line; the last good selection is saved first when there is one (uncalibrated)."""
-    advice = f"lower --learning_rate (this run: {config.learning_rate:g})"
-    if err.best is None:
-        return f"{err}; no adapters saved (no evaluation had selected adapters yet, --select {config.select}); {advice}"
+def keep_last_good(config: RunConfig, model: AdaptedViT, best: dict | None, where: dict, meta: dict, dist: Dist) -> str:
+    """What a diverged run keeps, said in a clause of its error line: its last good selection `best` is
+    saved (uncalibrated, with `where` it diverged) when there is one and --save_model is on."""
+    if best is None:
+        return f"no adapters saved (no evaluation had selected adapters yet, --select {config.select})"
     if not config.save_model:
-        return f"{err}; nothing saved (--save_model 0); {advice}"
-    model.load_adapter_state(err.best["adapters"])
-    selected = {"best_epoch": err.best["epoch"], "best_step": err.best["step"]}
-    path = save_adapters(config, model, {**meta, **selected, "diverged": err.where}, dist)
-    return (f"{err}; saved the last good selection (epoch {err.best['epoch']} step {err.best['step']}, "
-            f"uncalibrated) to {path}; {advice}")
+        return "nothing saved (--save_model 0)"
+    model.load_adapter_state(best["adapters"])
+    selected = {"best_epoch": best["epoch"], "best_step": best["step"]}
+    path = save_adapters(config, model, {**meta, **selected, "diverged": where}, dist)
+    return f"saved the last good selection (epoch {best['epoch']} step {best['step']}, uncalibrated) to {path}"
 
 
 def support_names(support) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""The runs: a few-shot run and a zero-shot run, each read top to bottom.
+"""The runs: few-shot runs and zero-shot runs, each read top to bottom.
 
 A run trains (with model selection, calibration and a saved checkpoint) or loads a checkpoint, then
 scores the target's test split and writes its files (mvfa.runs.outputs). The four scripts, mvfa.demo and
@@ -6,6 +6,7 @@ mvfa.reproduce call `run(config)`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 import json
 from pathlib import Path
@@ -39,7 +40,7 @@ from mvfa.runs.replay import ReleaseRandom, listing_of
 from mvfa.runs.run_log import RunLogger, make_logger
 from mvfa.runs.support import cache_support_prefixes, prepare_few_shot
 from mvfa.runs.training import (
-    Selector, TrainingDiverged, after_epoch, few_shot_batches, final_zero_shot_points, release_zero_shot_points,
+    Selector, Track, TrainingDiverged, after_epoch, few_shot_batches, final_zero_shot_points, release_zero_shot_points,
     train_loop, zero_shot_batches,
 )
 from mvfa.runtime.compute import autocast_for, compile_model, seed_everything
@@ -71,14 +72,51 @@ def run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
     Before any work: the settings (RunConfig.validate) and the output places (check_outputs); then
     rank 0 holds --output_dir (a lock file: a second run into it is refused while this one works).
     """
+    return run_together([config], dist)[0]
+
+
+# What may differ between runs that share one training trajectory: how they select and normalise,
+# what they log, and where they write. Everything else decides the trajectory and must be equal.
+PER_RUN_SETTINGS = ("select", "normalize", "eval_schedule", "threshold_rule", "target_fpr", "output_dir", "save_path",
+                    "save_model", "save_maps", "logger", "overwrite")
+
+
+def check_shared(configs: list[RunConfig]) -> None:
+    """Runs trained together follow one trajectory: training runs of one mode whose other settings are equal."""
+    first = configs[0]
+    if len(configs) > 1 and not all(c.train for c in configs):
+        raise MVFAError("runs share a training trajectory only when they train (test runs are separate runs)")
+    for other in configs[1:]:
+        differ = [key for key, value in vars(first).items() if key not in PER_RUN_SETTINGS and vars(other)[key] != value]
+        if differ:
+            raise MVFAError(f"runs trained together must differ only in {', '.join(PER_RUN_SETTINGS)}; "
+                            f"these differ too: {', '.join(differ)}")
+    folders = [c.output_dir.resolve() for c in configs]
+    saved = [(c.save_path / c.checkpoint_name()).resolve() for c in configs if c.save_model]
+    if len(set(folders)) < len(folders) or len(set(saved)) < len(saved):
+        raise MVFAError("runs trained together need their own --output_dir and checkpoint (--save_path)")
+
+
+def run_together(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
+    """Runs that differ only in how they select and normalise (PER_RUN_SETTINGS; e.g. the release's
+    protocol and the leak-free one) trained once: one trajectory, every run's selection tracked
+    along it, then per run its adapters calibrated, saved, tested and written. Evaluations change
+    neither the adapters nor any random draw, so each run's files equal those of the run made alone.
+    One config: `run`."""
     with quiet_unless_main(dist):
-        config.validate()
+        for config in configs:
+            config.validate()
+        check_shared(configs)
         if dist.is_main:
-            check_outputs(config)
-        with folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError, active=dist.is_main):
-            result = few_shot_run(config, dist) if config.mode == "few-shot" else zero_shot_run(config, dist)
+            for config in configs:
+                check_outputs(config)
+        with contextlib.ExitStack() as locks:
+            for config in configs:
+                locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError,
+                                                active=dist.is_main))
+            results = few_shot_runs(configs, dist) if configs[0].mode == "few-shot" else zero_shot_runs(configs, dist)
             barrier(dist)
-    return result
+    return results
 
 
 @dataclass
@@ -98,92 +136,111 @@ class RunState:
     budget: PrefixBudget | None = None
 
 
-def few_shot_run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
+def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
     """Few-shot: adapters trained on k abnormal + k normal support images, scored with a memory bank of
     the k normal ones; or (a test run) a checkpoint's adapters with the same support's memory bank."""
-    run = open_run(config, dist)
-    config = run.config
-    model, replay, text_features, _ = build_run_model(config, run.device, run.word, {})
-    run.test_set = TensorSet.load(run.target.samples("test"), config.img_size, config.num_workers,
-                                  desc=f"{run.target.name} test")
-    few_shot, support = prepare_few_shot(config, run.target)
+    runs = open_runs(configs, dist)
+    lead = runs[0]
+    config = lead.config
+    model, replay, text_features, _ = build_run_model(config, lead.device, lead.word, {})
+    load_test_set(runs)
+    few_shot, support = prepare_few_shot(config, lead.target)
     if config.only_normal:
         print(f"support: {config.shot} normal valid images, no abnormal image ({support.source})")
     else:
         print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
-    run.budget = PrefixBudget(config.prefix_cache, run.device)
     if config.train or config.prefix_cache == "on":
-        cache_support_prefixes(model, few_shot, config, run.budget)
+        cache_support_prefixes(model, few_shot, config, lead.budget)
     scorer = FewShotScorer(
-        text_features, run.target.has_masks, support_images=few_shot.normal_images, support_cache=few_shot.memory_cache,
+        text_features, lead.target.has_masks, support_images=few_shot.normal_images, support_cache=few_shot.memory_cache,
         batch_size=config.eval_batch_size, bank_precision=bank_precision(config), release_dtypes=release_dtypes(config),
     )
-    best_state, log_rows = None, []
-    if config.train:
-        if config.select == "test":
-            cache(run, model, run.test_set)
-        selected = few_shot_selection(run, model, scorer, few_shot.support_samples)
-        batches = few_shot_batches(config, few_shot, text_features, run.target.has_masks, replay)
-        run.meta["support"] = support_names(support)
-        best_state, log_rows = train_adapters(run, model, batches, selected, scorer, few_shot.support_samples)
-    else:
-        load_adapters(run, model)
+    if not config.train:
+        load_adapters(lead, model)
         if not config.only_normal:
-            warn_other_support(run.meta, support, run.checkpoint)
-    return test_and_write(run, model, scorer, few_shot.support_samples, best_state, log_rows, support)
+            warn_other_support(lead.meta, support, lead.checkpoint)
+        return [test_and_write(lead, model, scorer, few_shot.support_samples, None, [], support)]
+    if any(run.config.select == "test" for run in runs):
+        cache(lead, model, lead.test_set)
+    selectors = [few_shot_selection(run, model, scorer, few_shot.support_samples) for run in runs]
+    batches = few_shot_batches(config, few_shot, text_features, lead.target.has_masks, replay)
+    for run in runs:
+        run.meta["support"] = support_names(support)
+    trained = train_runs(runs, model, batches, selectors)
+    results = []
+    for run, (best_state, log_rows) in zip(runs, trained):
+        keep_selected(run, model, best_state, scorer, few_shot.support_samples)
+        results.append(test_and_write(run, model, scorer, few_shot.support_samples, best_state, log_rows, support))
+    return results
 
 
-def zero_shot_run(config: RunConfig, dist: Dist = SINGLE) -> RunResult:
+def zero_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
     """Zero-shot: adapters trained on the other datasets' test images (leave one out), scored with text
     features alone; or (a test run) a checkpoint's adapters."""
+    config = configs[0]
     sources = source_datasets_for_zero_shot(config.data_path, config.obj) if config.train else []
     listings = read_listings(config.listings) if config.train and config.listings is not None else None
-    run = open_run(config, dist)
-    config = run.config
+    runs = open_runs(configs, dist)
+    lead = runs[0]
+    config = lead.config
     source_words = {source.name: _source_word(config, source) for source in sources}
-    model, replay, text_features, source_features = build_run_model(config, run.device, run.word, source_words)
-    run.test_set = TensorSet.load(run.target.samples("test"), config.img_size, config.num_workers,
-                                  desc=f"{run.target.name} test")
-    run.budget = PrefixBudget(config.prefix_cache, run.device)
+    model, replay, text_features, source_features = build_run_model(config, lead.device, lead.word, source_words)
+    load_test_set(runs)
     options = {"release_dtypes": release_dtypes(config)}
-    scorer = ZeroShotScorer(text_features, run.target.has_masks, **options)
-    best_state, log_rows = None, []
-    if config.train:
-        if config.select == "test":
-            cache(run, model, run.test_set)
-        source_scorers = {s.name: ZeroShotScorer(source_features[s.name], s.has_masks, **options) for s in sources}
-        selected = zero_shot_selection(run, model, scorer, sources, source_scorers)
-        batches = zero_shot_batches(
-            config, sources, lambda source: source_features[source.name], run.budget.allow, replay,
-            listing_of(config.order, listings, config.data_path), dist,
-        )
-        best_state, log_rows = train_adapters(run, model, batches, selected, scorer, [])
-    else:
-        load_adapters(run, model)
-    return test_and_write(run, model, scorer, [], best_state, log_rows, None)
+    scorer = ZeroShotScorer(text_features, lead.target.has_masks, **options)
+    if not config.train:
+        load_adapters(lead, model)
+        return [test_and_write(lead, model, scorer, [], None, [], None)]
+    if any(run.config.select == "test" for run in runs):
+        cache(lead, model, lead.test_set)
+    source_scorers = {s.name: ZeroShotScorer(source_features[s.name], s.has_masks, **options) for s in sources}
+    selectors = [zero_shot_selection(run, model, scorer, sources, source_scorers) for run in runs]
+    batches = zero_shot_batches(
+        config, sources, lambda source: source_features[source.name], lead.budget.allow, replay,
+        listing_of(config.order, listings, config.data_path), dist,
+    )
+    trained = train_runs(runs, model, batches, selectors)
+    results = []
+    for run, (best_state, log_rows) in zip(runs, trained):
+        keep_selected(run, model, best_state, scorer, [])
+        results.append(test_and_write(run, model, scorer, [], best_state, log_rows, None))
+    return results
 
 
-def open_run(config: RunConfig, dist: Dist) -> RunState:
-    """The run's device, seeds and target; the checkpoint it will replace (training) or read (test)."""
-    device = torch.device(config.device)
-    if device.type == "cpu" and config.precision != "fp32":  # autocast_for uses no autocast on the CPU
-        print(f"note: --precision {config.precision} has no effect on the CPU: this run computes in fp32")
-        config = replace(config, precision="fp32")
-    seed_everything(config.seed)
+def open_runs(configs: list[RunConfig], dist: Dist) -> list[RunState]:
+    """The runs' device, seeds and target; the checkpoint each will replace (training) or reads (test)."""
+    device = torch.device(configs[0].device)
+    if device.type == "cpu" and configs[0].precision != "fp32":  # autocast_for uses no autocast on the CPU
+        print(f"note: --precision {configs[0].precision} has no effect on the CPU: this run computes in fp32")
+        configs = [replace(config, precision="fp32") for config in configs]
+    seed_everything(configs[0].seed)
     started = time.time()
-    target = open_dataset(config.data_path, config.obj)
+    target = open_dataset(configs[0].data_path, configs[0].obj)
     try:
-        word = object_word(target.name, config.prompt_name)
+        word = object_word(target.name, configs[0].prompt_name)
     except KeyError as err:
         raise MVFAError(str(err.args[0])) from None
     check_two_classes(torch.tensor([s.label for s in target.samples("test")]), f"the test split of {target.name}")
-    run = RunState(config, dist, device, started, target, word)
-    if config.train:
-        run.meta = checkpoint_metadata(config, target, word)  # what the saved adapters will record
-        check_replaced_checkpoint(config, run.meta, dist)
-    else:
-        run.checkpoint, run.state, run.meta = read_test_checkpoint(config, word)
-    return run
+    runs = []
+    for config in configs:
+        run = RunState(config, dist, device, started, target, word)
+        if config.train:
+            run.meta = checkpoint_metadata(config, target, word)  # what the saved adapters will record
+            check_replaced_checkpoint(config, run.meta, dist)
+        else:
+            run.checkpoint, run.state, run.meta = read_test_checkpoint(config, word)
+        runs.append(run)
+    return runs
+
+
+def load_test_set(runs: list[RunState]) -> None:
+    """The target's test images, decoded once; one prefix-cache budget for the runs' sets."""
+    lead = runs[0]
+    test_set = TensorSet.load(lead.target.samples("test"), lead.config.img_size, lead.config.num_workers,
+                              desc=f"{lead.target.name} test")
+    budget = PrefixBudget(lead.config.prefix_cache, lead.device)
+    for run in runs:
+        run.test_set, run.budget = test_set, budget
 
 
 def release_dtypes(config: RunConfig) -> bool:
@@ -242,28 +299,40 @@ def cache(run: RunState, model: AdaptedViT, data: TensorSet) -> TensorSet:
     return data
 
 
-def train_adapters(
-    run: RunState, model: AdaptedViT, batches, selector: Selector, scorer: Scorer, support: list[Sample],
-) -> tuple[dict, list[dict]]:
-    """Train, load the selected adapters, calibrate them (--threshold_rule) and save them (--save_model).
-    Returns the training loop's best state and the log rows."""
-    config, dist = run.config, run.dist
-    if config.select == "test":
+def train_runs(runs: list[RunState], model: AdaptedViT, batches, selectors: list[Selector]) -> list[tuple[dict, list[dict]]]:
+    """Train once, every run's selection tracked along the trajectory. Returns per run the training
+    loop's selected state and the log rows. A diverged trajectory saves each run's last good selection."""
+    lead = runs[0]
+    if any(run.config.select == "test" for run in runs):
         print(TEST_LABEL_WARNING)
-    logger = make_logger(config.logger, config.output_dir) if dist.is_main else RunLogger()
-    log_rows: list[dict] = []
+    named = len(runs) > 1
+    tracks = [
+        Track(selector, run.config.select, [],
+              make_logger(run.config.logger, run.config.output_dir) if lead.dist.is_main else RunLogger(),
+              f"[--select {run.config.select}] " if named else "")
+        for run, selector in zip(runs, selectors)
+    ]
     try:
-        best_state = train_loop(config, model, batches, selector, log_rows, run.device, dist, logger)
+        states = train_loop(lead.config, model, batches, tracks, lead.device, lead.dist)
     except TrainingDiverged as err:
-        raise MVFAError(keep_last_good(config, model, err, run.meta, dist)) from None
+        kept = [keep_last_good(run.config, model, best, err.where, run.meta, run.dist)
+                for run, best in zip(runs, err.best)]
+        shown = kept if not named else [f"{track.name.strip()} {part}" for track, part in zip(tracks, kept)]
+        raise MVFAError(f"{err}; {'; '.join(shown)}; lower --learning_rate (this run: {lead.config.learning_rate:g})") from None
     finally:
-        logger.close()
+        for track in tracks:
+            track.logger.close()
+    return [(state, track.log_rows) for state, track in zip(states, tracks)]
+
+
+def keep_selected(run: RunState, model: AdaptedViT, best_state: dict, scorer: Scorer, support: list[Sample]) -> None:
+    """The run's selected adapters loaded, calibrated (--threshold_rule) and saved (--save_model)."""
+    config = run.config
     model.load_adapter_state(best_state["adapters"])
     run.meta.update(best_epoch=best_state["epoch"], best_step=best_state["step"])
     if config.threshold_rule != "none":
-        run.meta.update(calibrate(config, model, run.target, scorer, support, dist))
-    run.checkpoint = save_adapters(config, model, run.meta, dist)
-    return best_state, log_rows
+        run.meta.update(calibrate(config, model, run.target, scorer, support, run.dist))
+    run.checkpoint = save_adapters(config, model, run.meta, run.dist)
 
 
 def load_adapters(run: RunState, model: AdaptedViT) -> None:

@@ -20,7 +20,7 @@ RunConfig has them).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
 from pathlib import Path
 import sys
@@ -52,10 +52,11 @@ PROGRESS_LINE_S = 60.0  # output to a file: a progress line at most this often
 class TrainingDiverged(MVFAError):
     """The loss or the adapters became NaN or infinite: training cannot go on.
 
-    `where`: the epoch and step ({"epoch": e, "step": s}); `best`: the last good selection (train_loop's
-    dict with `adapters`, `epoch`, `step`, `score`), None when no evaluation had selected adapters."""
+    `where`: the epoch and step ({"epoch": e, "step": s}); `best`: per track, the last good selection
+    (train_loop's dict with `adapters`, `epoch`, `step`, `score`), None when no evaluation had
+    selected adapters."""
 
-    def __init__(self, message: str, where: dict, best: dict | None) -> None:
+    def __init__(self, message: str, where: dict, best: list[dict | None]) -> None:
         super().__init__(message)
         self.where = where
         self.best = best
@@ -176,7 +177,6 @@ class LoopSettings(Protocol):
     batch_size: int
     precision: str
     det_loss: str
-    select: str
     ddp: bool
     seed: int
     img_size: int
@@ -192,19 +192,33 @@ class FewShotSupport(Protocol):
     support_prefixes: torch.Tensor | None
 
 
-def train_loop(
-    config: LoopSettings, model: AdaptedViT, batches: Callable[[int], Iterable[tuple]], selector: Selector,
-    log_rows: list[dict], device: torch.device, dist: Dist = SINGLE, logger: RunLogger | None = None,
-    progress_every_s: float = PROGRESS_LINE_S,
-) -> dict:
-    """The loop: epochs of `batches(epoch)` (sized, iterable); `selector` scores the current adapters
-    at its points of each epoch (the number of steps done: 0 is before the first step).
+@dataclass
+class Track:
+    """A model selection that follows a training trajectory: its selector, its --select (last: the
+    adapters after the final step), and its run's log rows and logger. Several tracks can follow one
+    trajectory (runs that differ only in how they select: mvfa.runs.run.run_together)."""
 
-    Returns the selected adapters (`adapters`, with `epoch`, `step`, `score`) and `epoch_losses`,
-    each epoch's mean loss (the release's printed `Loss:`). `log_rows` gets a row per evaluation, or
-    per epoch when nothing is scored (--select last); `logger` (e.g. TensorBoard) every step's loss
-    and every row. Where stderr is no terminal (a log file), a line reports progress every
-    `progress_every_s` seconds. A NaN or infinite loss or adapter weight raises TrainingDiverged.
+    selector: Selector
+    select: str
+    log_rows: list[dict] = field(default_factory=list)
+    logger: RunLogger = field(default_factory=RunLogger)
+    name: str = ""  # shown before the track's printed lines when several tracks share the trajectory
+
+
+def train_loop(
+    config: LoopSettings, model: AdaptedViT, batches: Callable[[int], Iterable[tuple]], tracks: list[Track],
+    device: torch.device, dist: Dist = SINGLE, progress_every_s: float = PROGRESS_LINE_S,
+) -> list[dict]:
+    """The loop: epochs of `batches(epoch)` (sized, iterable); each track's selector scores the
+    current adapters at its points of each epoch (the number of steps done: 0 is before the first step).
+
+    Returns, per track, the selected adapters (`adapters`, with `epoch`, `step`, `score`) and
+    `epoch_losses`, each epoch's mean loss (the release's printed `Loss:`). A track's `log_rows` get a
+    row per evaluation, or per epoch when it scores nothing (--select last); its `logger` (e.g.
+    TensorBoard) every step's loss and every row. Evaluations change neither the adapters nor any
+    random draw, so each track selects exactly what it would following the trajectory alone. Where
+    stderr is no terminal (a log file), a line reports progress every `progress_every_s` seconds. A
+    NaN or infinite loss or adapter weight raises TrainingDiverged.
 
     Several ranks: without --ddp each trains the same batches; rank 0's adapters (a single
     process's, whatever the others' GPU rounding did) are broadcast before every evaluation and at
@@ -214,42 +228,39 @@ def train_loop(
     optimizers = make_optimizers(model, config.learning_rate)
     parallel = dist if config.ddp and dist.active else None
     effective = _effective_batch(config, dist)
-    best = {"score": None, "epoch": 0, "step": 0, "adapters": model.adapter_state()}
+    bests: list[dict] = [{"score": None} for _ in tracks]
     epoch_losses: list[float] = []
-    logger = logger if logger is not None else RunLogger()
-    steps_done = 0  # over the run: the logger's step axis
+    steps_done = 0  # over the run: the loggers' step axis
     total = 0  # steps of the current epoch
     lines = _ProgressLines(config.epoch, progress_every_s)
     amp = autocast_for(device, config.precision)
 
-    def add_row(row: dict) -> None:
-        log_rows.append(row)
-        logger.row(row, steps_done)
-
     def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
         return TrainingDiverged(f"training diverged at epoch {epoch} step {step}: {what}", {"epoch": epoch, "step": step},
-                                best if best["score"] is not None else None)
+                                [best if best["score"] is not None else None for best in bests])
 
-    def evaluate(epoch: int, done: int, losses: list[float]) -> None:
-        nonlocal best
+    def evaluate(due: list[int], epoch: int, done: int, losses: list[float]) -> None:
         broadcast_parameters(model.adapter_parameters(), dist)
         if not adapters_finite(model):  # a last step's update can make them so (the next loss would say it)
             raise diverged(epoch, done, "the adapters hold NaN or infinite values")
-        value, detail = selector.score()
-        row = {"epoch": epoch, "step": done, "loss": float(np.mean(losses)) if losses else "", **effective, **detail}
-        add_row(row)
-        if value is not None and selector.better(value, best["score"]):
-            best = {"score": value, "epoch": epoch, "step": done, "adapters": model.adapter_state()}
+        for index in due:
+            track = tracks[index]
+            value, detail = track.selector.score()
+            row = {"epoch": epoch, "step": done, "loss": float(np.mean(losses)) if losses else "", **effective, **detail}
+            track.log_rows.append(row)
+            track.logger.row(row, steps_done)
+            if value is not None and track.selector.better(value, bests[index]["score"]):
+                bests[index] = {"score": value, "epoch": epoch, "step": done, "adapters": model.adapter_state()}
 
     for epoch in range(1, config.epoch + 1):
         losses: list[float] = []
         epoch_batches = batches(epoch)
         total = len(epoch_batches)
-        points = selector.points(total)
+        points = [track.selector.points(total) for track in tracks]
         bar = progress(epoch_batches, f"epoch {epoch}/{config.epoch}")
         for done, (images, masks, labels, features, has_masks, prefix) in enumerate(bar):
-            if done in points:
-                evaluate(epoch, done, losses)
+            if due := [i for i, at in enumerate(points) if done in at]:
+                evaluate(due, epoch, done, losses)
             with amp:
                 parts = train_step(
                     model, optimizers, images.to(device), masks.to(device), labels.to(device),
@@ -259,21 +270,31 @@ def train_loop(
             if not math.isfinite(losses[-1]):
                 raise diverged(epoch, done + 1, f"the loss is {losses[-1]}")
             steps_done += 1
-            logger.scalar("train/loss", losses[-1], steps_done)
+            for track in tracks:
+                track.logger.scalar("train/loss", losses[-1], steps_done)
             lines.step(epoch, done + 1, total, losses)
-        if total in points:
-            evaluate(epoch, total, losses)
+        if due := [i for i, at in enumerate(points) if total in at]:
+            evaluate(due, epoch, total, losses)
         epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
-        if not selector.active:  # nothing scored: the epoch's loss is the log's row
-            add_row({"epoch": epoch, "step": total, "loss": epoch_losses[-1], **effective})
-        print(_epoch_summary(epoch, config.epoch, epoch_losses[-1], log_rows, effective), flush=True)
-    if config.select == "last" or best["score"] is None:  # the last adapters
+        for track in tracks:
+            if not track.selector.active:  # nothing scored: the epoch's loss is the log's row
+                row = {"epoch": epoch, "step": total, "loss": epoch_losses[-1], **effective}
+                track.log_rows.append(row)
+                track.logger.row(row, steps_done)
+            print(_epoch_summary(epoch, config.epoch, epoch_losses[-1], track, effective), flush=True)
+    return [_selected(track, best, model, config.epoch, total, epoch_losses, dist, diverged)
+            for track, best in zip(tracks, bests)]
+
+
+def _selected(track: Track, best: dict, model: AdaptedViT, epochs: int, total: int, epoch_losses: list[float],
+              dist: Dist, diverged) -> dict:
+    """A track's result: its best evaluation, or the last adapters (--select last, or nothing scored)."""
+    if track.select == "last" or best["score"] is None:
         broadcast_parameters(model.adapter_parameters(), dist)
         if not adapters_finite(model):
-            raise diverged(config.epoch, total, "the adapters hold NaN or infinite values")
-        return {"score": None, "epoch": config.epoch, "step": None, "adapters": model.adapter_state(),
-                "epoch_losses": epoch_losses}
-    print(f"selected epoch {best['epoch']} step {best['step']} ({config.select} {best['score']:.4f})")
+            raise diverged(epochs, total, "the adapters hold NaN or infinite values")
+        return {"score": None, "epoch": epochs, "step": None, "adapters": model.adapter_state(), "epoch_losses": epoch_losses}
+    print(f"{track.name}selected epoch {best['epoch']} step {best['step']} ({track.select} {best['score']:.4f})")
     return {**best, "epoch_losses": epoch_losses}
 
 
@@ -302,9 +323,10 @@ def _effective_batch(config: LoopSettings, dist: Dist) -> dict:
     return effective
 
 
-def _epoch_summary(epoch: int, epochs: int, loss: float, log_rows: list[dict], effective: dict) -> str:
-    """The epoch's printed line: its mean loss, and the values of its last evaluation."""
-    summary = f"epoch {epoch}/{epochs}: loss {loss:.4f}"
+def _epoch_summary(epoch: int, epochs: int, loss: float, track: Track, effective: dict) -> str:
+    """The epoch's printed line: its mean loss, and the values of the track's last evaluation."""
+    summary = f"{track.name}epoch {epoch}/{epochs}: loss {loss:.4f}"
+    log_rows = track.log_rows
     if log_rows and log_rows[-1]["epoch"] == epoch:
         summary += "".join(
             f", {k} {v:.4f}" for k, v in log_rows[-1].items() if k not in ("epoch", "step", "loss", *effective)
