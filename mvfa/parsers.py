@@ -195,6 +195,9 @@ def reproduce_parser(prog: str = "python -m mvfa.reproduce") -> argparse.Argumen
     parser.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto",
                         help="keep the frozen blocks' outputs of repeatedly scored images (results are identical)")
     parser.add_argument("--cache_dir", default=None, help=CACHE_DIR_HELP)
+    parser.add_argument("--one_by_one", action="store_true",
+                        help="train each protocol's run on its own (default: the protocols of a run share one training "
+                             "trajectory; the results are the same, bit for bit)")
     parser.add_argument("--fewshot_seed_dir", action="append", default=None,
                         help=f"folder(s) of <obj>/<k>-shot.txt support lists for split 0 (default: {DEFAULT_SEED_DIR})")
     return parser

@@ -70,7 +70,7 @@ from mvfa.paper import (
 from mvfa.parsers import reproduce_parser
 from mvfa.runs.config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
 from mvfa.runs.outputs import json_ready
-from mvfa.runs.run import run
+from mvfa.runs.run import run_together
 from mvfa.runtime.distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from mvfa.runtime.errors import MVFAError
 from mvfa.runtime.files import write_text_atomic
@@ -550,17 +550,27 @@ def write_results(root: Path, data_path: Path, datasets: list[str], args: argpar
     return rows
 
 
-def rank_phases(plans: list[Plan], dist: Dist) -> list[list[tuple[int, Plan]]]:
-    """(1-based index, plan) of this rank's runs, per phase; the ranks meet between phases.
+def run_groups(plans: list[Plan], together: bool) -> list[list[tuple[int, Plan]]]:
+    """(1-based index, plan) in groups trained together: the protocols of one dataset, setting and
+    split share a training trajectory (normal-only runs train nothing: one by one); `together` False:
+    every plan alone."""
+    groups: dict[tuple, list[tuple[int, Plan]]] = {}
+    for index, plan in enumerate(plans, start=1):
+        key = (plan.dataset, plan.setting, plan.split) if together and not plan.only_normal else (index,)
+        groups.setdefault(key, []).append((index, plan))
+    return list(groups.values())
 
-    One process: one phase, every plan in order. Several ranks: the normal-only runs read the
+
+def rank_phases(groups: list[list[tuple[int, Plan]]], dist: Dist) -> list[list[list[tuple[int, Plan]]]]:
+    """This rank's groups of runs, per phase; the ranks meet between phases.
+
+    One process: one phase, every group in order. Several ranks: the normal-only runs read the
     zero-shot runs' checkpoints, which another rank may be making, so they form a second phase;
-    within a phase rank r takes the plans r, r + N, ...
+    within a phase rank r takes the groups r, r + N, ...
     """
-    numbered = list(enumerate(plans, start=1))
     if not dist.active:
-        return [numbered]
-    phases = [[p for p in numbered if not p[1].only_normal], [p for p in numbered if p[1].only_normal]]
+        return [groups]
+    phases = [[g for g in groups if not g[0][1].only_normal], [g for g in groups if g[0][1].only_normal]]
     return [phase[dist.rank :: dist.world_size] for phase in phases]
 
 
@@ -582,17 +592,25 @@ def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None 
         if dist.active:
             print(f"{dist.world_size} ranks make the runs side by side, one run per rank at a time; shown: rank 0's runs")
         done = 0
-        for phase in rank_phases(plans, dist):
-            for index, plan in phase:
-                config = config_for(plan, base, args, root)
-                what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
-                if check_finished(plan, config, root, data):
-                    print(f"{what}: finished before, skipped", flush=True)
+        for phase in rank_phases(run_groups(plans, not args.one_by_one), dist):
+            for group in phase:
+                todo = []
+                for index, plan in group:
+                    config = config_for(plan, base, args, root)
+                    what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
+                    if check_finished(plan, config, root, data):
+                        print(f"{what}: finished before, skipped", flush=True)
+                    else:
+                        todo.append((what, plan, config))
+                if not todo:
                     continue
-                print(f"\n== {what} ==", flush=True)
-                write_data_file(plan, root, data)
-                run(config)
-                done += 1
+                print("\n" + "\n".join(f"== {what} ==" for what, _, _ in todo)
+                      + ("\n(trained together: one trajectory, each protocol's selection)" if len(todo) > 1 else ""),
+                      flush=True)
+                for _, plan, _ in todo:
+                    write_data_file(plan, root, data)
+                run_together([config for _, _, config in todo])
+                done += len(todo)
                 if dist.is_main:
                     write_results(root, Path(args.data_path), datasets, args)
             barrier(dist)

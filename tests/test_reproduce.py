@@ -155,11 +155,11 @@ def read_csv_text(text: str) -> list[dict]:
 def test_leak_free_never_reads_test_labels(done, tmp_path, monkeypatch):
     """The leak-free protocol again, with the target's test labels and masks swapped until the end: same adapters."""
     current = {}
-    real_run, real_samples = reproduce.run, MedicalDataset.samples
+    real_run, real_samples = reproduce.run_together, MedicalDataset.samples
 
-    def tracking_run(config):
-        current["target"] = config.obj
-        return real_run(config)
+    def tracking_run(configs):
+        current["target"] = configs[0].obj
+        return real_run(configs)
 
     def poisoned_samples(self, split):
         samples = real_samples(self, split)
@@ -169,7 +169,7 @@ def test_leak_free_never_reads_test_labels(done, tmp_path, monkeypatch):
         return [Sample(s.path, 1 - s.label, None if s.label else (masks[i % len(masks)] if masks else None))
                 for i, s in enumerate(samples)]
 
-    monkeypatch.setattr(reproduce, "run", tracking_run)
+    monkeypatch.setattr(reproduce, "run_together", tracking_run)
     monkeypatch.setattr(MedicalDataset, "samples", poisoned_samples)
     out = tmp_path / "poisoned"
     assert reproduce.main(reproduce_argv(done["data"], done["clip"], out, "--protocols", "leakfree")) == 0
@@ -367,3 +367,31 @@ def test_zero_shot_fingerprints_every_dataset(tmp_path):
     assert list(data.for_plan(zero)) == ["Brain", "Chest"]  # the sources change a zero-shot run
     assert list(data.for_plan(few)) == ["Brain"] and list(data.for_plan(normal)) == ["Brain"]
     assert data.for_plan(zero)["Chest"] != data.for_plan(zero)["Brain"]
+
+
+def test_protocols_trained_together_equal_one_by_one(done, tmp_path, capsys):
+    """The default trains each run's two protocols along one trajectory; --one_by_one trains each alone:
+    the same checkpoints, results and per-run files, bit for bit."""
+    out = tmp_path / "alone"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fixture's run used one thread: the same arithmetic
+    try:
+        assert reproduce.main(reproduce_argv(done["data"], done["clip"], out, "--one_by_one")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "trained together" not in capsys.readouterr().out
+    together_root, alone_root = done["out"], out
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in read_csv(root / "results.csv")]
+               for root in (together_root, alone_root)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == len(DATASETS) * 2 * (1 + 2 * SPLITS)
+    files = sorted(p.relative_to(alone_root) for p in (alone_root / "runs").rglob("*")
+                   if p.is_file() and p.suffix in (".pth", ".csv"))
+    assert any(p.suffix == ".pth" for p in files) and any(p.name == "train_log.csv" for p in files)
+    for relative in files:
+        if relative.suffix == ".csv":
+            assert (together_root / relative).read_bytes() == (alone_root / relative).read_bytes(), relative
+            continue
+        alone = torch.load(alone_root / relative, weights_only=True)
+        together = torch.load(together_root / relative, weights_only=True)
+        for key in ("seg_adapters", "det_adapters"):
+            assert all(torch.equal(t, together[key][k]) for k, t in alone[key].items()), relative
