@@ -30,7 +30,7 @@ DEMO_DATASETS = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Hi
 DEMO_FEW_EPOCHS = 5  # mvfa.demo.DemoSettings.few_epochs
 DEMO_ZERO_EPOCHS = 2  # mvfa.demo.DemoSettings.zero_epochs
 # mvfa.bench
-BENCH_SECTIONS = ("forward", "train_step", "protocol", "auroc", "memory", "startup", "process")
+BENCH_SECTIONS = ("forward", "train_step", "protocol", "auroc", "memory", "startup", "process", "reproduce")
 BENCH_BRAIN_TEST_IMAGES = 3715
 # mvfa.export_onnx
 DEFAULT_OPSET = 17

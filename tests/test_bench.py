@@ -34,7 +34,16 @@ EXPECTED = {
                 "release emulation peak RSS", "test_few speed-up vs release emulation, cold",
                 "test_few peak RSS / release emulation, cold", "the same ViT forwards alone, s",
                 "speed-up ceiling: release emulation / forwards alone"],
+    "reproduce": ["reproduce wall s, protocols one by one", "reproduce wall s, protocols trained together",
+                  "reproduce speed-up, together vs one by one"],
 }
+
+
+def test_reproduce_section_finds_the_runs_equal(smoke_report):
+    """The section's runs agree (the note says so), whatever the timing."""
+    _, report = smoke_report
+    (row,) = [r for r in report["rows"] if r["figure"] == "reproduce speed-up, together vs one by one"]
+    assert row["note"] == "results equal (every run's AUROCs)"
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from .protocol import section_protocol
 from .release import release_test_few
 from .report import Row, device_info, format_table, write_json
 from .startup import section_startup
+from .together import section_reproduce
 from .train_step import section_train_step
 
 SECTION_FUNCTIONS = {
@@ -39,6 +40,7 @@ SECTION_FUNCTIONS = {
     "memory": section_memory,
     "startup": section_startup,
     "process": section_process,
+    "reproduce": section_reproduce,
 }
 SECTIONS = tuple(SECTION_FUNCTIONS)
 

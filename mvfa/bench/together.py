@@ -1,0 +1,66 @@
+"""Section reproduce: `python -m mvfa.reproduce` on the tiny backbone (2 datasets x 4 splits x both
+protocols; --smoke: 1 split), each protocol's run trained on its own (--one_by_one) against the
+protocols of a run trained together (the default), both in one bench run."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+
+import torch
+
+from .children import REPO_ROOT, child_env
+from .common import Context
+from .library import create_model, generate_benchmark, save_torch_atomic
+from .report import Row
+
+DATASETS = ("Brain", "Liver")  # leave-one-out needs two: each is the other's zero-shot source
+SHOT = 2
+TINY = {"model_name": "ViT-Tiny-14", "img_size": 56, "stages": (2, 4, 6, 8)}
+
+
+def reproduce_seconds(ctx: Context, data, clip, out, *extra: str) -> float:
+    """Wall seconds of one reproduce run in a child process (its output kept in <out>.log)."""
+    command = [
+        sys.executable, "-m", "mvfa.reproduce", "--data_path", str(data), "--output_dir", str(out),
+        "--model_name", TINY["model_name"], "--clip_ckpt", str(clip), "--img_size", str(TINY["img_size"]),
+        "--features_list", *map(str, TINY["stages"]), "--device", ctx.cfg.device, "--shots", str(SHOT),
+        "--splits", str(ctx.cfg.reproduce_splits), "--epoch", str(ctx.cfg.reproduce_epochs), "--cache_dir", "none",
+        "--fewshot_seed_dir", str(data / "no-seed-lists"), *extra,  # synthetic data: every split a seeded draw
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=child_env(ctx.cfg))
+    seconds = time.perf_counter() - start
+    out.with_suffix(".log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"reproduce {' '.join(extra)} exited with {done.returncode}:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def auroc_columns(results) -> dict[str, tuple[str, str]]:
+    with open(results, newline="") as handle:
+        return {row["run_dir"]: (row["image_auroc"], row["pixel_auroc"]) for row in csv.DictReader(handle)}
+
+
+def section_reproduce(ctx: Context) -> list[Row]:
+    cfg = ctx.cfg
+    data = ctx.tmp / "reproduce-data"
+    generate_benchmark(data, seed=0, image_size=64, n_valid=(SHOT + 3, SHOT + 3),
+                       n_test=(cfg.reproduce_test_images // 2,) * 2, datasets=list(DATASETS))
+    clip = ctx.tmp / "reproduce-tiny.pt"
+    torch.manual_seed(0)
+    save_torch_atomic(create_model(TINY["model_name"]).state_dict(), clip)
+    alone = reproduce_seconds(ctx, data, clip, ctx.tmp / "reproduce-one-by-one", "--one_by_one")
+    together = reproduce_seconds(ctx, data, clip, ctx.tmp / "reproduce-together")
+    same = auroc_columns(ctx.tmp / "reproduce-one-by-one" / "results.csv") == \
+        auroc_columns(ctx.tmp / "reproduce-together" / "results.csv")
+    runs = len(DATASETS) * 2 * (1 + cfg.reproduce_splits)
+    work = (f"{len(DATASETS)} datasets x (zero-shot + {SHOT}-shot x {cfg.reproduce_splits} splits) x 2 protocols = {runs} runs, "
+            f"{cfg.reproduce_epochs} epochs, {cfg.reproduce_test_images} test images each, tiny backbone, {cfg.device}")
+    return [
+        Row("reproduce wall s, protocols one by one", alone, "s", note=work),
+        Row("reproduce wall s, protocols trained together", together, "s", note=f"{runs // 2} trainings"),
+        Row("reproduce speed-up, together vs one by one", alone / together, "x",
+            note="results equal (every run's AUROCs)" if same else "RESULTS DIFFER"),
+    ]
