@@ -43,6 +43,13 @@ def one_torch_thread():
         torch.set_num_threads(previous)
 
 
+def one_line(err, *named) -> str:
+    """The message of a raised error (a pytest.ExceptionInfo): one non-empty line naming each of `named`."""
+    message = str(err.value)
+    assert message and "\n" not in message and all(str(part) in message for part in named), message
+    return message
+
+
 def config_dict(quick_gelu: bool | None = None, **vision_overrides) -> dict:
     raw = {"embed_dim": EMBED_DIM, "vision_cfg": {**VISION, **vision_overrides}, "text_cfg": dict(TEXT)}
     if quick_gelu is not None:

@@ -11,6 +11,9 @@ TINY_MODEL = "ViT-Tiny-14"
 TINY_SIZE = 56  # 4 x 4 patches: the fastest size that still has a patch grid
 TINY_STAGES = ["2", "4", "6", "8"]
 NO_SEED_LISTS = "no-seed-lists"  # a folder name that holds no support lists
+# conftest.py's shared synthetic benchmark (fixture synthetic_data): all six datasets
+SYNTHETIC_SEED, SYNTHETIC_SIZE = 1, 64
+SYNTHETIC_N_VALID, SYNTHETIC_N_TEST = (6, 6), (5, 5)
 
 
 def write_tiny_clip(path: Path, seed: int = 0) -> Path:

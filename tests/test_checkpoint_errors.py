@@ -133,20 +133,18 @@ def test_well_formed_checkpoints_still_load(model, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["int-group", "threshold-string", "nan", "wrong-shape"])
-def test_test_zero_exits_2_with_one_line(model, tmp_path, capsys, case):
-    from dataset.synthetic import generate_benchmark
+def test_test_zero_exits_2_with_one_line(model, synthetic_data, tiny_clip, tmp_path, capsys, case):
     from mvfa import cli
-    from tests.scripts_helpers import tiny_argv, write_tiny_clip
+    from tests.scripts_helpers import tiny_argv
 
-    data = tmp_path / "data"
-    generate_benchmark(data, seed=1, image_size=64, n_valid=(2, 2), n_test=(2, 2), datasets=["Liver"])
+    data = synthetic_data  # conftest.py: read only
     make, expected = {**CASES, **FIT_CASES}[case]
     torch.manual_seed(0)
     state = AdaptedViT(create_model("ViT-Tiny-14", 56), STAGES).adapter_state()
     state["meta"] = {"threshold": 0.5}
     checkpoint = tmp_path / "bad.pth"
     torch.save(make(state), checkpoint)
-    argv = tiny_argv(data, write_tiny_clip(tmp_path / "tiny.pt"), tmp_path / "ckpt", tmp_path / "out", "Liver",
+    argv = tiny_argv(data, tiny_clip, tmp_path / "ckpt", tmp_path / "out", "Liver",
                      "--checkpoint", str(checkpoint), "--cache_dir", "none")
     assert cli.main_test_zero(argv) == 2
     err = capsys.readouterr().err

@@ -20,14 +20,7 @@ from CLIP.loading import OPENAI_METADATA_KEYS, infer_config, read_state_dict, sh
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from helpers.one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> helpers.Checkpoints:
-    return helpers.tiny_checkpoints(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py; `checkpoints` is there too
 
 
 def _leftovers(folder) -> list[str]:

@@ -17,25 +17,10 @@ from CLIP.config import CKPT_DIR
 from CLIP.loading import OPENAI_METADATA_KEYS, infer_config, is_torchscript_archive, read_state_dict
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py; `checkpoints` is there too
     pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from helpers.one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> helpers.Checkpoints:
-    return helpers.tiny_checkpoints(tmp_path_factory)
-
-
-def _one_line(err: pytest.ExceptionInfo) -> str:
-    message = str(err.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 # --- accepted forms --------------------------------------------------------------------------
@@ -90,7 +75,7 @@ def test_missing_checkpoint(checkpoints, tmp_path):
     missing = tmp_path / "nowhere" / "weights.pt"
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=missing)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert str(missing) in message and "not found" in message
 
 
@@ -101,7 +86,7 @@ def test_missing_openai_weights_say_where_they_go():
         pytest.skip(f"{expected} is present")
     with pytest.raises(CheckpointError) as err:
         create_model("ViT-L-14-336", 240, pretrained="openai")  # fails before building the 430M-parameter model
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert "CLIP/ckpt/ViT-L-14-336px.pt" in message.replace("\\", "/")
     assert "ViT-L-14-336px.pt" in message
 
@@ -109,7 +94,7 @@ def test_missing_openai_weights_say_where_they_go():
 def test_openai_weights_of_a_custom_config(checkpoints):
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained="openai")
-    assert "no OpenAI weights" in _one_line(err) and "tiny" in str(err.value)
+    assert "no OpenAI weights" in helpers.one_line(err) and "tiny" in str(err.value)
 
 
 @pytest.mark.parametrize("form", ["plain", "archive"])
@@ -119,7 +104,7 @@ def test_truncated_checkpoint(checkpoints, tmp_path, form):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=truncated)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert str(truncated) in message and "not a readable CLIP checkpoint" in message
 
 
@@ -133,7 +118,7 @@ def test_not_a_checkpoint(checkpoints, tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=path)
-    assert str(path) in _one_line(err)
+    assert str(path) in helpers.one_line(err)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +131,7 @@ def test_pickle_without_a_state_dict(tmp_path, payload):
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(path)
-    assert str(path) in _one_line(err)
+    assert str(path) in helpers.one_line(err)
 
 
 def test_plain_pickle_is_refused(tmp_path):
@@ -155,7 +140,7 @@ def test_plain_pickle_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"visual.conv1.weight": [1, 2, 3]}))
     with pytest.raises(CheckpointError) as err:
         read_state_dict(path)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert str(path) in message and "weights_only=False" not in message
 
 
@@ -164,18 +149,18 @@ def test_non_tensor_entry_and_foreign_dict(checkpoints, tmp_path):
     torch.save({**checkpoints.state_dict, "visual.proj": 3}, bad_entry)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(bad_entry)
-    assert "'visual.proj'" in _one_line(err)
+    assert "'visual.proj'" in helpers.one_line(err)
     foreign = tmp_path / "resnet.pt"
     torch.save({"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}, foreign)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(foreign)
-    assert "'visual.conv1.weight'" in _one_line(err) and str(foreign) in str(err.value)
+    assert "'visual.conv1.weight'" in helpers.one_line(err) and str(foreign) in str(err.value)
 
 
 def test_checkpoint_path_is_a_folder(checkpoints, tmp_path):
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=tmp_path)
-    assert str(tmp_path) in _one_line(err)
+    assert str(tmp_path) in helpers.one_line(err)
 
 
 # --- config / checkpoint mismatch ------------------------------------------------------------
@@ -185,12 +170,12 @@ def test_vision_width_mismatch(checkpoints, tmp_path):
     config = helpers.write_config(tmp_path / "narrow.json", width=96, head_width=32)
     with pytest.raises(CheckpointError) as err:
         create_model(config, pretrained=checkpoints.plain)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert "'visual.positional_embedding'" in message
     assert "(17, 128)" in message and "(17, 96)" in message and str(checkpoints.plain) in message
     with pytest.raises(CheckpointError) as err:  # without the grid check, the first key that differs
         create_model(config, pretrained=checkpoints.plain, check_config=False)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert "'visual.class_embedding'" in message and "(128,)" in message and "(96,)" in message
 
 
@@ -201,7 +186,7 @@ def test_text_width_mismatch(checkpoints, tmp_path):
     config.write_text(json.dumps(raw))
     with pytest.raises(CheckpointError) as err:
         create_model(config, pretrained=checkpoints.archive)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert "'positional_embedding'" in message and "(77, 64)" in message and "(77, 32)" in message
 
 
@@ -209,7 +194,7 @@ def test_trained_grid_mismatch(checkpoints, tmp_path):
     config = helpers.write_config(tmp_path / "grid5.json", image_size=70)
     with pytest.raises(CheckpointError) as err:
         create_model(config, pretrained=checkpoints.plain)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert "'visual.positional_embedding'" in message and "(17, 128)" in message and "(26, 128)" in message
 
 
@@ -219,12 +204,12 @@ def test_missing_and_unexpected_keys(checkpoints, tmp_path):
     torch.save(fewer, tmp_path / "fewer.pt")
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=tmp_path / "fewer.pt")
-    assert "'transformer.resblocks.1.mlp.c_fc.bias'" in _one_line(err)
+    assert "'transformer.resblocks.1.mlp.c_fc.bias'" in helpers.one_line(err)
     more = {**checkpoints.state_dict, "visual.transformer.resblocks.4.ln_1.weight": torch.ones(128)}
     torch.save(more, tmp_path / "more.pt")
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=tmp_path / "more.pt")
-    assert "'visual.transformer.resblocks.4.ln_1.weight'" in _one_line(err)
+    assert "'visual.transformer.resblocks.4.ln_1.weight'" in helpers.one_line(err)
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -233,7 +218,7 @@ def test_missing_and_unexpected_keys(checkpoints, tmp_path):
 def test_unknown_model_name_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
         create_model("ViT-H-99")
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert "'ViT-H-99'" in message
     for name in ("ViT-L-14-336", "ViT-L-14", "ViT-B-16", "ViT-B-32"):
         assert name in list_models() and name in message
@@ -242,7 +227,7 @@ def test_unknown_model_name_lists_the_valid_ones():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "absent.json")
-    assert str(tmp_path / "absent.json") in _one_line(err)
+    assert str(tmp_path / "absent.json") in helpers.one_line(err)
 
 
 @pytest.mark.parametrize("text", ['{"embed_dim": 64, "vision_cfg": {', "", "[1, 2]", "\xff\xfe"], ids=["cut", "empty", "list", "binary"])
@@ -251,7 +236,7 @@ def test_malformed_json_config(tmp_path, text):
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(ConfigError) as err:
         create_model(path)
-    assert str(path) in _one_line(err)
+    assert str(path) in helpers.one_line(err)
 
 
 @pytest.mark.parametrize(
@@ -265,7 +250,7 @@ def test_config_missing_an_entry(tmp_path, section, key):
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError) as err:
         create_model(path)
-    message = _one_line(err)
+    message = helpers.one_line(err)
     assert f"'{key}'" in message and "'incomplete'" in message
 
 
@@ -273,13 +258,13 @@ def test_config_bad_values(tmp_path):
     path = helpers.write_config(tmp_path / "odd_width.json", width=100)  # not a multiple of 64-wide heads
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "100" in _one_line(err)
+    assert "100" in helpers.one_line(err)
     raw = helpers.config_dict()
     raw["vision_cfg"]["layers"] = "many"
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "many" in _one_line(err)
+    assert "many" in helpers.one_line(err)
 
 
 def test_config_copied_beside_checkpoint_loads(checkpoints, tmp_path):
@@ -379,7 +364,7 @@ def test_meta_load_errors_before_touching_the_dict(checkpoints):
     count = len(fewer)
     with pytest.raises(CheckpointError) as err:
         load_into(build_on_meta(load_config(checkpoints.config)), fewer, source="fewer", consume=True)
-    assert "'ln_final.bias'" in _one_line(err) and len(fewer) == count
+    assert "'ln_final.bias'" in helpers.one_line(err) and len(fewer) == count
 
 
 def test_a_buffer_outside_the_state_dict_is_an_error_after_a_meta_build(checkpoints):
@@ -391,7 +376,7 @@ def test_a_buffer_outside_the_state_dict_is_an_error_after_a_meta_build(checkpoi
         model.visual.register_buffer("mask", torch.ones(3), persistent=False)
     with pytest.raises(CheckpointError) as err:
         load_into(model, dict(checkpoints.state_dict), source="weights")
-    assert "'visual.mask'" in _one_line(err)
+    assert "'visual.mask'" in helpers.one_line(err)
 
 
 def test_loading_weights_skips_random_initialisation_and_torch_dynamo(tmp_path):

@@ -19,20 +19,13 @@ from CLIP.model import PackedAttention, QuickGELU
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from helpers.one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py; `checkpoints` is there too
 
 
 @pytest.fixture(scope="module")
 def open_clip():
     """The reference; only the comparisons skip without it (attention, activation, configs still run)."""
     return pytest.importorskip("open_clip")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> helpers.Checkpoints:
-    return helpers.tiny_checkpoints(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

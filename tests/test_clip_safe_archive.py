@@ -23,14 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OPENAI_NAME = "ViT-L-14-336px.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from helpers.one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> helpers.Checkpoints:
-    return helpers.tiny_checkpoints(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py; `checkpoints` is there too
 
 
 def jit_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -53,12 +46,6 @@ def assert_bitwise_same(ours: dict[str, torch.Tensor], reference: dict[str, torc
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.dtype != torch.bool else flat
-
-
-def one_line(err: pytest.ExceptionInfo, path: Path) -> str:
-    message = str(err.value)
-    assert message and "\n" not in message and str(path) in message, message
-    return message
 
 
 # --- parity with torch.jit.load ----------------------------------------------------------------------
@@ -118,7 +105,7 @@ def test_forbidden_global_is_refused_and_not_run(checkpoints, tmp_path, module, 
     assert is_torchscript_archive(path)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(path)
-    message = one_line(err, path)
+    message = helpers.one_line(err, path)
     assert f"{module}.{name}" in message and "refused, nothing run" in message
     assert not marker.exists()
 
@@ -129,7 +116,7 @@ def test_reduce_payload_is_refused_and_not_run(checkpoints, tmp_path):
     path = with_data_pkl(checkpoints.archive, tmp_path / "archive.pt", pickle.dumps(helpers.MarkerPayload(marker), protocol=2))
     with pytest.raises(CheckpointError) as err:
         create_model(checkpoints.config, pretrained=path)
-    assert "system" in one_line(err, path) and not marker.exists()
+    assert "system" in helpers.one_line(err, path) and not marker.exists()
 
 
 # --- hostile code and other records: never run, the weights still load -------------------------------
@@ -178,7 +165,7 @@ def test_archive_whose_classes_restore_their_own_state_is_refused(tmp_path, caps
     for candidate in (path, Path(renamed)):
         with pytest.raises(CheckpointError) as err:
             read_torchscript_state_dict(candidate)
-        assert "__setstate__" in one_line(err, candidate)
+        assert "__setstate__" in helpers.one_line(err, candidate)
     assert capsys.readouterr().out == ""
 
 
@@ -221,7 +208,7 @@ def test_corrupt_and_malformed_archives_give_one_line(checkpoints, tmp_path):
         assert is_torchscript_archive(path), case
         with pytest.raises(CheckpointError, match=re.escape(expected)) as err:
             read_state_dict(path)
-        one_line(err, path)
+        helpers.one_line(err, path)
 
 
 def test_views_outside_their_storage_are_refused(checkpoints, tmp_path):
@@ -234,7 +221,7 @@ def test_views_outside_their_storage_are_refused(checkpoints, tmp_path):
     path = with_data_pkl(checkpoints.archive, tmp_path / "big.pt", crafted)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(path)
-    assert "reaches element" in one_line(err, path)
+    assert "reaches element" in helpers.one_line(err, path)
 
 
 # --- the command lines that load CLIP weights ----------------------------------------------------------
@@ -252,16 +239,13 @@ def test_convert_refuses_a_hostile_archive_in_one_line(checkpoints, tmp_path, ca
     assert not marker.exists() and not output.exists()
 
 
-def test_test_zero_refuses_a_hostile_archive_in_one_line(tmp_path, capsys):
-    from dataset.synthetic import generate_benchmark
+def test_test_zero_refuses_a_hostile_archive_in_one_line(synthetic_data, tiny_clip, tmp_path, capsys):
     from mvfa import cli
-    from tests.scripts_helpers import tiny_argv, write_tiny_clip
+    from tests.scripts_helpers import tiny_argv
 
-    data = tmp_path / "data"
-    generate_benchmark(data, seed=1, image_size=64, n_valid=(2, 2), n_test=(2, 2), datasets=["Liver"])
+    data = synthetic_data  # conftest.py: read only
     marker = tmp_path / "marker"
-    tiny = helpers.save_torchscript_archive(torch.load(write_tiny_clip(tmp_path / "tiny.pt"), weights_only=True),
-                                            tmp_path / "tiny_archive.pt")
+    tiny = helpers.save_torchscript_archive(torch.load(tiny_clip, weights_only=True), tmp_path / "tiny_archive.pt")
     path = with_data_pkl(tiny, tmp_path / OPENAI_NAME, helpers.global_call_pickle("builtins", "eval", f"open({str(marker)!r}, 'w')"))
     from mvfa.method.model import AdaptedViT, save_checkpoint
     from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
@@ -346,7 +330,7 @@ def test_a_state_given_to_a_storage_or_a_tensor_is_refused(checkpoints, tmp_path
         path = with_data_pkl(checkpoints.archive, tmp_path / f"{case}.pt", data)
         with pytest.raises(CheckpointError) as err:
             read_torchscript_state_dict(path)
-        assert expected in one_line(err, path)
+        assert expected in helpers.one_line(err, path)
 
 
 def test_typed_list_helpers_pass_their_value_through():

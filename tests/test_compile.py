@@ -27,16 +27,16 @@ from dataset.synthetic import generate_benchmark
 from mvfa import cli
 from mvfa.method.model import AdaptedViT, save_checkpoint
 from mvfa.runtime import compute
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv
 
 SCORE_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
+def setup(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compile")
     generate_benchmark(root / "data", seed=2, image_size=64, n_valid=(2, 2), n_test=(5, 6), datasets=["Brain"])
-    clip = write_tiny_clip(root / "tiny.pt")
+    clip = tiny_clip
     torch.manual_seed(5)
     model = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES])
     for parameter in model.adapter_parameters():  # adapters that move the stream (not their initialisation)

@@ -15,12 +15,12 @@ from CLIP import create_model
 from dataset import prepare
 from mvfa import cli
 from mvfa.method.model import AdaptedViT, save_checkpoint
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny.pt")
+def clip(tiny_clip) -> Path:
+    return tiny_clip  # conftest.py
 
 
 def flat_folders(root: Path, n_normal: int, n_abnormal: int, mask_value: int = 255) -> list[str]:

@@ -31,7 +31,7 @@ from mvfa.metrics import compute_metrics, pixel_auroc, sharded_pixel_metrics
 from mvfa.runs.training import make_optimizers, train_step
 from mvfa.runtime import distributed
 from mvfa.runtime.distributed import SINGLE, Dist
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -55,10 +55,18 @@ MAINS = {"test_few": cli.main_test_few, "test_zero": cli.main_test_zero, "train_
          "train_zero": cli.main_train_zero, "reproduce": reproduce.main}
 
 
-def _command_worker(rank: int, world: int, jobs: list[tuple[str, list[str], Path, int]]) -> None:
-    """One rank: each job is a command line run as under torchrun (its own process group and port)."""
+def _command_worker(rank: int, world: int, jobs: list[tuple[str, list[str], Path]], ports: list) -> None:
+    """One rank: each job is a command line run as under torchrun, one after the other in this process,
+    each with its own process group on its own port. Rank 0 picks a free port just before each job and
+    hands it to the other ranks (`ports`: one queue per other rank)."""
     torch.set_num_threads(1)
-    for name, argv, log, port in jobs:
+    for name, argv, log in jobs:
+        if rank == 0:
+            port = free_port()
+            for queue in ports:
+                queue.put(port)
+        else:
+            port = ports[rank - 1].get()
         rank_env(rank, world, port)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
@@ -71,13 +79,23 @@ PORT_ATTEMPTS = 3  # a port found free can be taken (e.g. by a finished job's gl
 
 
 def run_ranks(jobs: list[tuple[str, list[str], Path]], world: int = WORLD) -> None:
-    """Run the jobs one after the other on `world` spawned ranks; each rank's printout goes to <log>.rank<r>.
+    """Run the jobs one after the other on `world` ranks spawned once (a spawn costs each rank the
+    imports of torch and mvfa); each rank's printout goes to <log>.rank<r>.
 
-    Each job gets its port just before it starts, and is started again on a new port if the port
-    was taken in between (EADDRINUSE): that is a property of the test machine, not of the code.
+    Each job gets its port just before it starts. If a port was taken in between (EADDRINUSE, a
+    property of the test machine, not of the code: the group's start fails before the job writes
+    anything), the ranks are spawned again for the jobs that some rank has not finished.
     """
-    for job in jobs:
-        spawn_on_free_port(lambda port: mp.spawn(_command_worker, args=(world, [(*job, port)]), nprocs=world, join=True))
+    context = mp.get_context("spawn")
+    for attempt in range(PORT_ATTEMPTS):
+        left = [job for job in jobs if not all(Path(f"{job[2]}.rank{r}").exists() for r in range(world))]
+        ports = [context.SimpleQueue() for _ in range(world - 1)]
+        try:
+            mp.spawn(_command_worker, args=(world, left, ports), nprocs=world, join=True)
+            return
+        except mp.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == PORT_ATTEMPTS - 1:
+                raise
 
 
 def spawn_on_free_port(start) -> None:
@@ -111,10 +129,10 @@ def write_adapters(clip: Path, path: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> dict[str, Path]:
+def bench(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist")
     generate_benchmark(root / "data", seed=3, image_size=48, n_valid=(3, 3), n_test=N_TEST, datasets=["Brain", "Chest"])
-    clip = write_tiny_clip(root / "tiny.pt")
+    clip = tiny_clip  # conftest.py
     return {"root": root, "data": root / "data", "clip": clip,
             "few": write_adapters(clip, root / "few.pth", 1), "zero": write_adapters(clip, root / "zero.pth", 2)}
 

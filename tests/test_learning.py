@@ -35,16 +35,16 @@ import pytest
 
 from dataset.synthetic import generate_benchmark
 from mvfa import cli
-from tests.scripts_helpers import NO_SEED_LISTS, TINY_STAGES, write_tiny_clip
+from tests.scripts_helpers import NO_SEED_LISTS, TINY_STAGES
 
 IMG_SIZE = "112"
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tmp_path_factory, tiny_clip):
     root = tmp_path_factory.mktemp("learning")
     generate_benchmark(root / "data", seed=0, image_size=64)
-    return root, write_tiny_clip(root / "tiny.pt", seed=0)
+    return root, tiny_clip  # conftest.py: the backbone of seed 0
 
 
 def metrics_after(main, root, clip, obj: str, epochs: int, tag: str, *extra: str) -> dict:

@@ -25,19 +25,19 @@ from mvfa.method.model import AdaptedViT, read_checkpoint, save_checkpoint
 from mvfa.method.scorer import FewShotScorer, ZeroShotScorer
 from mvfa.runs.visualize import figure_layout
 from mvfa.runtime.errors import MVFAError
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv
 
 N_VALID, N_TEST = (6, 6), (5, 5)
 SHOT = 2
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def trained(tmp_path_factory, tiny_clip) -> dict:
     """Few-shot adapters for Brain (masks; F1 threshold) and Chest (no masks; FPR threshold)."""
     root = tmp_path_factory.mktemp("predict")
     data = root / "data"
     generate_benchmark(data, seed=1, image_size=64, n_valid=N_VALID, n_test=N_TEST, datasets=["Brain", "Chest"])
-    clip = write_tiny_clip(root / "tiny.pt")
+    clip = tiny_clip  # conftest.py
     runs = {"Brain": ["--epoch", "1"], "Chest": ["--epoch", "0", "--threshold_rule", "fpr", "--target_fpr", "0.25"]}
     checkpoints = {}
     for obj, extra in runs.items():

@@ -20,15 +20,15 @@ from CLIP import create_model
 from mvfa import export_onnx
 from mvfa import predict
 from mvfa.method.model import AdaptedViT, save_checkpoint
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
 FIFO_TIMEOUT_S = 120  # a predict that opens a FIFO waits forever: fail the test instead
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, tiny_clip) -> dict:
     root = tmp_path_factory.mktemp("hardening")
-    clip = write_tiny_clip(root / "tiny.pt")
+    clip = tiny_clip  # conftest.py
     torch.manual_seed(1)
     model = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE, pretrained=clip), [int(s) for s in TINY_STAGES])
     adapters = model.adapter_state()

@@ -16,7 +16,7 @@ from dataset.medical import MedicalDataset, Sample
 from dataset.synthetic import generate_benchmark
 from mvfa import cli
 from mvfa import reproduce
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv
 
 DATASETS = ("Chest", "Brain")  # the paper's order: ChestXray before BrainMRI; Brain has masks
 ROWS = {"Chest": "ChestXray", "Brain": "BrainMRI"}
@@ -35,13 +35,13 @@ def reproduce_argv(data: Path, clip: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory) -> dict:
+def done(tmp_path_factory, tiny_clip) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         root = tmp_path_factory.mktemp("reproduce")
         generate_benchmark(root / "data", seed=1, image_size=64, n_valid=(5, 5), n_test=(5, 5), datasets=list(DATASETS))
-        clip = write_tiny_clip(root / "tiny.pt")
+        clip = tiny_clip  # conftest.py
         out = root / "out"
         assert reproduce.main(reproduce_argv(root / "data", clip, out)) == 0
         yield {"root": root, "data": root / "data", "clip": clip, "out": out}
@@ -324,9 +324,9 @@ def small_argv(data: Path, clip: Path, out: Path) -> list[str]:
             "--splits", "1", "--protocols", "release", "--epoch", "1", "--batch_size", "8"]
 
 
-def test_finished_runs_on_changed_data_are_refused(tmp_path, capsys):
+def test_finished_runs_on_changed_data_are_refused(tiny_clip, tmp_path, capsys):
     generate_benchmark(tmp_path / "data", seed=1, image_size=64, n_valid=(3, 3), n_test=(3, 3), datasets=["Brain"])
-    clip = write_tiny_clip(tmp_path / "tiny.pt")
+    clip = tiny_clip
     out = tmp_path / "out"
     assert reproduce.main(small_argv(tmp_path / "data", clip, out)) == 0
     run_dir = out / "runs" / "Brain" / "1-shot" / "release" / "split0"

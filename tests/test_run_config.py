@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dataset.synthetic import generate_benchmark
 from mvfa import cli
-from tests.scripts_helpers import tiny_argv, write_tiny_clip
+from tests.scripts_helpers import tiny_argv
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bench")
-    generate_benchmark(root / "data", seed=1, image_size=64, n_valid=(6, 6), n_test=(5, 5), datasets=["Brain"])
-    return {"root": root, "data": root / "data", "clip": write_tiny_clip(root / "tiny.pt")}
+def bench(tmp_path_factory, synthetic_data, tiny_clip) -> dict[str, Path]:
+    """conftest.py's benchmark (its Brain: seed 1, 64 px, 6 + 6 valid, 5 + 5 test) and tiny CLIP, read only."""
+    return {"root": tmp_path_factory.mktemp("bench"), "data": synthetic_data, "clip": tiny_clip}
 
 
 def without_time(metrics: dict) -> dict:

@@ -27,7 +27,7 @@ from mvfa.runs import run as runs
 from mvfa.runs import training
 from mvfa.runtime.errors import MVFAError
 from mvfa.runtime.files import LOCK_NAME, folder_lock
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv
 
 CHECKPOINT = "Brain-1shot-it0-seed111.pth"
 TRAINING = ("--shot", "1", "--epoch", "1", "--batch_size", "11")  # 22 augmented support images: 2 steps an epoch
@@ -43,11 +43,11 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> dict[str, Path]:
+def bench(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     """Brain and Liver (zero-shot needs two), and a Brain few-shot checkpoint trained for 1 epoch with its outputs."""
     root = tmp_path_factory.mktemp("safety")
     generate_benchmark(root / "data", seed=1, image_size=64, n_valid=(4, 4), n_test=(3, 3), datasets=["Brain", "Liver"])
-    clip = write_tiny_clip(root / "tiny.pt")
+    clip = tiny_clip  # conftest.py
     argv = tiny_argv(root / "data", clip, root / "ckpt", root / "out", "Brain", *TRAINING)
     assert cli.main_train_few(argv) == 0
     return {"data": root / "data", "clip": clip, "ckpt": root / "ckpt" / CHECKPOINT, "out": root / "out"}

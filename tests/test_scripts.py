@@ -11,19 +11,18 @@ import pytest
 import torch
 
 from CLIP import create_model
-from dataset.synthetic import generate_benchmark
 from mvfa import cli
 from mvfa.method.model import AdaptedViT, save_checkpoint
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv, write_tiny_clip
+from tests.scripts_helpers import SYNTHETIC_N_TEST, SYNTHETIC_N_VALID, TINY_MODEL, TINY_SIZE, TINY_STAGES, tiny_argv
 
 N_VALID, N_TEST = (6, 6), (5, 5)
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bench")
-    generate_benchmark(root / "data", seed=1, image_size=64, n_valid=N_VALID, n_test=N_TEST)
-    return {"root": root, "data": root / "data", "clip": write_tiny_clip(root / "tiny.pt")}
+def bench(tmp_path_factory, synthetic_data, tiny_clip) -> dict[str, Path]:
+    """conftest.py's benchmark (seed 1, 64 px, N_VALID / N_TEST) and tiny CLIP: read only (copy_brain copies)."""
+    assert (SYNTHETIC_N_VALID, SYNTHETIC_N_TEST) == (N_VALID, N_TEST)
+    return {"root": tmp_path_factory.mktemp("bench"), "data": synthetic_data, "clip": tiny_clip}
 
 
 def run_script(main, argv: list[str], capsys) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ from dataset.medical import read_seed_file
 from dataset.synthetic import generate_benchmark
 from mvfa import cli
 from mvfa.choices import DEFAULT_SEED_DIR
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
 DATASETS = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
 
@@ -25,7 +25,7 @@ def test_the_release_lists_are_shipped():
 
 
 @pytest.fixture(scope="module")
-def liver_named_like_bmad(tmp_path_factory) -> dict[str, Path]:
+def liver_named_like_bmad(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     """A synthetic Liver whose valid images carry the file names of the shipped 4-shot list."""
     root = tmp_path_factory.mktemp("lists")
     generate_benchmark(root / "data", seed=3, image_size=64, n_valid=(5, 5), n_test=(4, 4), datasets=["Liver"])
@@ -38,7 +38,7 @@ def liver_named_like_bmad(tmp_path_factory) -> dict[str, Path]:
             mask = valid / kind / "anomaly_mask" / image.name
             if mask.is_file():
                 mask.rename(mask.with_name(name))
-    return {"root": root, "data": root / "data", "clip": write_tiny_clip(root / "tiny.pt"), "names": (abnormal, normal)}
+    return {"root": root, "data": root / "data", "clip": tiny_clip, "names": (abnormal, normal)}
 
 
 def argv_for(bench: dict, out: Path, *extra: str) -> list[str]:
