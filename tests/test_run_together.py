@@ -16,17 +16,17 @@ from dataset.synthetic import generate_benchmark
 from mvfa.runs.config import RunConfig
 from mvfa.runs.run import PER_RUN_SETTINGS, run, run_together
 from mvfa.runtime.errors import MVFAError
-from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES, write_tiny_clip
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
 PROTOCOLS = {"release": dict(select="test", normalize="test"), "leakfree": dict(select="valid", normalize="valid")}
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> dict[str, Path]:
+def bench(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("together")
     generate_benchmark(root / "data", seed=4, image_size=64, n_valid=(5, 5), n_test=(4, 4),
-                       datasets=["Brain", "Liver", "Chest"])
-    return {"data": root / "data", "clip": write_tiny_clip(root / "tiny.pt")}
+                       datasets=["Brain", "Liver", "Chest"])  # small: two protocols, two modes, each twice
+    return {"data": root / "data", "clip": tiny_clip}
 
 
 def config(bench, folder: Path, mode: str, obj: str, protocol: str, **changes) -> RunConfig:
