@@ -80,6 +80,18 @@ class AdaptedViT(nn.Module):
         self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in stages)
         self._block_workspace: _BlockWorkspace | None = None
 
+    def sibling(self) -> "AdaptedViT":
+        """Another adapted model on this frozen backbone: the visual tower is shared (not copied), the
+        adapters are its own (copies of these). Runs trained together each hold one (mvfa.method.group)."""
+        other = AdaptedViT.__new__(AdaptedViT)
+        nn.Module.__init__(other)
+        other.stages = list(self.stages)
+        other.visual = self.visual
+        other.seg_adapters = copy.deepcopy(self.seg_adapters)
+        other.det_adapters = copy.deepcopy(self.det_adapters)
+        other._block_workspace = self._block_workspace
+        return other
+
     def float_with_block_workspace(self) -> None:
         """Compute in fp32 while the frozen blocks keep their stored dtype (OpenAI's fp16).
 

@@ -35,8 +35,9 @@ from dataset.medical import ABNORMAL_DIR, IMAGE_DIR, NORMAL_DIR, ImageSet, Medic
 from dataset.tensors import PIXEL_LEVELS, TensorSet
 
 from mvfa.method import scoring
+from mvfa.method.group import group_forward_from_prefix
 from mvfa.method.losses import BinaryDiceLoss, FocalLoss, det_loss
-from mvfa.method.model import AdaptedViT
+from mvfa.method.model import AdaptedViT, StageTokens
 from mvfa.runs.replay import RELEASE_SOURCE_ORDER, ReleaseRandom
 from mvfa.runs.run_log import RunLogger
 from mvfa.runtime.compute import autocast_for, progress
@@ -104,7 +105,16 @@ def compute_loss(
 
     `prefix` (the frozen blocks' output for `images`, e.g. from a cache) skips recomputing them.
     """
-    tokens = (model(images) if prefix is None else model.forward_from_prefix(prefix)).patches()
+    tokens = model(images) if prefix is None else model.forward_from_prefix(prefix)
+    return loss_from_tokens(tokens, masks, labels, text_features, has_masks, det_loss_form, model.image_size)
+
+
+def loss_from_tokens(
+    tokens: StageTokens, masks: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor, has_masks: torch.Tensor,
+    det_loss_form: str, image_size: int,
+) -> LossParts:
+    """compute_loss's work from a batch's stage tokens (class tokens included)."""
+    tokens = tokens.patches()
     stage_scores = scoring.stage_image_scores(tokens.det, text_features)  # [stages, B]
     det = sum(det_loss(scores, labels, det_loss_form) for scores in stage_scores)
     if not bool(has_masks.any()):
@@ -115,10 +125,10 @@ def compute_loss(
     seg_text = text_features[selected] if text_features.dim() == 3 else text_features
     seg = 0.0
     for stage_tokens in tokens.seg:
-        probabilities = scoring.stage_probability_maps(stage_tokens[selected], seg_text, model.image_size)
+        probabilities = scoring.stage_probability_maps(stage_tokens[selected], seg_text, image_size)
         seg = seg + focal(probabilities, target) + dice(probabilities[:, scoring.ABNORMAL], target)
     # The seg loss averages over the images that have masks; weight it by their share of the batch.
-    seg = seg * (selected.numel() / images.shape[0])
+    seg = seg * (selected.numel() / labels.shape[0])
     return LossParts(total=seg + det, det=det, seg=seg)
 
 
@@ -163,6 +173,36 @@ def train_step(
     return LossParts(
         total=torch.tensor(mean_loss), det=parts.det if parts is not None else zero, seg=parts.seg if parts is not None else None
     )
+
+
+def group_train_step(
+    models: list[AdaptedViT], optimizers: list[Optimizers], batches: list[tuple | None], det_loss_form: str = "release",
+) -> list[LossParts | None]:
+    """One step of runs trained together (mvfa.method.group): the runs given a batch (images, masks,
+    labels, text features, has-masks flags, prefix or None; the same image count for all) step from
+    one batched forward, each with its own loss and its own Adam state; a run given None is not
+    touched (no forward, no step: its Adam moments and step count stay as they are)."""
+    active = [run for run, batch in enumerate(batches) if batch is not None]
+    if not active:
+        return [None] * len(batches)
+    for run in active:
+        optimizers[run].zero_grad()
+    prefixes = []
+    for run in active:
+        images, prefix = batches[run][0], batches[run][5]
+        prefixes.append(prefix if prefix is not None else models[run].encode_prefix(images))
+    tokens = group_forward_from_prefix([models[run] for run in active], torch.cat(prefixes))
+    parts: list[LossParts | None] = [None] * len(batches)
+    for run, run_tokens in zip(active, tokens):
+        _, masks, labels, text_features, has_masks, _ = batches[run]
+        parts[run] = loss_from_tokens(run_tokens, masks, labels, text_features, has_masks, det_loss_form,
+                                      models[run].image_size)
+    sum(parts[run].total for run in active).backward()  # each run's gradients reach only its own adapters
+    for run in active:
+        if parts[run].seg is not None:
+            optimizers[run].seg.step()
+        optimizers[run].det.step()
+    return parts
 
 
 # ------------------------------------------------------------------------------------------------

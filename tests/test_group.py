@@ -1,0 +1,97 @@
+"""Runs trained together (mvfa.method.group, training.group_train_step): one batched forward and step for
+several runs' adapters on one frozen backbone equals each run's own forward and step to float rounding,
+and a run without a batch is not touched."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from CLIP import create_model
+from mvfa.method.group import group_forward_from_prefix
+from mvfa.method.model import AdaptedViT
+from mvfa.runs.training import group_train_step, make_optimizers, train_step
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
+
+RUNS = 3
+TOL = dict(rtol=1e-5, atol=1e-6)  # batched products may sum in another order than single ones
+
+
+def models() -> list[AdaptedViT]:
+    """A backbone and three runs on it, each with its own (different) adapters."""
+    torch.manual_seed(0)
+    lead = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES])
+    runs = [lead.sibling() for _ in range(RUNS)]
+    generator = torch.Generator().manual_seed(1)
+    for model in runs:
+        for parameter in model.adapter_parameters():
+            parameter.data.normal_(0, 0.05, generator=generator)
+    return runs
+
+
+def batch(seed: int, with_mask: bool) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(1, 3, TINY_SIZE, TINY_SIZE, generator=generator)
+    masks = (torch.rand(1, 1, TINY_SIZE, TINY_SIZE, generator=generator) > 0.8).float()
+    text = torch.nn.functional.normalize(torch.randn(64, 2, generator=generator), dim=0)
+    return images, masks, torch.tensor([float(seed % 2)]), text, torch.tensor([with_mask]), None
+
+
+def test_siblings_share_the_backbone_not_the_adapters():
+    runs = models()
+    assert all(model.visual is runs[0].visual for model in runs)
+    assert runs[0].seg_adapters is not runs[1].seg_adapters
+    assert not torch.equal(runs[0].seg_adapters[0].fc1[0].weight, runs[1].seg_adapters[0].fc1[0].weight)
+    ids = [{id(p) for p in model.adapter_parameters()} for model in runs]
+    assert not ids[0] & ids[1]
+
+
+def test_grouped_forward_equals_each_runs_own():
+    runs = models()
+    images = torch.rand(RUNS * 2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        prefix = runs[0].encode_prefix(images)
+        grouped = group_forward_from_prefix(runs, prefix)
+        for run, model in enumerate(runs):
+            own = model.forward_from_prefix(prefix[2 * run : 2 * run + 2])
+            for got, expected in zip(grouped[run].seg + grouped[run].det, own.seg + own.det):
+                torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_grouped_steps_equal_each_runs_own_steps_and_an_idle_run_is_untouched():
+    together, alone = models(), models()
+    together_opt = [make_optimizers(model, 1e-3) for model in together]
+    alone_opt = [make_optimizers(model, 1e-3) for model in alone]
+    steps = [  # run 1 has no image at step 1 (it must not move); masks for some runs only
+        [batch(10, True), batch(11, False), batch(12, True)],
+        [batch(20, False), None, batch(22, True)],
+        [batch(30, True), batch(31, True), batch(32, False)],
+    ]
+    for step in steps:
+        idle_before = [p.detach().clone() for p in together[1].adapter_parameters()]
+        grouped = group_train_step(together, together_opt, step)
+        for run, given in enumerate(step):
+            if given is None:
+                assert grouped[run] is None
+                continue
+            own = train_step(alone[run], alone_opt[run], *given[:5])
+            torch.testing.assert_close(grouped[run].total, own.total, **TOL)
+        if step[1] is None:  # no forward, no Adam step: bit for bit as before
+            assert all(torch.equal(a, b) for a, b in zip(idle_before, together[1].adapter_parameters()))
+    for run in range(RUNS):
+        for got, expected in zip(together[run].adapter_parameters(), alone[run].adapter_parameters()):
+            torch.testing.assert_close(got, expected, **TOL)
+        for kind in ("seg", "det"):
+            got = getattr(together_opt[run], kind).state_dict()["state"]
+            expected = getattr(alone_opt[run], kind).state_dict()["state"]
+            assert got.keys() == expected.keys()
+            for key in expected:
+                assert int(got[key]["step"]) == int(expected[key]["step"])  # an idle run's count did not move
+                torch.testing.assert_close(got[key]["exp_avg"], expected[key]["exp_avg"], **TOL)
+
+
+def test_a_group_of_other_backbones_is_refused():
+    runs = models()
+    torch.manual_seed(5)
+    stranger = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES])
+    with pytest.raises(ValueError, match="share one backbone"):
+        group_forward_from_prefix([runs[0], stranger], torch.zeros(2, (TINY_SIZE // 14) ** 2 + 1, runs[0].width))
