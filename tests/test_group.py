@@ -3,17 +3,30 @@ several runs' adapters on one frozen backbone equals each run's own forward and 
 and a run without a batch is not touched."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from CLIP import create_model
 from mvfa.method.group import group_forward_from_prefix
 from mvfa.method.model import AdaptedViT
-from mvfa.runs.training import group_train_step, make_optimizers, train_step
+from mvfa.runs.training import (
+    Selector,
+    Track,
+    after_epoch,
+    group_train_step,
+    make_optimizers,
+    train_group_loop,
+    train_loop,
+    train_step,
+)
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
 RUNS = 3
 TOL = dict(rtol=1e-5, atol=1e-6)  # batched products may sum in another order than single ones
+SETTINGS = dict(learning_rate=1e-3, batch_size=1, precision="fp32", det_loss="release", ddp=False, seed=0,
+                img_size=TINY_SIZE, num_workers=0)
 
 
 def models() -> list[AdaptedViT]:
@@ -95,3 +108,50 @@ def test_a_group_of_other_backbones_is_refused():
     stranger = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [int(s) for s in TINY_STAGES])
     with pytest.raises(ValueError, match="share one backbone"):
         group_forward_from_prefix([runs[0], stranger], torch.zeros(2, (TINY_SIZE // 14) ** 2 + 1, runs[0].width))
+
+
+def run_batches(seed: int, steps: int):
+    """A run's batches: the same `steps` single images every epoch, some with masks."""
+    fixed = [batch(seed * 100 + i, i % 2 == 0) for i in range(steps)]
+    return lambda epoch: list(fixed)
+
+
+class Scores:
+    """Scripted selection scores; keeps nothing (the adapters are compared through the results)."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+
+    def __call__(self):
+        value = self.values.pop(0)
+        return value, {"test_score": value}
+
+
+def test_the_group_loop_equals_each_runs_own_loop():
+    """Three runs in lockstep (the second with fewer epochs: it stops stepping, the others go on; the
+    third with more steps per epoch): each run's rows, selection and adapters equal its own loop's."""
+    epochs, steps = [2, 1, 2], [3, 3, 4]
+    scores = [[0.2, 0.9], [0.5], [0.1, 0.3]]
+
+    def tracks(run: int) -> list[Track]:
+        return [Track(Selector(after_epoch, Scores(scores[run])), "test")]
+
+    together = models()
+    group_tracks = [tracks(run) for run in range(RUNS)]
+    grouped = train_group_loop([SimpleNamespace(**SETTINGS, epoch=e) for e in epochs], together,
+                               [run_batches(run, steps[run]) for run in range(RUNS)], group_tracks, torch.device("cpu"))
+    alone = models()
+    for run in range(RUNS):
+        own_tracks = tracks(run)
+        (own,) = train_loop(SimpleNamespace(**SETTINGS, epoch=epochs[run]), alone[run], run_batches(run, steps[run]),
+                            own_tracks, torch.device("cpu"))
+        (got,) = grouped[run]
+        assert (got["epoch"], got["step"], got["score"]) == (own["epoch"], own["step"], own["score"])
+        assert got["epoch_losses"] == pytest.approx(own["epoch_losses"], rel=1e-5)
+        rows, own_rows = group_tracks[run][0].log_rows, own_tracks[0].log_rows
+        assert [(r["epoch"], r["step"], r["test_score"]) for r in rows] == [(r["epoch"], r["step"], r["test_score"]) for r in own_rows]
+        for group in ("seg_adapters", "det_adapters"):
+            for key, tensor in own["adapters"][group].items():
+                torch.testing.assert_close(got["adapters"][group][key], tensor, **TOL)
+        for got_parameter, own_parameter in zip(together[run].adapter_parameters(), alone[run].adapter_parameters()):
+            torch.testing.assert_close(got_parameter, own_parameter, **TOL)  # the finished run stopped moving

@@ -115,6 +115,15 @@ class ReleaseRandom:
         self._buffer: torch.Tensor | None = None
         self.passes: list[dict] = []  # every shuffled pass drawn: {"n": items, "order": [...]}
 
+    def fork(self) -> "ReleaseRandom":
+        """Another ReleaseRandom in this one's state (from here on, their draws are the same and independent)."""
+        other = ReleaseRandom.__new__(ReleaseRandom)
+        other.torch = torch.Generator().set_state(self.torch.get_state())
+        other.python = random.Random()
+        other.python.setstate(self.python.getstate())
+        other.buffer_floats, other._buffer, other.passes = self.buffer_floats, None, list(self.passes)
+        return other
+
     # ---- before training
     def skip_clip_builds(self, config: CLIPConfig, img_size: int) -> None:
         """The draws of the release's two random CLIP initialisations: build A at the weights' grid

@@ -19,7 +19,7 @@ RunConfig has them).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
@@ -265,77 +265,147 @@ def train_loop(
     the end, so all ranks evaluate, select and return the same adapters. With --ddp every rank
     trains its part of each batch (`batches` gives it) and the gradients are averaged.
     """
+    trajectory = Trajectory(config, model, batches, tracks, dist, progress_every_s)
     optimizers = make_optimizers(model, config.learning_rate)
     parallel = dist if config.ddp and dist.active else None
-    effective = _effective_batch(config, dist)
-    bests: list[dict] = [{"score": None} for _ in tracks]
-    epoch_losses: list[float] = []
-    steps_done = 0  # over the run: the loggers' step axis
-    total = 0  # steps of the current epoch
-    lines = _ProgressLines(config.epoch, progress_every_s)
     amp = autocast_for(device, config.precision)
+    while (batch := trajectory.next_batch()) is not None:
+        images, masks, labels, features, has_masks, prefix = batch
+        with amp:
+            parts = train_step(
+                model, optimizers, images.to(device), masks.to(device), labels.to(device),
+                features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
+            )
+        trajectory.record(parts.total.item())
+    return trajectory.results()
 
-    def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
-        return TrainingDiverged(f"training diverged at epoch {epoch} step {step}: {what}", {"epoch": epoch, "step": step},
-                                [best if best["score"] is not None else None for best in bests])
 
-    def evaluate(due: list[int], epoch: int, done: int, losses: list[float]) -> None:
-        broadcast_parameters(model.adapter_parameters(), dist)
-        if not adapters_finite(model):  # a last step's update can make them so (the next loss would say it)
-            raise diverged(epoch, done, "the adapters hold NaN or infinite values")
-        for index in due:
-            track = tracks[index]
-            value, detail = track.selector.score()
-            row = {"epoch": epoch, "step": done, "loss": float(np.mean(losses)) if losses else "", **effective, **detail}
-            track.log_rows.append(row)
-            track.logger.row(row, steps_done)
-            if value is not None and track.selector.better(value, bests[index]["score"]):
-                bests[index] = {"score": value, "epoch": epoch, "step": done, "adapters": model.adapter_state()}
-
-    for epoch in range(1, config.epoch + 1):
-        losses: list[float] = []
-        epoch_batches = batches(epoch)
-        total = len(epoch_batches)
-        points = [track.selector.points(total) for track in tracks]
-        bar = progress(epoch_batches, f"epoch {epoch}/{config.epoch}")
-        for done, (images, masks, labels, features, has_masks, prefix) in enumerate(bar):
-            if due := [i for i, at in enumerate(points) if done in at]:
-                evaluate(due, epoch, done, losses)
+def train_group_loop(
+    configs: list[LoopSettings], models: list[AdaptedViT], batches: list[Callable[[int], Iterable[tuple]]],
+    tracks: list[list[Track]], device: torch.device, progress_every_s: float = PROGRESS_LINE_S,
+) -> list[list[dict]]:
+    """Runs trained together (mvfa.method.group): run r is `models[r]` (siblings on one backbone) with
+    its own batches, tracks, optimiser and seeded orders; at each step every run that has a batch left
+    steps, those of one image count as one batched computation (training.group_train_step); a run
+    that has finished does not step. Each run's evaluations, selection and results are its own, as
+    in train_loop (equal to it to float rounding). One process, no --ddp. Returns train_loop's
+    result per run."""
+    trajectories = [Trajectory(c, m, b, t, SINGLE, progress_every_s, f"run {i + 1}: " if len(models) > 1 else "")
+                    for i, (c, m, b, t) in enumerate(zip(configs, models, batches, tracks))]
+    optimizers = [make_optimizers(model, config.learning_rate) for model, config in zip(models, configs)]
+    amp = autocast_for(device, configs[0].precision)
+    running = list(range(len(models)))
+    while running:
+        due = {run: trajectories[run].next_batch() for run in running}
+        running = [run for run in running if due[run] is not None]
+        by_count: dict[int, list[int]] = {}
+        for run in running:
+            by_count.setdefault(int(due[run][2].shape[0]), []).append(run)
+        for group in by_count.values():  # runs whose batches hold the same number of images step together
+            step = [None] * len(models)
+            for run in group:
+                images, masks, labels, features, has_masks, prefix = due[run]
+                step[run] = (images.to(device), masks.to(device), labels.to(device), features.to(device),
+                             has_masks.to(device), prefix)
             with amp:
-                parts = train_step(
-                    model, optimizers, images.to(device), masks.to(device), labels.to(device),
-                    features.to(device), has_masks.to(device), config.det_loss, prefix, parallel,
-                )
-            losses.append(parts.total.item())
-            if not math.isfinite(losses[-1]):
-                raise diverged(epoch, done + 1, f"the loss is {losses[-1]}")
-            steps_done += 1
-            for track in tracks:
-                track.logger.scalar("train/loss", losses[-1], steps_done)
-            lines.step(epoch, done + 1, total, losses)
-        if due := [i for i, at in enumerate(points) if total in at]:
-            evaluate(due, epoch, total, losses)
-        epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
-        for track in tracks:
+                parts = group_train_step(models, optimizers, step, configs[group[0]].det_loss)
+            for run in group:
+                trajectories[run].record(parts[run].total.item())
+    return [trajectory.results() for trajectory in trajectories]
+
+
+class Trajectory:
+    """One run's training driven a step at a time: its epochs of batches, its tracks' evaluations at
+    their points, its losses, loggers and printed lines. `next_batch` evaluates what is due and gives
+    the next batch to step (None at the end), `record` takes the step's loss, `results` the selections."""
+
+    def __init__(self, config: LoopSettings, model: AdaptedViT, batches: Callable[[int], Iterable[tuple]],
+                 tracks: list[Track], dist: Dist, progress_every_s: float, name: str = "") -> None:
+        self.config, self.model, self.batches, self.tracks, self.dist, self.name = config, model, batches, tracks, dist, name
+        self.effective = _effective_batch(config, dist)
+        self.bests: list[dict] = [{"score": None} for _ in tracks]
+        self.epoch_losses: list[float] = []
+        self.steps_done = 0  # over the run: the loggers' step axis
+        self.lines = _ProgressLines(config.epoch, progress_every_s)
+        self.epoch, self.total, self.done, self.losses = 0, 0, 0, []
+        self.points: list[set[int]] = []
+        self.pending: Iterator | None = None  # the current epoch's batches
+
+    def next_batch(self) -> tuple | None:
+        while True:
+            if self.pending is None:
+                if self.epoch == self.config.epoch:
+                    return None
+                self._start_epoch()
+            if due := [i for i, at in enumerate(self.points) if self.done in at]:
+                self._evaluate(due)
+            batch = next(self.pending, None)
+            if batch is not None:
+                return batch
+            self._end_epoch()
+
+    def record(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.done += 1
+        if not math.isfinite(loss):
+            raise self._diverged(self.epoch, self.done, f"the loss is {loss}")
+        self.steps_done += 1
+        for track in self.tracks:
+            track.logger.scalar("train/loss", loss, self.steps_done)
+        self.lines.step(self.epoch, self.done, self.total, self.losses)
+
+    def results(self) -> list[dict]:
+        return [self._selected(track, best) for track, best in zip(self.tracks, self.bests)]
+
+    def _start_epoch(self) -> None:
+        self.epoch += 1
+        epoch_batches = self.batches(self.epoch)
+        self.total, self.done, self.losses = len(epoch_batches), 0, []
+        self.points = [track.selector.points(self.total) for track in self.tracks]
+        self.pending = iter(progress(epoch_batches, f"{self.name}epoch {self.epoch}/{self.config.epoch}"))
+
+    def _end_epoch(self) -> None:
+        """After the epoch's last step: the evaluations due at its end were made (next_batch); the log rows
+        of tracks that score nothing, the epoch's printed line."""
+        self.pending = None
+        self.epoch_losses.append(float(np.mean(self.losses)) if self.losses else float("nan"))
+        for track in self.tracks:
             if not track.selector.active:  # nothing scored: the epoch's loss is the log's row
-                row = {"epoch": epoch, "step": total, "loss": epoch_losses[-1], **effective}
+                row = {"epoch": self.epoch, "step": self.total, "loss": self.epoch_losses[-1], **self.effective}
                 track.log_rows.append(row)
-                track.logger.row(row, steps_done)
-            print(_epoch_summary(epoch, config.epoch, epoch_losses[-1], track, effective), flush=True)
-    return [_selected(track, best, model, config.epoch, total, epoch_losses, dist, diverged)
-            for track, best in zip(tracks, bests)]
+                track.logger.row(row, self.steps_done)
+            print(self.name + _epoch_summary(self.epoch, self.config.epoch, self.epoch_losses[-1], track, self.effective),
+                  flush=True)
 
+    def _diverged(self, epoch: int, step: int, what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"training diverged at epoch {epoch} step {step}: {what}", {"epoch": epoch, "step": step},
+                                [best if best["score"] is not None else None for best in self.bests])
 
-def _selected(track: Track, best: dict, model: AdaptedViT, epochs: int, total: int, epoch_losses: list[float],
-              dist: Dist, diverged) -> dict:
-    """A track's result: its best evaluation, or the last adapters (--select last, or nothing scored)."""
-    if track.select == "last" or best["score"] is None:
-        broadcast_parameters(model.adapter_parameters(), dist)
-        if not adapters_finite(model):
-            raise diverged(epochs, total, "the adapters hold NaN or infinite values")
-        return {"score": None, "epoch": epochs, "step": None, "adapters": model.adapter_state(), "epoch_losses": epoch_losses}
-    print(f"{track.name}selected epoch {best['epoch']} step {best['step']} ({track.select} {best['score']:.4f})")
-    return {**best, "epoch_losses": epoch_losses}
+    def _evaluate(self, due: list[int]) -> None:
+        model = self.model
+        broadcast_parameters(model.adapter_parameters(), self.dist)
+        if not adapters_finite(model):  # a last step's update can make them so (the next loss would say it)
+            raise self._diverged(self.epoch, self.done, "the adapters hold NaN or infinite values")
+        for index in due:
+            track = self.tracks[index]
+            value, detail = track.selector.score()
+            row = {"epoch": self.epoch, "step": self.done, "loss": float(np.mean(self.losses)) if self.losses else "",
+                   **self.effective, **detail}
+            track.log_rows.append(row)
+            track.logger.row(row, self.steps_done)
+            if value is not None and track.selector.better(value, self.bests[index]["score"]):
+                self.bests[index] = {"score": value, "epoch": self.epoch, "step": self.done, "adapters": model.adapter_state()}
+
+    def _selected(self, track: Track, best: dict) -> dict:
+        """A track's result: its best evaluation, or the last adapters (--select last, or nothing scored)."""
+        if track.select == "last" or best["score"] is None:
+            broadcast_parameters(self.model.adapter_parameters(), self.dist)
+            if not adapters_finite(self.model):
+                raise self._diverged(self.config.epoch, self.total, "the adapters hold NaN or infinite values")
+            return {"score": None, "epoch": self.config.epoch, "step": None, "adapters": self.model.adapter_state(),
+                    "epoch_losses": self.epoch_losses}
+        print(f"{self.name}{track.name}selected epoch {best['epoch']} step {best['step']} ({track.select} {best['score']:.4f})")
+        return {**best, "epoch_losses": self.epoch_losses}
 
 
 class _ProgressLines:
