@@ -41,7 +41,7 @@ from mvfa.runs.run_log import RunLogger, make_logger
 from mvfa.runs.support import cache_support_prefixes, prepare_few_shot
 from mvfa.runs.training import (
     Selector, Track, TrainingDiverged, after_epoch, few_shot_batches, final_zero_shot_points, release_zero_shot_points,
-    train_loop, zero_shot_batches,
+    train_group_loop, train_loop, zero_shot_batches,
 )
 from mvfa.runtime.compute import autocast_for, compile_model, seed_everything
 from mvfa.runtime.distributed import SINGLE, Dist, barrier, quiet_unless_main
@@ -119,6 +119,52 @@ def run_together(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResul
     return results
 
 
+# What may differ between the trajectories of runs trained in lockstep: the few-shot split.
+GROUP_SETTINGS = ("iterate",)
+
+
+def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
+    """Few-shot runs of several splits trained in lockstep as one batched computation (mvfa.method.group):
+    each set of `config_sets` shares one trajectory (run_together: e.g. the two protocols), the sets
+    differ in the split (--iterate) only; each keeps its own support, seeded orders, optimiser,
+    evaluations, selection and files. Each run's results equal those of its set trained alone to
+    float rounding (batched products sum in another order). One process. One set: run_together."""
+    if len(config_sets) == 1:
+        return [run_together(config_sets[0], dist)]
+    with quiet_unless_main(dist):
+        for configs in config_sets:
+            for config in configs:
+                config.validate()
+            check_shared(configs)
+        check_group(config_sets, dist)
+        every = [config for configs in config_sets for config in configs]
+        for config in every:
+            check_outputs(config)
+        with contextlib.ExitStack() as locks:
+            for config in every:
+                locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError))
+            return few_shot_group(config_sets)
+
+
+def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
+    """Sets trained in lockstep: few-shot training runs of one dataset that differ in the split only."""
+    if dist.active:
+        raise MVFAError("runs trained in lockstep run in one process: under torchrun each rank trains its own runs")
+    first = config_sets[0][0]
+    if first.mode != "few-shot" or not first.train:
+        raise MVFAError("runs trained in lockstep are few-shot training runs (the splits of one dataset)")
+    allowed = (*PER_RUN_SETTINGS, *GROUP_SETTINGS)
+    for configs in config_sets[1:]:
+        other = configs[0]
+        differ = [key for key, value in vars(first).items() if key not in allowed and vars(other)[key] != value]
+        if differ:
+            raise MVFAError(f"runs trained in lockstep must differ only in {', '.join(allowed)}; these differ too: "
+                            f"{', '.join(differ)}")
+    folders = [c.output_dir.resolve() for configs in config_sets for c in configs]
+    if len(set(folders)) < len(folders):
+        raise MVFAError("runs trained in lockstep need their own --output_dir")
+
+
 @dataclass
 class RunState:
     """What a run has opened: the target, its test images, the checkpoint read or planned, the clock."""
@@ -166,11 +212,51 @@ def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResu
     batches = few_shot_batches(config, few_shot, text_features, lead.target.has_masks, replay)
     for run in runs:
         run.meta["support"] = support_names(support)
-    trained = train_runs(runs, model, batches, selectors)
+    (trained,) = train_runs([runs], [model], [batches], [selectors])
     results = []
     for run, (best_state, log_rows) in zip(runs, trained):
         keep_selected(run, model, best_state, scorer, few_shot.support_samples)
         results.append(test_and_write(run, model, scorer, few_shot.support_samples, best_state, log_rows, support))
+    return results
+
+
+def few_shot_group(config_sets: list[list[RunConfig]]) -> list[list[RunResult]]:
+    """run_grouped's work: few_shot_runs for several splits, their trainings in lockstep."""
+    run_sets = [open_runs(configs, SINGLE) for configs in config_sets]
+    lead = run_sets[0][0]
+    config = lead.config
+    model, replay, text_features, _ = build_run_model(config, lead.device, lead.word, {})
+    models = [model] + [model.sibling() for _ in run_sets[1:]]  # the release's initial adapters, for each split
+    replays = [replay] + [replay.fork() for _ in run_sets[1:]]  # each split draws as if alone
+    load_test_set([run for runs in run_sets for run in runs])
+    supports, scorers, batches, selectors = [], [], [], []
+    if any(run.config.select == "test" for runs in run_sets for run in runs):
+        cache(lead, model, lead.test_set)
+    for runs, split_model, split_replay in zip(run_sets, models, replays):
+        split = runs[0].config
+        few_shot, support = prepare_few_shot(split, lead.target)
+        print(f"support of --iterate {split.iterate}: {split.shot} abnormal + {split.shot} normal valid images "
+              f"({support.source})")
+        cache_support_prefixes(split_model, few_shot, split, lead.budget)
+        scorer = FewShotScorer(
+            text_features, lead.target.has_masks, support_images=few_shot.normal_images,
+            support_cache=few_shot.memory_cache, batch_size=split.eval_batch_size, bank_precision=bank_precision(split),
+            release_dtypes=release_dtypes(split),
+        )
+        for run in runs:
+            run.test_set, run.meta["support"] = lead.test_set, support_names(support)
+        supports.append((few_shot, support))
+        scorers.append(scorer)
+        selectors.append([few_shot_selection(run, split_model, scorer, few_shot.support_samples) for run in runs])
+        batches.append(few_shot_batches(split, few_shot, text_features, lead.target.has_masks, split_replay))
+    trained = train_runs(run_sets, models, batches, selectors)
+    results = []
+    for runs, split_model, scorer, (few_shot, support), split_trained in zip(run_sets, models, scorers, supports, trained):
+        results.append([])
+        for run, (best_state, log_rows) in zip(runs, split_trained):
+            keep_selected(run, split_model, best_state, scorer, few_shot.support_samples)
+            results[-1].append(test_and_write(run, split_model, scorer, few_shot.support_samples, best_state, log_rows,
+                                              support))
     return results
 
 
@@ -199,7 +285,7 @@ def zero_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunRes
         config, sources, lambda source: source_features[source.name], lead.budget.allow, replay,
         listing_of(config.order, listings, config.data_path), dist,
     )
-    trained = train_runs(runs, model, batches, selectors)
+    (trained,) = train_runs([runs], [model], [batches], [selectors])
     results = []
     for run, (best_state, log_rows) in zip(runs, trained):
         keep_selected(run, model, best_state, scorer, [])
@@ -299,30 +385,41 @@ def cache(run: RunState, model: AdaptedViT, data: TensorSet) -> TensorSet:
     return data
 
 
-def train_runs(runs: list[RunState], model: AdaptedViT, batches, selectors: list[Selector]) -> list[tuple[dict, list[dict]]]:
-    """Train once, every run's selection tracked along the trajectory. Returns per run the training
-    loop's selected state and the log rows. A diverged trajectory saves each run's last good selection."""
-    lead = runs[0]
-    if any(run.config.select == "test" for run in runs):
+def train_runs(
+    run_sets: list[list[RunState]], models: list[AdaptedViT], batches: list, selectors: list[list[Selector]],
+) -> list[list[tuple[dict, list[dict]]]]:
+    """Train each set of runs once (the runs of a set share a trajectory: each run's selection is tracked
+    along it), several sets in lockstep as one batched computation (`models`: siblings on one
+    backbone). Returns per set and run the selected state and the log rows. A diverged trajectory
+    saves the last good selection of each of its runs."""
+    lead = run_sets[0][0]
+    if any(run.config.select == "test" for runs in run_sets for run in runs):
         print(TEST_LABEL_WARNING)
-    named = len(runs) > 1
-    tracks = [
-        Track(selector, run.config.select, [],
-              make_logger(run.config.logger, run.config.output_dir) if lead.dist.is_main else RunLogger(),
-              f"[--select {run.config.select}] " if named else "")
-        for run, selector in zip(runs, selectors)
-    ]
+    named = any(len(runs) > 1 for runs in run_sets)
+    tracks = [[Track(selector, run.config.select, [],
+                     make_logger(run.config.logger, run.config.output_dir) if lead.dist.is_main else RunLogger(),
+                     f"[--select {run.config.select}] " if named else "")
+               for run, selector in zip(runs, set_selectors)] for runs, set_selectors in zip(run_sets, selectors)]
     try:
-        states = train_loop(lead.config, model, batches, tracks, lead.device, lead.dist)
+        if len(run_sets) == 1:
+            states = [train_loop(lead.config, models[0], batches[0], tracks[0], lead.device, lead.dist)]
+        else:
+            states = train_group_loop([runs[0].config for runs in run_sets], models, batches, tracks, lead.device)
     except TrainingDiverged as err:
-        kept = [keep_last_good(run.config, model, best, err.where, run.meta, run.dist)
+        diverged = err.run
+        runs = run_sets[diverged]
+        kept = [keep_last_good(run.config, models[diverged], best, err.where, run.meta, run.dist)
                 for run, best in zip(runs, err.best)]
-        shown = kept if not named else [f"{track.name.strip()} {part}" for track, part in zip(tracks, kept)]
-        raise MVFAError(f"{err}; {'; '.join(shown)}; lower --learning_rate (this run: {lead.config.learning_rate:g})") from None
+        shown = kept if not named else [f"{track.name.strip()} {part}" for track, part in zip(tracks[diverged], kept)]
+        where = f" ({runs[0].config.output_dir})" if len(run_sets) > 1 else ""
+        raise MVFAError(f"{err}{where}; {'; '.join(shown)}; lower --learning_rate (this run: "
+                        f"{runs[0].config.learning_rate:g})") from None
     finally:
-        for track in tracks:
-            track.logger.close()
-    return [(state, track.log_rows) for state, track in zip(states, tracks)]
+        for set_tracks in tracks:
+            for track in set_tracks:
+                track.logger.close()
+    return [[(state, track.log_rows) for state, track in zip(set_states, set_tracks)]
+            for set_states, set_tracks in zip(states, tracks)]
 
 
 def keep_selected(run: RunState, model: AdaptedViT, best_state: dict, scorer: Scorer, support: list[Sample]) -> None:

@@ -61,6 +61,7 @@ class TrainingDiverged(MVFAError):
         super().__init__(message)
         self.where = where
         self.best = best
+        self.run = 0  # runs trained together (train_group_loop): the index of the run that diverged
 
 
 def adapters_finite(model: AdaptedViT) -> bool:
@@ -296,7 +297,7 @@ def train_group_loop(
     amp = autocast_for(device, configs[0].precision)
     running = list(range(len(models)))
     while running:
-        due = {run: trajectories[run].next_batch() for run in running}
+        due = {run: _next_of(trajectories, run) for run in running}
         running = [run for run in running if due[run] is not None]
         by_count: dict[int, list[int]] = {}
         for run in running:
@@ -310,8 +311,25 @@ def train_group_loop(
             with amp:
                 parts = group_train_step(models, optimizers, step, configs[group[0]].det_loss)
             for run in group:
-                trajectories[run].record(parts[run].total.item())
+                _recorded(trajectories, run, parts[run].total.item())
     return [trajectory.results() for trajectory in trajectories]
+
+
+def _next_of(trajectories: list["Trajectory"], run: int) -> tuple | None:
+    """Run `run`'s next batch; a TrainingDiverged says which run it is (`err.run`)."""
+    try:
+        return trajectories[run].next_batch()
+    except TrainingDiverged as err:
+        err.run = run
+        raise
+
+
+def _recorded(trajectories: list["Trajectory"], run: int, loss: float) -> None:
+    try:
+        trajectories[run].record(loss)
+    except TrainingDiverged as err:
+        err.run = run
+        raise
 
 
 class Trajectory:

@@ -1,0 +1,75 @@
+"""Few-shot runs of several splits trained in lockstep (mvfa.runs.run.run_grouped): each run's results
+equal those of its split trained alone to float rounding (batched products sum in another order)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataset.synthetic import generate_benchmark
+from mvfa.runs.config import RunConfig
+from mvfa.runs.run import run_grouped, run_together
+from mvfa.runtime.errors import MVFAError
+from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
+
+SPLITS = (0, 1)
+PROTOCOLS = {"release": dict(select="test", normalize="test"), "leakfree": dict(select="valid", normalize="valid")}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, tiny_clip) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("grouped")
+    generate_benchmark(root / "data", seed=6, image_size=64, n_valid=(5, 5), n_test=(4, 4), datasets=["Brain", "Chest"])
+    return {"data": root / "data", "clip": tiny_clip}
+
+
+def config(bench, folder: Path, obj: str, iterate: int, protocol: str) -> RunConfig:
+    return RunConfig(
+        mode="few-shot", train=True, obj=obj, data_path=bench["data"], save_path=folder, output_dir=folder,
+        model_name=TINY_MODEL, clip_ckpt=bench["clip"], img_size=TINY_SIZE, features_list=tuple(int(s) for s in TINY_STAGES),
+        shot=2, iterate=iterate, epoch=2, eval_batch_size=4, fewshot_seed_dirs=(bench["data"] / "no-seed-lists",),
+        cache_dir=None, **PROTOCOLS[protocol],
+    )
+
+
+def sets(bench, root: Path, obj: str) -> list[list[RunConfig]]:
+    return [[config(bench, root / f"split{i}" / p, obj, i, p) for p in PROTOCOLS] for i in SPLITS]
+
+
+@pytest.mark.parametrize("obj", ["Brain", "Chest"])  # with masks (fused maps), without (fused scores)
+def test_splits_in_lockstep_equal_each_split_alone(bench, tmp_path, obj):
+    grouped_sets, alone_sets = sets(bench, tmp_path / "grouped", obj), sets(bench, tmp_path / "alone", obj)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        grouped = run_grouped(grouped_sets)
+        alone = [run_together(configs) for configs in alone_sets]
+    assert "run 2: [--select valid] epoch 2/2" in printed.getvalue()  # each line says whose it is
+    for split, protocol_results, own_results in zip(SPLITS, grouped, alone):
+        for protocol, got, own in zip(PROTOCOLS, protocol_results, own_results):
+            for key, value in own.metrics.items():
+                if key != "seconds":
+                    assert got.metrics[key] == pytest.approx(value, abs=1e-4), (split, protocol, key)
+            got_state = torch.load(got.checkpoint, weights_only=True)
+            own_state = torch.load(own.checkpoint, weights_only=True)
+            for key in ("best_epoch", "best_step", "support", "iterate"):  # the same selection, of the same support
+                assert got_state["meta"][key] == own_state["meta"][key], (split, protocol, key)
+            for group in ("seg_adapters", "det_adapters"):
+                for name, tensor in own_state[group].items():
+                    torch.testing.assert_close(got_state[group][name], tensor, rtol=1e-4, atol=1e-5)
+            written = json.loads((got.output_dir / "metrics.json").read_text())
+            assert written["config"]["iterate"] == split and written["support"]["source"].startswith("random draw")
+
+
+def test_runs_that_differ_in_more_than_the_split_are_refused(bench, tmp_path):
+    base = sets(bench, tmp_path, "Brain")
+    other = [[replace(c, learning_rate=1e-2) for c in base[1]]]
+    with pytest.raises(MVFAError, match="these differ too: learning_rate"):
+        run_grouped([base[0], *other])
+    zero = [[replace(c, mode="zero-shot") for c in configs] for configs in base[:2]]
+    with pytest.raises(MVFAError, match="few-shot training runs"):
+        run_grouped(zero)
+    assert not any(tmp_path.rglob("metrics.json"))  # refused before any work
