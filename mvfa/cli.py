@@ -136,7 +136,13 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                          help=training_only("Adam step (betas 0.5, 0.999)"))
     if mode == "few-shot":
         release.add_argument("--shot", type=int, default=4, help="k abnormal and k normal support images")
-        release.add_argument("--iterate", type=int, default=0, help="seed-file line; -1: a random draw from --seed")
+        iterate_help = "seed-file line; -1: a random draw from --seed"
+        if train:
+            release.add_argument("--iterate", type=int, nargs="+", default=[0],
+                                 help=f"{iterate_help}; several: those splits trained together in lockstep (one "
+                                      "process; with --output_dir each run writes to <output_dir>/iterate<i>)")
+        else:
+            release.add_argument("--iterate", type=int, default=0, help=iterate_help)
 
     added = parser.add_argument_group("added flags")
     added.add_argument("--clip_ckpt", default=None, help="CLIP weights (default: CLIP/ckpt/<OpenAI file of --model_name>)")
@@ -319,14 +325,31 @@ def write_run_config(output_dir: Path, flags: dict) -> Path:
 # A run
 
 
-def config_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> RunConfig:
-    """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device."""
+def configs_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> list[RunConfig]:
+    """One run's settings per --iterate value (train_few takes several: splits trained in lockstep)."""
+    iterates = getattr(args, "iterate", None)
+    if not isinstance(iterates, list) or len(iterates) == 1:
+        return [config_from_args(args, mode, train, device)]
+    configs = [config_from_args(args, mode, train, device, iterate) for iterate in iterates]
+    if args.output_dir:
+        for config in configs:
+            config.output_dir = Path(args.output_dir) / f"iterate{config.iterate}"
+    return configs
+
+
+def config_from_args(
+    args: argparse.Namespace, mode: str, train: bool, device: str | None = None, iterate: int | None = None,
+) -> RunConfig:
+    """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device,
+    `iterate` the first --iterate value."""
     from mvfa.runs.config import RunConfig
 
     device = resolve_device(device if device is not None else args.device)
     precision = resolve_precision(args.precision, device)
     shot = getattr(args, "shot", 0)
-    iterate = getattr(args, "iterate", -1)
+    if iterate is None:
+        iterate = getattr(args, "iterate", -1)
+        iterate = iterate[0] if isinstance(iterate, list) else iterate
     config = RunConfig(
         mode=mode,
         train=train,
@@ -394,12 +417,14 @@ def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
     flags = run_flags(parser, args)
 
     def work(dist: Dist, device: str | None) -> None:
-        from mvfa.runs.run import run
+        from mvfa.runs.run import run_grouped
 
-        config = config_from_args(args, mode, train, device)
-        run(config, dist)
+        configs = configs_from_args(args, mode, train, device)
+        run_grouped([[config] for config in configs], dist)
         if dist.is_main:
-            write_run_config(config.output_dir, flags)
+            for config in configs:  # each folder's flags re-run its own run
+                own = {**flags, "iterate": [config.iterate], "output_dir": str(config.output_dir)} if len(configs) > 1 else flags
+                write_run_config(config.output_dir, own)
 
     return guarded(work, args.device, args.dist_timeout)
 

@@ -70,7 +70,7 @@ from mvfa.paper import (
 from mvfa.parsers import reproduce_parser
 from mvfa.runs.config import TRAINING_ONLY, TRAINING_SETTINGS, RunConfig
 from mvfa.runs.outputs import json_ready
-from mvfa.runs.run import run_together
+from mvfa.runs.run import run_grouped
 from mvfa.runtime.distributed import CPU_BACKEND, SINGLE, Dist, barrier, gather_objects, quiet_unless_main
 from mvfa.runtime.errors import MVFAError
 from mvfa.runtime.files import write_text_atomic
@@ -119,8 +119,8 @@ class Plan:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = reproduce_parser()
     args = parser.parse_args(argv)
-    if args.splits < 1 or any(k < 1 for k in args.shots):
-        parser.error("--splits and every --shots value must be >= 1")
+    if args.splits < 1 or args.group_size < 1 or any(k < 1 for k in args.shots):
+        parser.error("--splits, --group_size and every --shots value must be >= 1")
     return args
 
 
@@ -550,18 +550,31 @@ def write_results(root: Path, data_path: Path, datasets: list[str], args: argpar
     return rows
 
 
-def run_groups(plans: list[Plan], together: bool) -> list[list[tuple[int, Plan]]]:
-    """(1-based index, plan) in groups trained together: the protocols of one dataset, setting and
-    split share a training trajectory (normal-only runs train nothing: one by one); `together` False:
-    every plan alone."""
-    groups: dict[tuple, list[tuple[int, Plan]]] = {}
+def run_groups(plans: list[Plan], together: bool, group_size: int) -> list[list[list[tuple[int, Plan]]]]:
+    """(1-based index, plan) in sets trained together, the sets in groups trained in lockstep.
+
+    A set: the protocols of one dataset, setting and split share a training trajectory (normal-only
+    runs train nothing: one by one); `together` False: every plan alone. A group: up to `group_size`
+    sets of the k-shot splits of one dataset and k, trained in lockstep as one batched computation.
+    """
+    sets: dict[tuple, list[tuple[int, Plan]]] = {}
     for index, plan in enumerate(plans, start=1):
         key = (plan.dataset, plan.setting, plan.split) if together and not plan.only_normal else (index,)
-        groups.setdefault(key, []).append((index, plan))
-    return list(groups.values())
+        sets.setdefault(key, []).append((index, plan))
+    groups: list[list[list[tuple[int, Plan]]]] = []
+    for runs in sets.values():
+        plan = runs[0][1]
+        last = groups[-1][-1][0][1] if groups else None
+        lockstep = plan.mode == "few-shot" and not plan.only_normal
+        if (lockstep and last is not None and len(groups[-1]) < group_size and last.mode == "few-shot"
+                and not last.only_normal and (last.dataset, last.setting) == (plan.dataset, plan.setting)):
+            groups[-1].append(runs)
+        else:
+            groups.append([runs])
+    return groups
 
 
-def rank_phases(groups: list[list[tuple[int, Plan]]], dist: Dist) -> list[list[list[tuple[int, Plan]]]]:
+def rank_phases(groups: list, dist: Dist) -> list[list]:
     """This rank's groups of runs, per phase; the ranks meet between phases.
 
     One process: one phase, every group in order. Several ranks: the normal-only runs read the
@@ -570,7 +583,7 @@ def rank_phases(groups: list[list[tuple[int, Plan]]], dist: Dist) -> list[list[l
     """
     if not dist.active:
         return [groups]
-    phases = [[g for g in groups if not g[0][1].only_normal], [g for g in groups if g[0][1].only_normal]]
+    phases = [[g for g in groups if not g[0][0][1].only_normal], [g for g in groups if g[0][0][1].only_normal]]
     return [phase[dist.rank :: dist.world_size] for phase in phases]
 
 
@@ -592,25 +605,34 @@ def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None 
         if dist.active:
             print(f"{dist.world_size} ranks make the runs side by side, one run per rank at a time; shown: rank 0's runs")
         done = 0
-        for phase in rank_phases(run_groups(plans, not args.one_by_one), dist):
+        group_size = 1 if dist.active else args.group_size  # under torchrun each rank trains its own runs
+        for phase in rank_phases(run_groups(plans, not args.one_by_one, group_size), dist):
             for group in phase:
                 todo = []
-                for index, plan in group:
-                    config = config_for(plan, base, args, root)
-                    what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
-                    if check_finished(plan, config, root, data):
-                        print(f"{what}: finished before, skipped", flush=True)
-                    else:
-                        todo.append((what, plan, config))
+                for runs in group:
+                    pending = []
+                    for index, plan in runs:
+                        config = config_for(plan, base, args, root)
+                        what = f"[{index}/{len(plans)}] {plan.dataset} {plan.setting} {plan.protocol} split {plan.split}"
+                        if check_finished(plan, config, root, data):
+                            print(f"{what}: finished before, skipped", flush=True)
+                        else:
+                            pending.append((what, plan, config))
+                    if pending:
+                        todo.append(pending)
                 if not todo:
                     continue
-                print("\n" + "\n".join(f"== {what} ==" for what, _, _ in todo)
-                      + ("\n(trained together: one trajectory, each protocol's selection)" if len(todo) > 1 else ""),
-                      flush=True)
-                for _, plan, _ in todo:
-                    write_data_file(plan, root, data)
-                run_together([config for _, _, config in todo])
-                done += len(todo)
+                shown = [f"== {what} ==" for pending in todo for what, _, _ in pending]
+                if len(todo) > 1:
+                    shown.append(f"(trained together: {len(todo)} splits in lockstep, the protocols of each sharing one trajectory)")
+                elif len(todo[0]) > 1:
+                    shown.append("(trained together: one trajectory, each protocol's selection)")
+                print("\n" + "\n".join(shown), flush=True)
+                for pending in todo:
+                    for _, plan, _ in pending:
+                        write_data_file(plan, root, data)
+                run_grouped([[config for _, _, config in pending] for pending in todo])
+                done += sum(len(pending) for pending in todo)
                 if dist.is_main:
                     write_results(root, Path(args.data_path), datasets, args)
             barrier(dist)

@@ -30,7 +30,8 @@ def reproduce_argv(data: Path, clip: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--data_path", str(data), "--output_dir", str(out), "--model_name", TINY_MODEL, "--clip_ckpt", str(clip),
         "--img_size", str(TINY_SIZE), "--features_list", *TINY_STAGES, "--device", "cpu",
-        "--shots", "1", "--splits", str(SPLITS), "--epoch", "2", "--batch_size", "8", "--only_normal", *extra,
+        "--shots", "1", "--splits", str(SPLITS), "--epoch", "2", "--batch_size", "8", "--group_size", "1",
+        "--only_normal", *extra,
     ]
 
 
@@ -155,11 +156,11 @@ def read_csv_text(text: str) -> list[dict]:
 def test_leak_free_never_reads_test_labels(done, tmp_path, monkeypatch):
     """The leak-free protocol again, with the target's test labels and masks swapped until the end: same adapters."""
     current = {}
-    real_run, real_samples = reproduce.run_together, MedicalDataset.samples
+    real_run, real_samples = reproduce.run_grouped, MedicalDataset.samples
 
-    def tracking_run(configs):
-        current["target"] = configs[0].obj
-        return real_run(configs)
+    def tracking_run(config_sets):
+        current["target"] = config_sets[0][0].obj
+        return real_run(config_sets)
 
     def poisoned_samples(self, split):
         samples = real_samples(self, split)
@@ -169,7 +170,7 @@ def test_leak_free_never_reads_test_labels(done, tmp_path, monkeypatch):
         return [Sample(s.path, 1 - s.label, None if s.label else (masks[i % len(masks)] if masks else None))
                 for i, s in enumerate(samples)]
 
-    monkeypatch.setattr(reproduce, "run_together", tracking_run)
+    monkeypatch.setattr(reproduce, "run_grouped", tracking_run)
     monkeypatch.setattr(MedicalDataset, "samples", poisoned_samples)
     out = tmp_path / "poisoned"
     assert reproduce.main(reproduce_argv(done["data"], done["clip"], out, "--protocols", "leakfree")) == 0
@@ -395,3 +396,28 @@ def test_protocols_trained_together_equal_one_by_one(done, tmp_path, capsys):
         together = torch.load(together_root / relative, weights_only=True)
         for key in ("seg_adapters", "det_adapters"):
             assert all(torch.equal(t, together[key][k]) for k, t in alone[key].items()), relative
+
+
+def test_splits_in_lockstep_by_default_equal_one_by_one_to_rounding(done, tmp_path, capsys):
+    """The default --group_size trains a dataset's k-shot splits in lockstep: every run's AUROCs equal
+    the one-by-one runs' (the fixture's, --group_size 1) to 1e-4, with the same selected epochs."""
+    out = tmp_path / "lockstep"
+    argv = [a for a in reproduce_argv(done["data"], done["clip"], out)]
+    at = argv.index("--group_size")
+    del argv[at : at + 2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reproduce.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert f"(trained together: {SPLITS} splits in lockstep" in capsys.readouterr().out
+    lockstep, alone = read_csv(out / "results.csv"), read_csv(done["out"] / "results.csv")
+    assert [r["run_dir"] for r in lockstep] == [r["run_dir"] for r in alone]
+    for got, own in zip(lockstep, alone):
+        for key in ("image_auroc", "pixel_auroc", "image_ap"):
+            if own[key]:
+                assert float(got[key]) == pytest.approx(float(own[key]), abs=1e-4), (own["run_dir"], key)
+        selected = [json.loads((root / r["run_dir"] / "metrics.json").read_text()).get("training", {}).get("best_epoch")
+                    for root, r in ((out, got), (done["out"], own))]
+        assert selected[0] == selected[1], own["run_dir"]

@@ -73,3 +73,28 @@ def test_runs_that_differ_in_more_than_the_split_are_refused(bench, tmp_path):
     with pytest.raises(MVFAError, match="few-shot training runs"):
         run_grouped(zero)
     assert not any(tmp_path.rglob("metrics.json"))  # refused before any work
+
+
+def test_train_few_with_several_iterates_trains_them_in_lockstep(synthetic_data, tiny_clip, tmp_path, capsys):
+    """train_few.py --iterate 0 1: both splits trained together, each in <output_dir>/iterate<i> with its
+    own checkpoint and run_config.json; each equals its split's own run to float rounding."""
+    from mvfa import cli
+    from tests.scripts_helpers import tiny_argv
+
+    together = tiny_argv(synthetic_data, tiny_clip, tmp_path / "ckpt", tmp_path / "together", "Brain", "--shot", "1",
+                         "--epoch", "2", "--iterate", "0", "1")
+    assert cli.main_train_few(together) == 0
+    assert "run 2: epoch 2/2" in capsys.readouterr().out
+    for iterate in (0, 1):
+        alone = tiny_argv(synthetic_data, tiny_clip, tmp_path / f"alone{iterate}", tmp_path / f"alone{iterate}", "Brain",
+                          "--shot", "1", "--epoch", "2", "--iterate", str(iterate))
+        assert cli.main_train_few(alone) == 0
+        got = json.loads((tmp_path / "together" / f"iterate{iterate}" / "metrics.json").read_text())
+        own = json.loads((tmp_path / f"alone{iterate}" / "metrics.json").read_text())
+        assert got["config"]["iterate"] == iterate and got["support"] == own["support"]
+        assert got["training"]["best_epoch"] == own["training"]["best_epoch"]
+        for key in ("image_auroc", "pixel_auroc"):
+            assert got["metrics"][key] == pytest.approx(own["metrics"][key], abs=1e-4)
+        flags = json.loads((tmp_path / "together" / f"iterate{iterate}" / "run_config.json").read_text())
+        assert flags["iterate"] == [iterate] and flags["output_dir"] == str(tmp_path / "together" / f"iterate{iterate}")
+        assert (tmp_path / "ckpt" / f"Brain-1shot-it{iterate}-seed111.pth").is_file()

@@ -119,8 +119,9 @@ def run_together(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResul
     return results
 
 
-# What may differ between the trajectories of runs trained in lockstep: the few-shot split.
-GROUP_SETTINGS = ("iterate",)
+# What may differ between the trajectories of runs trained in lockstep: the few-shot split (its line
+# of the seed files, or its draw).
+GROUP_SETTINGS = ("iterate", "fewshot_seed_dirs")
 
 
 def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
