@@ -144,7 +144,7 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
         with contextlib.ExitStack() as locks:
             for config in every:
                 locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError))
-            return few_shot_group(config_sets)
+            return few_shot_group(config_sets, SINGLE)
 
 
 def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
@@ -185,67 +185,45 @@ class RunState:
 
 def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
     """Few-shot: adapters trained on k abnormal + k normal support images, scored with a memory bank of
-    the k normal ones; or (a test run) a checkpoint's adapters with the same support's memory bank."""
-    runs = open_runs(configs, dist)
-    lead = runs[0]
+    the k normal ones (few_shot_group); or (a test run) a checkpoint's adapters with the same support's
+    memory bank."""
+    if configs[0].train:
+        return few_shot_group([configs], dist)[0]
+    (lead,) = open_runs(configs, dist)
     config = lead.config
-    model, replay, text_features, _ = build_run_model(config, lead.device, lead.word, {})
-    load_test_set(runs)
+    model, _, text_features, _ = build_run_model(config, lead.device, lead.word, {})
+    load_test_set([lead])
     few_shot, support = prepare_few_shot(config, lead.target)
-    if config.only_normal:
-        print(f"support: {config.shot} normal valid images, no abnormal image ({support.source})")
-    else:
-        print(f"support: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
-    if config.train or config.prefix_cache == "on":
+    print_support(config, support, named=False)
+    if config.prefix_cache == "on":
         cache_support_prefixes(model, few_shot, config, lead.budget)
-    scorer = FewShotScorer(
-        text_features, lead.target.has_masks, support_images=few_shot.normal_images, support_cache=few_shot.memory_cache,
-        batch_size=config.eval_batch_size, bank_precision=bank_precision(config), release_dtypes=release_dtypes(config),
-    )
-    if not config.train:
-        load_adapters(lead, model)
-        if not config.only_normal:
-            warn_other_support(lead.meta, support, lead.checkpoint)
-        return [test_and_write(lead, model, scorer, few_shot.support_samples, None, [], support)]
-    if any(run.config.select == "test" for run in runs):
-        cache(lead, model, lead.test_set)
-    selectors = [few_shot_selection(run, model, scorer, few_shot.support_samples) for run in runs]
-    batches = few_shot_batches(config, few_shot, text_features, lead.target.has_masks, replay)
-    for run in runs:
-        run.meta["support"] = support_names(support)
-    (trained,) = train_runs([runs], [model], [batches], [selectors])
-    results = []
-    for run, (best_state, log_rows) in zip(runs, trained):
-        keep_selected(run, model, best_state, scorer, few_shot.support_samples)
-        results.append(test_and_write(run, model, scorer, few_shot.support_samples, best_state, log_rows, support))
-    return results
+    scorer = few_shot_scorer(config, lead, text_features, few_shot)
+    load_adapters(lead, model)
+    if not config.only_normal:
+        warn_other_support(lead.meta, support, lead.checkpoint)
+    return [test_and_write(lead, model, scorer, few_shot.support_samples, None, [], support)]
 
 
-def few_shot_group(config_sets: list[list[RunConfig]]) -> list[list[RunResult]]:
-    """run_grouped's work: few_shot_runs for several splits, their trainings in lockstep."""
-    run_sets = [open_runs(configs, SINGLE) for configs in config_sets]
+def few_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
+    """Few-shot training of one or several splits (several: trained in lockstep, run_grouped); each set
+    of configs shares its split's trajectory (run_together)."""
+    run_sets = [open_runs(configs, dist) for configs in config_sets]
     lead = run_sets[0][0]
-    config = lead.config
-    model, replay, text_features, _ = build_run_model(config, lead.device, lead.word, {})
+    model, replay, text_features, _ = build_run_model(lead.config, lead.device, lead.word, {})
     models = [model] + [model.sibling() for _ in run_sets[1:]]  # the release's initial adapters, for each split
     replays = [replay] + [replay.fork() for _ in run_sets[1:]]  # each split draws as if alone
     load_test_set([run for runs in run_sets for run in runs])
-    supports, scorers, batches, selectors = [], [], [], []
     if any(run.config.select == "test" for runs in run_sets for run in runs):
         cache(lead, model, lead.test_set)
+    supports, scorers, batches, selectors = [], [], [], []
     for runs, split_model, split_replay in zip(run_sets, models, replays):
         split = runs[0].config
         few_shot, support = prepare_few_shot(split, lead.target)
-        print(f"support of --iterate {split.iterate}: {split.shot} abnormal + {split.shot} normal valid images "
-              f"({support.source})")
+        print_support(split, support, named=len(run_sets) > 1)
         cache_support_prefixes(split_model, few_shot, split, lead.budget)
-        scorer = FewShotScorer(
-            text_features, lead.target.has_masks, support_images=few_shot.normal_images,
-            support_cache=few_shot.memory_cache, batch_size=split.eval_batch_size, bank_precision=bank_precision(split),
-            release_dtypes=release_dtypes(split),
-        )
+        scorer = few_shot_scorer(split, lead, text_features, few_shot)
         for run in runs:
-            run.test_set, run.meta["support"] = lead.test_set, support_names(support)
+            run.meta["support"] = support_names(support)
         supports.append((few_shot, support))
         scorers.append(scorer)
         selectors.append([few_shot_selection(run, split_model, scorer, few_shot.support_samples) for run in runs])
@@ -259,6 +237,23 @@ def few_shot_group(config_sets: list[list[RunConfig]]) -> list[list[RunResult]]:
             results[-1].append(test_and_write(run, split_model, scorer, few_shot.support_samples, best_state, log_rows,
                                               support))
     return results
+
+
+def print_support(config: RunConfig, support, named: bool) -> None:
+    """The support line; `named`: with its split (several splits trained together)."""
+    split = f" of --iterate {config.iterate}" if named else ""
+    if config.only_normal:
+        print(f"support{split}: {config.shot} normal valid images, no abnormal image ({support.source})")
+    else:
+        print(f"support{split}: {config.shot} abnormal + {config.shot} normal valid images ({support.source})")
+
+
+def few_shot_scorer(config: RunConfig, run: RunState, text_features: torch.Tensor, few_shot) -> FewShotScorer:
+    """The few-shot scorer of a support: its memory bank is rebuilt from the augmented normal images."""
+    return FewShotScorer(
+        text_features, run.target.has_masks, support_images=few_shot.normal_images, support_cache=few_shot.memory_cache,
+        batch_size=config.eval_batch_size, bank_precision=bank_precision(config), release_dtypes=release_dtypes(config),
+    )
 
 
 def zero_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
