@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 
 from dataset.errors import DatasetError
 from dataset.medical import MedicalDataset, Sample

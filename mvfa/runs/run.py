@@ -26,7 +26,6 @@ from mvfa.method.model import AdaptedViT
 from mvfa.method.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
 from mvfa.method.prompts import object_word
 from mvfa.method.scorer import FewShotScorer, Scorer, ZeroShotScorer
-from mvfa.method.text import TextFeatureBank
 from mvfa.runs.calibrate import calibrate, fit_reference, stored_normalization, stored_threshold
 from mvfa.runs.checkpoints import (
     check_replaced_checkpoint, checkpoint_metadata, keep_last_good, read_test_checkpoint, save_adapters, support_names,
