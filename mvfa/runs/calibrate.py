@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-
 from dataset.errors import DatasetError
 from dataset.medical import MedicalDataset, Sample
 from dataset.tensors import TensorSet
