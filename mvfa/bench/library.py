@@ -14,7 +14,7 @@ from mvfa.method.evaluation import evaluate
 from mvfa.method.memory_bank import bank_branch, build_memory_bank
 from mvfa.method.model import ADAPTER_MIX, STREAM_KEEP, AdaptedViT
 from mvfa.method.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
-from mvfa.method.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, state_sentences
+from mvfa.method.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, object_word, state_sentences
 from mvfa.method.scorer import FewShotScorer, ZeroShotScorer
 from mvfa.method.scoring import max_cosine_to_bank, normalize_bank
 from mvfa.method.text import TextFeatureBank, encode_prompt_ensemble
@@ -42,7 +42,7 @@ __all__ = [
     "TensorSet", "TextFeatureBank", "ZERO_SHOT_EVALS_PER_EPOCH", "after_epoch", "augment", "autocast_for",
     "bank_branch", "bench_parser", "build_memory_bank", "cache_set_prefixes", "cache_support_prefixes", "compute_loss", "create_model",
     "encode_prompt_ensemble", "evaluate", "prefix_bytes", "FewShotScorer", "ZeroShotScorer", "few_shot_batches", "generate_benchmark",
-    "load_config", "make_optimizers", "max_cosine_to_bank", "normalize_bank", "open_dataset",
+    "load_config", "make_optimizers", "object_word", "max_cosine_to_bank", "normalize_bank", "open_dataset",
     "resample_positional_embedding", "save_torch_atomic", "select_support", "state_sentences", "tokenize", "train_loop", "train_step",
     "write_text_atomic",
 ]
