@@ -155,3 +155,31 @@ def test_the_group_loop_equals_each_runs_own_loop():
                 torch.testing.assert_close(got["adapters"][group][key], tensor, **TOL)
         for got_parameter, own_parameter in zip(together[run].adapter_parameters(), alone[run].adapter_parameters()):
             torch.testing.assert_close(got_parameter, own_parameter, **TOL)  # the finished run stopped moving
+
+
+@pytest.mark.parametrize("has_masks", [True, False])
+def test_grouped_evaluation_equals_each_runs_own(has_masks):
+    """evaluate_group: every run's image scores, maps and AUROCs in one pass equal its own evaluate."""
+    from dataset.tensors import TensorSet
+    from mvfa.method.evaluation import evaluate, evaluate_group
+    from mvfa.method.memory_bank import build_memory_bank
+    from mvfa.method.scorer import FewShotScorer
+
+    runs = models()
+    generator = torch.Generator().manual_seed(7)
+    images = (torch.rand(7, 3, TINY_SIZE, TINY_SIZE, generator=generator) * 255).round().to(torch.uint8)
+    masks = torch.zeros(7, TINY_SIZE, TINY_SIZE, dtype=torch.bool)
+    masks[4:, 10:30, 10:30] = True
+    data = TensorSet(images, masks, torch.tensor([0, 0, 0, 0, 1, 1, 1]), [f"{i}.png" for i in range(7)])
+    text = torch.nn.functional.normalize(torch.randn(64, 2, generator=generator), dim=0)
+    support = torch.rand(2, 3, TINY_SIZE, TINY_SIZE, generator=generator)
+    scorers = [FewShotScorer(text, has_masks, support_images=support, batch_size=4) for _ in runs]
+    grouped = evaluate_group(runs, scorers, data, batch_size=3)
+    for model, scorer, got in zip(runs, scorers, grouped):
+        own = evaluate(model, scorer, data, batch_size=3)
+        torch.testing.assert_close(torch.as_tensor(got.image_scores), torch.as_tensor(own.image_scores), **TOL)
+        assert got.metrics.keys() == own.metrics.keys()
+        for key, value in own.metrics.items():
+            assert got.metrics[key] == pytest.approx(value, abs=1e-6), key
+        if has_masks:
+            torch.testing.assert_close(got.maps, own.maps, **TOL)

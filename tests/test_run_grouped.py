@@ -13,6 +13,8 @@ import torch
 
 from dataset.synthetic import generate_benchmark
 from mvfa.runs.config import RunConfig
+from mvfa.method.evaluation import evaluate_group
+from mvfa.runs import run as run_module
 from mvfa.runs.run import run_grouped, run_together
 from mvfa.runtime.errors import MVFAError
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
@@ -42,11 +44,14 @@ def sets(bench, root: Path, obj: str) -> list[list[RunConfig]]:
 
 
 @pytest.mark.parametrize("obj", ["Brain", "Chest"])  # with masks (fused maps), without (fused scores)
-def test_splits_in_lockstep_equal_each_split_alone(bench, tmp_path, obj):
+def test_splits_in_lockstep_equal_each_split_alone(bench, tmp_path, obj, monkeypatch):
     grouped_sets, alone_sets = sets(bench, tmp_path / "grouped", obj), sets(bench, tmp_path / "alone", obj)
+    together = []  # the splits' test-set selections, evaluated together once per epoch
+    monkeypatch.setattr(run_module, "evaluate_group", lambda *a, **k: together.append(1) or evaluate_group(*a, **k))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         grouped = run_grouped(grouped_sets)
         alone = [run_together(configs) for configs in alone_sets]
+    assert len(together) == 2  # 2 epochs
     assert "run 2: [--select valid] epoch 2/2" in printed.getvalue()  # each line says whose it is
     for split, protocol_results, own_results in zip(SPLITS, grouped, alone):
         for protocol, got, own in zip(PROTOCOLS, protocol_results, own_results):

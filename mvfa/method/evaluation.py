@@ -25,6 +25,7 @@ import torch
 from dataset.tensors import TensorSet
 
 from mvfa.calibration.normalization import MinMax, Normalization
+from mvfa.method.group import group_forward_from_prefix
 from mvfa.method.model import AdaptedViT
 from mvfa.method.prefix import adapted_tokens, set_prefixes
 from mvfa.method.scorer import RawBatch, Scorer
@@ -167,6 +168,47 @@ def evaluate(
     if metrics:
         result.metrics = _metrics(result, maps, has_masks, full_metrics, dist)
     return result
+
+
+@torch.no_grad()
+def evaluate_group(
+    models: list[AdaptedViT], scorers: list[Scorer], data: TensorSet, *, batch_size: int = 8, precision: str = "fp32",
+    desc: str = "evaluating",
+) -> list[EvalResult]:
+    """`evaluate` (the release's set-wide min-max, image and pixel AUROC) of several runs trained together
+    (siblings on one backbone, mvfa.method.group) on the same images in one pass: each batch's frozen
+    prefix (cached or computed once) feeds every run's adapters as one batched computation. Each run's
+    result equals its own evaluate to float rounding. One process."""
+    if len(models) == 1:
+        return [evaluate(models[0], scorers[0], data, batch_size=batch_size, precision=precision, desc=desc)]
+    for model, scorer in zip(models, scorers):
+        scorer.refresh(model)
+    lead = models[0]
+    device, size, count, runs = next(lead.parameters()).device, lead.image_size, len(data), len(models)
+    collectors = [scorer.collector(count, size, device) for scorer in scorers]
+    cache = set_prefixes(data, batch_size)
+    for start in progress(range(0, count, batch_size), desc):
+        stop = min(start + batch_size, count)
+        prefix = cache.batch(start // batch_size) if cache is not None else None
+        with autocast_for(device, precision):
+            if prefix is None:
+                prefix = lead.encode_prefix(data.image_batch(start, stop, device))
+            tokens = group_forward_from_prefix(models, prefix.repeat(runs, 1, 1))
+        for scorer, collector, run_tokens in zip(scorers, collectors, tokens):
+            with scorer.scoring_context(device, precision):
+                values = scorer.raw(run_tokens.patches(), size)
+            collector.add(RawBatch(start, stop, **values), start, stop)
+        del tokens
+    results = []
+    for scorer, collector in zip(scorers, collectors):
+        image_scores, maps, used = collector.finish(SINGLE)
+        result = EvalResult(image_scores.cpu().numpy(), data.labels.numpy(), list(data.paths),
+                            normalization=used.result(count, "min-max over this set (the release)"))
+        if maps is not None:
+            result.maps, result.masks, result.map_range = maps, data.masks, (0, count)
+        result.metrics = _metrics(result, maps, scorer.has_masks, False, SINGLE)
+        results.append(result)
+    return results
 
 
 def _metrics(result: EvalResult, maps: torch.Tensor | None, has_masks: bool, full_metrics: bool, dist: Dist) -> dict:

@@ -21,7 +21,7 @@ from dataset.tensors import TensorSet
 
 from mvfa.calibration.normalization import Normalization
 from mvfa.method.backbone import build_adapted_model
-from mvfa.method.evaluation import EvalResult, check_two_classes, evaluate
+from mvfa.method.evaluation import EvalResult, check_two_classes, evaluate, evaluate_group
 from mvfa.method.model import AdaptedViT
 from mvfa.method.prefix import PrefixBudget, cache_set_prefixes, prefix_bytes
 from mvfa.method.prompts import object_word
@@ -214,20 +214,24 @@ def few_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> l
     load_test_set([run for runs in run_sets for run in runs])
     if any(run.config.select == "test" for runs in run_sets for run in runs):
         cache(lead, model, lead.test_set)
-    supports, scorers, batches, selectors = [], [], [], []
+    supports, scorers, batches = [], [], []
     for runs, split_model, split_replay in zip(run_sets, models, replays):
         split = runs[0].config
         few_shot, support = prepare_few_shot(split, lead.target)
         print_support(split, support, named=len(run_sets) > 1)
         cache_support_prefixes(split_model, few_shot, split, lead.budget)
-        scorer = few_shot_scorer(split, lead, text_features, few_shot)
         for run in runs:
             run.meta["support"] = support_names(support)
         supports.append((few_shot, support))
-        scorers.append(scorer)
-        selectors.append([few_shot_selection(run, split_model, scorer, few_shot.support_samples) for run in runs])
+        scorers.append(few_shot_scorer(split, lead, text_features, few_shot))
         batches.append(few_shot_batches(split, few_shot, text_features, lead.target.has_masks, split_replay))
-    trained = train_runs(run_sets, models, batches, selectors)
+    testing = [i for i, runs in enumerate(run_sets) if any(run.config.select == "test" for run in runs)]
+    shared = None
+    if len(testing) > 1:  # the splits' evaluations on the test set, made together
+        shared = LockstepScores([models[i] for i in testing], [scorers[i] for i in testing], lead.test_set, lead.config)
+    selectors = [[few_shot_selection(run, split_model, scorer, few_shot.support_samples, shared) for run in runs]
+                 for runs, split_model, scorer, (few_shot, _) in zip(run_sets, models, scorers, supports)]
+    trained = train_runs(run_sets, models, batches, selectors, shared.invalidate if shared is not None else None)
     results = []
     for runs, split_model, scorer, (few_shot, support), split_trained in zip(run_sets, models, scorers, supports, trained):
         results.append([])
@@ -382,6 +386,7 @@ def cache(run: RunState, model: AdaptedViT, data: TensorSet) -> TensorSet:
 
 def train_runs(
     run_sets: list[list[RunState]], models: list[AdaptedViT], batches: list, selectors: list[list[Selector]],
+    after_step=None,
 ) -> list[list[tuple[dict, list[dict]]]]:
     """Train each set of runs once (the runs of a set share a trajectory: each run's selection is tracked
     along it), several sets in lockstep as one batched computation (`models`: siblings on one
@@ -399,7 +404,8 @@ def train_runs(
         if len(run_sets) == 1:
             states = [train_loop(lead.config, models[0], batches[0], tracks[0], lead.device, lead.dist)]
         else:
-            states = train_group_loop([runs[0].config for runs in run_sets], models, batches, tracks, lead.device)
+            states = train_group_loop([runs[0].config for runs in run_sets], models, batches, tracks, lead.device,
+                                      after_step=after_step)
     except TrainingDiverged as err:
         diverged = err.run
         runs = run_sets[diverged]
@@ -506,8 +512,11 @@ def selection_samples(config: RunConfig, dataset: MedicalDataset, exclude: list[
     return samples
 
 
-def few_shot_selection(run: RunState, model: AdaptedViT, scorer: Scorer, support: list[Sample]) -> Selector:
-    """After every epoch: the test set's (--select test) or the valid images' (valid) pAUC + AUC."""
+def few_shot_selection(
+    run: RunState, model: AdaptedViT, scorer: Scorer, support: list[Sample], shared: "LockstepScores | None" = None,
+) -> Selector:
+    """After every epoch: the test set's (--select test) or the valid images' (valid) pAUC + AUC;
+    `shared`: splits trained in lockstep evaluate the test set together."""
     config = run.config
     if config.select == "valid":
         data = cache(run, model, TensorSet.load(
@@ -517,10 +526,32 @@ def few_shot_selection(run: RunState, model: AdaptedViT, scorer: Scorer, support
         data = run.test_set if config.select == "test" else None
 
     def evaluation():
-        result = score(run, model, scorer, data, desc=f"{config.select} eval")
+        if config.select == "test" and shared is not None:
+            result = shared.result(model)
+        else:
+            result = score(run, model, scorer, data, desc=f"{config.select} eval")
         return result.selection_score, {f"{config.select}_{k}": v for k, v in result.metrics.items()}
 
     return Selector(after_epoch, evaluation, keep_ties=False, active=config.select != "last")
+
+
+class LockstepScores:
+    """The test-set evaluations of splits trained in lockstep, made for every split in one pass
+    (evaluate_group) when the first asks after a step; the others read theirs. The group loop calls
+    `invalidate` after every step."""
+
+    def __init__(self, models: list[AdaptedViT], scorers: list[Scorer], data: TensorSet, config: RunConfig) -> None:
+        self.models, self.scorers, self.data, self.config = models, scorers, data, config
+        self.results: list[EvalResult] | None = None
+
+    def invalidate(self) -> None:
+        self.results = None
+
+    def result(self, model: AdaptedViT) -> EvalResult:
+        if self.results is None:
+            self.results = evaluate_group(self.models, self.scorers, self.data, batch_size=self.config.eval_batch_size,
+                                          precision=self.config.precision, desc="test eval (splits together)")
+        return self.results[next(i for i, m in enumerate(self.models) if m is model)]
 
 
 def zero_shot_selection(

@@ -284,12 +284,14 @@ def train_loop(
 def train_group_loop(
     configs: list[LoopSettings], models: list[AdaptedViT], batches: list[Callable[[int], Iterable[tuple]]],
     tracks: list[list[Track]], device: torch.device, progress_every_s: float = PROGRESS_LINE_S,
+    after_step: Callable[[], None] | None = None,
 ) -> list[list[dict]]:
     """Runs trained together (mvfa.method.group): run r is `models[r]` (siblings on one backbone) with
     its own batches, tracks, optimiser and seeded orders; at each step every run that has a batch left
     steps, those of one image count as one batched computation (training.group_train_step); a run
     that has finished does not step. Each run's evaluations, selection and results are its own, as
-    in train_loop (equal to it to float rounding). One process, no --ddp. Returns train_loop's
+    in train_loop (equal to it to float rounding). One process, no --ddp. `after_step` is called
+    after every lockstep step (e.g. to drop evaluations made before it). Returns train_loop's
     result per run."""
     trajectories = [Trajectory(c, m, b, t, SINGLE, progress_every_s, f"run {i + 1}: " if len(models) > 1 else "")
                     for i, (c, m, b, t) in enumerate(zip(configs, models, batches, tracks))]
@@ -312,6 +314,8 @@ def train_group_loop(
                 parts = group_train_step(models, optimizers, step, configs[group[0]].det_loss)
             for run in group:
                 _recorded(trajectories, run, parts[run].total.item())
+        if after_step is not None:
+            after_step()
     return [trajectory.results() for trajectory in trajectories]
 
 
