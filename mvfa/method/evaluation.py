@@ -68,8 +68,21 @@ def raw_batches(
 
     shard: only the batches of images [start, stop), start a multiple of batch_size.
     """
-    device = next(model.parameters()).device
-    size = model.image_size
+    for (batch,) in raw_batch_groups([model], [scorer], data, batch_size, precision, desc, det_maps, shard):
+        yield batch
+
+
+@torch.no_grad()
+def raw_batch_groups(
+    models: list[AdaptedViT], scorers: list[Scorer], data: TensorSet, batch_size: int, precision: str, desc: str,
+    det_maps: bool = False, shard: tuple[int, int] | None = None,
+) -> Iterator[list[RawBatch]]:
+    """raw_batches for one model, or for several sibling models (mvfa.method.group) on the same images:
+    each batch's frozen prefix (cached or computed once) feeds every model's adapters as one batched
+    computation; one RawBatch per model."""
+    lead = models[0]
+    device = next(lead.parameters()).device
+    size = lead.image_size
     count = len(data)
     first, last = shard if shard is not None else (0, count)
     cache = set_prefixes(data, batch_size)
@@ -78,11 +91,18 @@ def raw_batches(
         prefix = cache.batch(start // batch_size) if cache is not None else None
         with autocast_for(device, precision):
             images = None if prefix is not None else data.image_batch(start, stop, device)
-            tokens = adapted_tokens(model, images, prefix)
-        with scorer.scoring_context(device, precision):
-            values = scorer.raw(tokens.patches(), size, det_maps)
-        yield RawBatch(start, stop, **values)
-        del tokens, values  # not alive during the next batch's forward (4 stages x seg and det x the batch's tokens)
+            if len(models) == 1:
+                tokens = [adapted_tokens(lead, images, prefix)]
+            else:
+                prefix = prefix if prefix is not None else lead.encode_prefix(images)
+                tokens = group_forward_from_prefix(models, prefix.repeat(len(models), 1, 1))
+        batches = []
+        for scorer, model_tokens in zip(scorers, tokens):
+            with scorer.scoring_context(device, precision):
+                batches.append(RawBatch(start, stop, **scorer.raw(model_tokens.patches(), size, det_maps)))
+        del tokens  # not alive during the next batch's forward (4 stages x seg and det x the batch's tokens)
+        yield batches
+        del batches
 
 
 @torch.no_grad()
@@ -160,6 +180,16 @@ def evaluate(
     else:
         image_scores = gathered_in_order(image_scores, dist)
     fixed_scores = gathered_in_order(fixed_scores, dist)
+    return _result(data, image_scores, maps, normalization, shard, has_masks, full_metrics, metrics, dist,
+                   fixed_scores)
+
+
+def _result(
+    data: TensorSet, image_scores: torch.Tensor, maps: torch.Tensor | None, normalization: Normalization,
+    shard: tuple[int, int], has_masks: bool, full_metrics: bool, metrics: bool, dist: Dist,
+    fixed_scores: torch.Tensor | None = None,
+) -> EvalResult:
+    """An evaluation's EvalResult: every image's scores, this rank's maps and masks, the metrics."""
     result = EvalResult(image_scores.cpu().numpy(), data.labels.numpy(), list(data.paths), normalization=normalization)
     if fixed_scores is not None:
         result.fixed_scores = fixed_scores.cpu().numpy()
@@ -176,38 +206,22 @@ def evaluate_group(
     desc: str = "evaluating",
 ) -> list[EvalResult]:
     """`evaluate` (the release's set-wide min-max, image and pixel AUROC) of several runs trained together
-    (siblings on one backbone, mvfa.method.group) on the same images in one pass: each batch's frozen
-    prefix (cached or computed once) feeds every run's adapters as one batched computation. Each run's
-    result equals its own evaluate to float rounding. One process."""
+    (siblings on one backbone, mvfa.method.group) on the same images in one pass (raw_batch_groups).
+    Each run's result equals its own evaluate to float rounding. One process."""
     if len(models) == 1:
         return [evaluate(models[0], scorers[0], data, batch_size=batch_size, precision=precision, desc=desc)]
     for model, scorer in zip(models, scorers):
         scorer.refresh(model)
-    lead = models[0]
-    device, size, count, runs = next(lead.parameters()).device, lead.image_size, len(data), len(models)
+    device, size, count = next(models[0].parameters()).device, models[0].image_size, len(data)
     collectors = [scorer.collector(count, size, device) for scorer in scorers]
-    cache = set_prefixes(data, batch_size)
-    for start in progress(range(0, count, batch_size), desc):
-        stop = min(start + batch_size, count)
-        prefix = cache.batch(start // batch_size) if cache is not None else None
-        with autocast_for(device, precision):
-            if prefix is None:
-                prefix = lead.encode_prefix(data.image_batch(start, stop, device))
-            tokens = group_forward_from_prefix(models, prefix.repeat(runs, 1, 1))
-        for scorer, collector, run_tokens in zip(scorers, collectors, tokens):
-            with scorer.scoring_context(device, precision):
-                values = scorer.raw(run_tokens.patches(), size)
-            collector.add(RawBatch(start, stop, **values), start, stop)
-        del tokens
+    for batches in raw_batch_groups(models, scorers, data, batch_size, precision, desc):
+        for collector, batch in zip(collectors, batches):
+            collector.add(batch, batch.start, batch.stop)
     results = []
     for scorer, collector in zip(scorers, collectors):
         image_scores, maps, used = collector.finish(SINGLE)
-        result = EvalResult(image_scores.cpu().numpy(), data.labels.numpy(), list(data.paths),
-                            normalization=used.result(count, "min-max over this set (the release)"))
-        if maps is not None:
-            result.maps, result.masks, result.map_range = maps, data.masks, (0, count)
-        result.metrics = _metrics(result, maps, scorer.has_masks, False, SINGLE)
-        results.append(result)
+        normalization = used.result(count, "min-max over this set (the release)")
+        results.append(_result(data, image_scores, maps, normalization, (0, count), scorer.has_masks, False, True, SINGLE))
     return results
 
 

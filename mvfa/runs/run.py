@@ -80,14 +80,17 @@ PER_RUN_SETTINGS = ("select", "normalize", "eval_schedule", "threshold_rule", "t
                     "save_model", "save_maps", "logger", "overwrite")
 
 
+def _differing(first: RunConfig, other: RunConfig, allowed: tuple[str, ...]) -> list[str]:
+    """The settings outside `allowed` in which two runs' configs differ."""
+    return [key for key, value in vars(first).items() if key not in allowed and vars(other)[key] != value]
+
+
 def check_shared(configs: list[RunConfig]) -> None:
     """Runs trained together follow one trajectory: training runs of one mode whose other settings are equal."""
-    first = configs[0]
     if len(configs) > 1 and not all(c.train for c in configs):
         raise MVFAError("runs share a training trajectory only when they train (test runs are separate runs)")
     for other in configs[1:]:
-        differ = [key for key, value in vars(first).items() if key not in PER_RUN_SETTINGS and vars(other)[key] != value]
-        if differ:
+        if differ := _differing(configs[0], other, PER_RUN_SETTINGS):
             raise MVFAError(f"runs trained together must differ only in {', '.join(PER_RUN_SETTINGS)}; "
                             f"these differ too: {', '.join(differ)}")
     folders = [c.output_dir.resolve() for c in configs]
@@ -102,20 +105,7 @@ def run_together(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResul
     along it, then per run its adapters calibrated, saved, tested and written. Evaluations change
     neither the adapters nor any random draw, so each run's files equal those of the run made alone.
     One config: `run`."""
-    with quiet_unless_main(dist):
-        for config in configs:
-            config.validate()
-        check_shared(configs)
-        if dist.is_main:
-            for config in configs:
-                check_outputs(config)
-        with contextlib.ExitStack() as locks:
-            for config in configs:
-                locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError,
-                                                active=dist.is_main))
-            results = few_shot_runs(configs, dist) if configs[0].mode == "few-shot" else zero_shot_runs(configs, dist)
-            barrier(dist)
-    return results
+    return run_grouped([configs], dist)[0]
 
 
 # What may differ between the trajectories of runs trained in lockstep: the few-shot split (its line
@@ -128,22 +118,33 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
     each set of `config_sets` shares one trajectory (run_together: e.g. the two protocols), the sets
     differ in the split (--iterate) only; each keeps its own support, seeded orders, optimiser,
     evaluations, selection and files. Each run's results equal those of its set trained alone to
-    float rounding (batched products sum in another order). One process. One set: run_together."""
-    if len(config_sets) == 1:
-        return [run_together(config_sets[0], dist)]
+    float rounding (batched products sum in another order). Several sets: one process.
+
+    Before any work: every config's settings (RunConfig.validate), the sets' agreement, the output
+    places (check_outputs); then rank 0 holds each --output_dir (a lock file) until the runs end."""
     with quiet_unless_main(dist):
         for configs in config_sets:
             for config in configs:
                 config.validate()
             check_shared(configs)
-        check_group(config_sets, dist)
+        if len(config_sets) > 1:
+            check_group(config_sets, dist)
         every = [config for configs in config_sets for config in configs]
-        for config in every:
-            check_outputs(config)
+        if dist.is_main:
+            for config in every:
+                check_outputs(config)
         with contextlib.ExitStack() as locks:
             for config in every:
-                locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError))
-            return few_shot_group(config_sets, SINGLE)
+                locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError,
+                                                active=dist.is_main))
+            if len(config_sets) > 1:
+                results = few_shot_group(config_sets, dist)
+            elif every[0].mode == "few-shot":
+                results = [few_shot_runs(config_sets[0], dist)]
+            else:
+                results = [zero_shot_runs(config_sets[0], dist)]
+            barrier(dist)
+    return results
 
 
 def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
@@ -155,9 +156,7 @@ def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
         raise MVFAError("runs trained in lockstep are few-shot training runs (the splits of one dataset)")
     allowed = (*PER_RUN_SETTINGS, *GROUP_SETTINGS)
     for configs in config_sets[1:]:
-        other = configs[0]
-        differ = [key for key, value in vars(first).items() if key not in allowed and vars(other)[key] != value]
-        if differ:
+        if differ := _differing(first, configs[0], allowed):
             raise MVFAError(f"runs trained in lockstep must differ only in {', '.join(allowed)}; these differ too: "
                             f"{', '.join(differ)}")
     folders = [c.output_dir.resolve() for configs in config_sets for c in configs]

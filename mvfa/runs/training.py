@@ -20,6 +20,7 @@ RunConfig has them).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
@@ -83,6 +84,12 @@ class Optimizers:
     def zero_grad(self) -> None:
         self.seg.zero_grad(set_to_none=True)
         self.det.zero_grad(set_to_none=True)
+
+    def step(self, seg: bool) -> None:
+        """Both Adam steps; the seg optimiser only when the step's images had masks (`seg`)."""
+        if seg:
+            self.seg.step()
+        self.det.step()
 
 
 def make_optimizers(model: AdaptedViT, learning_rate: float) -> Optimizers:
@@ -155,9 +162,7 @@ def train_step(
     if dist is None or not dist.active:
         parts = compute_loss(model, images, masks, labels, text_features, has_masks, det_loss_form, prefix)
         parts.total.backward()
-        if parts.seg is not None:
-            optimizers.seg.step()
-        optimizers.det.step()
+        optimizers.step(seg=parts.seg is not None)
         return parts
     count = int(images.shape[0])
     parts = None
@@ -167,9 +172,7 @@ def train_step(
     local_loss = parts.total.item() if parts is not None else 0.0
     local_seg = parts is not None and parts.seg is not None
     _, mean_loss, any_seg = average_gradients(model.adapter_parameters(), count, local_loss, local_seg, dist)
-    if any_seg:
-        optimizers.seg.step()
-    optimizers.det.step()
+    optimizers.step(seg=any_seg)
     zero = torch.zeros(())
     return LossParts(
         total=torch.tensor(mean_loss), det=parts.det if parts is not None else zero, seg=parts.seg if parts is not None else None
@@ -200,9 +203,7 @@ def group_train_step(
                                       models[run].image_size)
     sum(parts[run].total for run in active).backward()  # each run's gradients reach only its own adapters
     for run in active:
-        if parts[run].seg is not None:
-            optimizers[run].seg.step()
-        optimizers[run].det.step()
+        optimizers[run].step(seg=parts[run].seg is not None)
     return parts
 
 
@@ -299,7 +300,10 @@ def train_group_loop(
     amp = autocast_for(device, configs[0].precision)
     running = list(range(len(models)))
     while running:
-        due = {run: _next_of(trajectories, run) for run in running}
+        due = {}
+        for run in running:
+            with _naming(run):
+                due[run] = trajectories[run].next_batch()
         running = [run for run in running if due[run] is not None]
         by_count: dict[int, list[int]] = {}
         for run in running:
@@ -313,24 +317,18 @@ def train_group_loop(
             with amp:
                 parts = group_train_step(models, optimizers, step, configs[group[0]].det_loss)
             for run in group:
-                _recorded(trajectories, run, parts[run].total.item())
+                with _naming(run):
+                    trajectories[run].record(parts[run].total.item())
         if after_step is not None:
             after_step()
     return [trajectory.results() for trajectory in trajectories]
 
 
-def _next_of(trajectories: list["Trajectory"], run: int) -> tuple | None:
-    """Run `run`'s next batch; a TrainingDiverged says which run it is (`err.run`)."""
+@contextlib.contextmanager
+def _naming(run: int) -> Iterator[None]:
+    """A TrainingDiverged raised inside says which of the runs trained together diverged (`err.run`)."""
     try:
-        return trajectories[run].next_batch()
-    except TrainingDiverged as err:
-        err.run = run
-        raise
-
-
-def _recorded(trajectories: list["Trajectory"], run: int, loss: float) -> None:
-    try:
-        trajectories[run].record(loss)
+        yield
     except TrainingDiverged as err:
         err.run = run
         raise
