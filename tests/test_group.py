@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from CLIP import create_model
-from mvfa.method.group import group_forward_from_prefix
+from mvfa.method.group import group_forward_from_prefix, group_tokens
 from mvfa.method.model import AdaptedViT
 from mvfa.runs.training import (
     Selector,
     Track,
     after_epoch,
+    GroupOptimizer,
     group_train_step,
     make_optimizers,
     train_group_loop,
@@ -72,7 +73,7 @@ def test_grouped_forward_equals_each_runs_own():
 
 def test_grouped_steps_equal_each_runs_own_steps_and_an_idle_run_is_untouched():
     together, alone = models(), models()
-    together_opt = [make_optimizers(model, 1e-3) for model in together]
+    together_opt = GroupOptimizer(together, [1e-3] * RUNS)
     alone_opt = [make_optimizers(model, 1e-3) for model in alone]
     steps = [  # run 1 has no image at step 1 (it must not move); masks for some runs only
         [batch(10, True), batch(11, False), batch(12, True)],
@@ -87,19 +88,37 @@ def test_grouped_steps_equal_each_runs_own_steps_and_an_idle_run_is_untouched():
                 assert grouped[run] is None
                 continue
             own = train_step(alone[run], alone_opt[run], *given[:5])
-            torch.testing.assert_close(grouped[run].total, own.total, **TOL)
+            torch.testing.assert_close(grouped[run].total, own.total.detach(), **TOL)
+            torch.testing.assert_close(grouped[run].det, own.det.detach(), **TOL)
+            assert (grouped[run].seg is None) == (own.seg is None)
+            if own.seg is not None:
+                torch.testing.assert_close(grouped[run].seg, own.seg.detach(), **TOL)
         if step[1] is None:  # no forward, no Adam step: bit for bit as before
             assert all(torch.equal(a, b) for a, b in zip(idle_before, together[1].adapter_parameters()))
+    assert all(p.grad is None for model in together for p in model.adapter_parameters())
     for run in range(RUNS):
         for got, expected in zip(together[run].adapter_parameters(), alone[run].adapter_parameters()):
             torch.testing.assert_close(got, expected, **TOL)
         for kind in ("seg", "det"):
-            got = getattr(together_opt[run], kind).state_dict()["state"]
+            got = together_opt.state(run, kind)
             expected = getattr(alone_opt[run], kind).state_dict()["state"]
-            assert got.keys() == expected.keys()
-            for key in expected:
-                assert int(got[key]["step"]) == int(expected[key]["step"])  # an idle run's count did not move
-                torch.testing.assert_close(got[key]["exp_avg"], expected[key]["exp_avg"], **TOL)
+            assert [bool(state) for state in got] == [key in expected for key in range(len(got))]
+            for key, state in expected.items():
+                assert int(got[key]["step"]) == int(state["step"])  # an idle run's count did not move
+                torch.testing.assert_close(got[key]["exp_avg"], state["exp_avg"], **TOL)
+                torch.testing.assert_close(got[key]["exp_avg_sq"], state["exp_avg_sq"], **TOL)
+
+
+def test_group_tokens_keep_every_runs_rows_in_order():
+    """group_tokens gives all runs' tokens in the prefix's row order; group_forward_from_prefix its per-run views."""
+    runs = models()
+    prefix = runs[0].encode_prefix(torch.rand(RUNS * 2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(4)))
+    with torch.no_grad():
+        joint = group_tokens(runs, prefix)
+        split = group_forward_from_prefix(runs, prefix)
+    for run in range(RUNS):
+        for whole, part in zip(joint.seg + joint.det, split[run].seg + split[run].det):
+            assert torch.equal(whole[2 * run : 2 * run + 2], part)
 
 
 def test_a_group_of_other_backbones_is_refused():

@@ -102,6 +102,21 @@ def test_dice_loss_known_values():
     assert BinaryDiceLoss()(probabilities, target).item() == pytest.approx((first + second) / 2)
 
 
+def test_per_image_losses_average_to_the_batch_losses():
+    """What the losses of runs trained together (training.group_losses) take per image."""
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.rand(3, 2, 4, 4, generator=generator).softmax(dim=1)
+    target = (torch.rand(3, 1, 4, 4, generator=generator) > 0.5).float()
+    focal, dice = FocalLoss(), BinaryDiceLoss()
+    assert focal.per_image(probabilities, target).shape == (3,)
+    torch.testing.assert_close(focal.per_image(probabilities, target).mean(), focal(probabilities, target))
+    torch.testing.assert_close(focal.per_image(probabilities[1:2], target[1:2])[0], focal(probabilities[1:2], target[1:2]))
+    torch.testing.assert_close(dice.per_image(probabilities[:, 1], target).mean(), dice(probabilities[:, 1], target))
+    scores, labels = torch.tensor([0.7, 0.2]), torch.tensor([1.0, 0.0])
+    for form in ("release", "bce"):
+        torch.testing.assert_close(det_loss(scores, labels, form, reduction="none").mean(), det_loss(scores, labels, form))
+
+
 def test_det_loss_forms():
     probability, label = torch.tensor([0.7]), torch.tensor([1.0])
     assert det_loss(probability, label).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.7))))

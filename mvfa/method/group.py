@@ -30,17 +30,18 @@ def check_group(models: list[AdaptedViT]) -> None:
             raise ValueError("models trained together must share one backbone and its stages (AdaptedViT.sibling)")
 
 
-def group_forward_from_prefix(models: list[AdaptedViT], prefix: torch.Tensor) -> list[StageTokens]:
-    """Each run's stage tokens from the frozen prefix of every run's images: prefix [R * b, tokens,
-    width], run r's b images at rows r * b .. (r + 1) * b (the same b for every run)."""
+def group_tokens(models: list[AdaptedViT], prefix: torch.Tensor) -> StageTokens:
+    """Every run's stage tokens from the frozen prefix of every run's images: prefix [R * b, tokens,
+    width], run r's b images at rows r * b .. (r + 1) * b (the same b for every run); the tokens keep
+    that order ([R * b, tokens, embed_dim] per stage), so a loss can be computed for all runs at once."""
     check_group(models)
     runs, lead = len(models), models[0]
     if prefix.shape[0] % runs:
         raise ValueError(f"{prefix.shape[0]} prefixes cannot be shared by {runs} runs: give each run the same count")
     images = prefix.shape[0] // runs
     x = prefix
-    seg: list[list[torch.Tensor]] = [[] for _ in models]
-    det: list[list[torch.Tensor]] = [[] for _ in models]
+    seg: list[torch.Tensor] = []
+    det: list[torch.Tensor] = []
     for index, stage in enumerate(lead.stages):
         if index > 0:
             x = lead.run_blocks(x, lead.stages[index - 1], stage)
@@ -50,7 +51,14 @@ def group_forward_from_prefix(models: list[AdaptedViT], prefix: torch.Tensor) ->
         det_mid, det_out = stacked_adapter([model.det_adapters[index] for model in models], per_run)
         per_run = STREAM_KEEP * per_run + ADAPTER_MIX * seg_out + ADAPTER_MIX * det_out
         x = per_run.reshape(runs * images, tokens, width)
-        for run in range(runs):
-            seg[run].append(seg_mid[run].reshape(images, tokens, -1))
-            det[run].append(det_mid[run].reshape(images, tokens, -1))
-    return [StageTokens(seg[run], det[run]) for run in range(runs)]
+        seg.append(seg_mid.reshape(runs * images, tokens, -1))
+        det.append(det_mid.reshape(runs * images, tokens, -1))
+    return StageTokens(seg, det)
+
+
+def group_forward_from_prefix(models: list[AdaptedViT], prefix: torch.Tensor) -> list[StageTokens]:
+    """`group_tokens` split per run: run r's StageTokens (views of its b rows)."""
+    joint = group_tokens(models, prefix)
+    images = prefix.shape[0] // len(models)
+    return [StageTokens([t[r * images : (r + 1) * images] for t in joint.seg],
+                        [t[r * images : (r + 1) * images] for t in joint.det]) for r in range(len(models))]
