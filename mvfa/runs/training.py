@@ -188,11 +188,13 @@ class GroupOptimizer:
     fused Adam rounds differently, and Adam magnifies that where a gradient element is near zero:
     measured no faster here.)"""
 
-    def __init__(self, models: list[AdaptedViT], learning_rates: list[float]) -> None:
+    def __init__(self, models: list[AdaptedViT], learning_rates: list[float], capturable: bool = False) -> None:
+        """capturable: Adam's step counts live on the parameters' device, so the update can be captured
+        in a CUDA graph (torch's `capturable`; CUDA only)."""
         self.seg = [list(model.seg_adapters.parameters()) for model in models]
         self.det = [list(model.det_adapters.parameters()) for model in models]
         groups = [{"params": seg + det, "lr": rate} for seg, det, rate in zip(self.seg, self.det, learning_rates)]
-        self.adam = torch.optim.Adam(groups, betas=ADAM_BETAS, foreach=False)
+        self.adam = torch.optim.Adam(groups, betas=ADAM_BETAS, foreach=False, capturable=capturable)
 
     def zero_grad(self) -> None:
         self.adam.zero_grad(set_to_none=True)
