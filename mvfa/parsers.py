@@ -195,9 +195,10 @@ def reproduce_parser(prog: str = "python -m mvfa.reproduce") -> argparse.Argumen
     parser.add_argument("--prefix_cache", choices=PREFIX_CACHE_MODES, default="auto",
                         help="keep the frozen blocks' outputs of repeatedly scored images (results are identical)")
     parser.add_argument("--cache_dir", default=None, help=CACHE_DIR_HELP)
-    parser.add_argument("--group_size", type=int, default=5,
-                        help="k-shot splits of a dataset trained in lockstep as one batched computation (1: one by one; "
-                             "each run's results equal its own training to float rounding; one process only)")
+    parser.add_argument("--group_size", type=int, default=8,
+                        help="runs of one setting (the zero-shot targets; the k-shot splits of every dataset) trained "
+                             "in lockstep as one batched computation (1: one by one; each run's results equal its own "
+                             "training to float rounding; one process only)")
     parser.add_argument("--one_by_one", action="store_true",
                         help="train each protocol's run on its own (default: the protocols of a run share one training "
                              "trajectory; the results are the same, bit for bit)")

@@ -555,22 +555,27 @@ def run_groups(plans: list[Plan], together: bool, group_size: int) -> list[list[
 
     A set: the protocols of one dataset, setting and split share a training trajectory (normal-only
     runs train nothing: one by one); `together` False: every plan alone. A group: up to `group_size`
-    sets of the k-shot splits of one dataset and k, trained in lockstep as one batched computation.
+    sets of one setting (the zero-shot targets; the k-shot splits of every dataset for one k), trained
+    in lockstep as one batched computation, in the order the sets are planned. A group runs where its
+    first set is planned, so every zero-shot run is made before the normal-only runs that read its
+    checkpoint.
     """
     sets: dict[tuple, list[tuple[int, Plan]]] = {}
     for index, plan in enumerate(plans, start=1):
         key = (plan.dataset, plan.setting, plan.split) if together and not plan.only_normal else (index,)
         sets.setdefault(key, []).append((index, plan))
     groups: list[list[list[tuple[int, Plan]]]] = []
+    filling: dict[str, list[list[tuple[int, Plan]]]] = {}  # per setting, the group that takes its next set
     for runs in sets.values():
         plan = runs[0][1]
-        last = groups[-1][-1][0][1] if groups else None
-        lockstep = plan.mode == "few-shot" and not plan.only_normal
-        if (lockstep and last is not None and len(groups[-1]) < group_size and last.mode == "few-shot"
-                and not last.only_normal and (last.dataset, last.setting) == (plan.dataset, plan.setting)):
-            groups[-1].append(runs)
-        else:
+        if not together or plan.only_normal:
             groups.append([runs])
+            continue
+        group = filling.get(plan.setting)
+        if group is None or len(group) >= group_size:
+            group = filling[plan.setting] = []
+            groups.append(group)
+        group.append(runs)
     return groups
 
 
@@ -624,7 +629,8 @@ def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None 
                     continue
                 shown = [f"== {what} ==" for pending in todo for what, _, _ in pending]
                 if len(todo) > 1:
-                    shown.append(f"(trained together: {len(todo)} splits in lockstep, the protocols of each sharing one trajectory)")
+                    what = "targets" if todo[0][0][1].mode == "zero-shot" else "splits"
+                    shown.append(f"(trained together: {len(todo)} {what} in lockstep, the protocols of each sharing one trajectory)")
                 elif len(todo[0]) > 1:
                     shown.append("(trained together: one trajectory, each protocol's selection)")
                 print("\n" + "\n".join(shown), flush=True)

@@ -35,7 +35,7 @@ EXPECTED = {
                 "test_few peak RSS / release emulation, cold", "the same ViT forwards alone, s",
                 "speed-up ceiling: release emulation / forwards alone"],
     "reproduce": ["reproduce wall s, protocols one by one", "reproduce wall s, protocols trained together",
-                  "reproduce wall s, splits grouped, protocols together", "reproduce speed-up, together vs one by one",
+                  "reproduce wall s, runs grouped, protocols together", "reproduce speed-up, together vs one by one",
                   "reproduce speed-up, grouped vs one by one"],
 }
 

@@ -109,6 +109,33 @@ def test_scores_with_the_one_branch_bank_equal_the_full_bank(model, images, has_
         evaluate(model, FewShotScorer(text, has_masks, other), data, batch_size=2, metrics=False)
 
 
+def test_refresh_keeps_the_bank_of_equal_adapters_and_rebuilds_after_any_change(images):
+    """A scorer rebuilds its bank only when the model or its adapter values changed since the last build,
+    whatever changed them (an optimiser step, a loaded state, or a write through .data)."""
+    torch.manual_seed(0)
+    model = AdaptedViT(create_model(TINY_MODEL, TINY_SIZE), [2, 4, 6]).eval()
+    text = torch.nn.functional.normalize(torch.randn(64, 2, generator=torch.Generator().manual_seed(4)), dim=0)
+    scorer = FewShotScorer(text, True, support_images=images, batch_size=3)
+    scorer.refresh(model)
+    first = scorer.bank
+    scorer.refresh(model)
+    assert scorer.bank is first  # the same adapters: kept
+    saved = model.adapter_state()
+    with torch.no_grad():
+        next(iter(model.adapter_parameters())).data.add_(0.01)  # through .data: no version bump
+    scorer.refresh(model)
+    assert scorer.bank is not first
+    assert not torch.equal(scorer.bank.stages("seg")[0], first.stages("seg")[0])
+    model.load_adapter_state(saved)
+    scorer.refresh(model)  # back to the first adapters: rebuilt, equal to the first build bit for bit
+    assert_stages_equal(scorer.bank.stages("seg"), first.stages("seg"))
+    sibling = model.sibling()
+    sibling.load_adapter_state(saved)
+    kept = scorer.bank
+    scorer.refresh(sibling)  # another model: rebuilt
+    assert scorer.bank is not kept
+
+
 def test_unknown_branch_is_refused(model, images):
     with pytest.raises(ValueError, match="memory bank branches"):
         build_memory_bank(model, images, 3, branches=("cls",))

@@ -1,6 +1,7 @@
 """python -m mvfa.reproduce on the synthetic benchmark with the tiny backbone: files, table, resume, no test-label leak."""
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -398,9 +399,30 @@ def test_protocols_trained_together_equal_one_by_one(done, tmp_path, capsys):
             assert all(torch.equal(t, together[key][k]) for k, t in alone[key].items()), relative
 
 
+def test_run_groups_group_a_setting_across_datasets():
+    """Sets (a run's protocols) of one setting are grouped across datasets, up to --group_size, in plan
+    order; normal-only runs stay alone and come after the zero-shot group whose checkpoints they read."""
+    args = argparse.Namespace(protocols=["release", "leakfree"], shots=[1], splits=2, only_normal=True)
+    plans = reproduce.plan_runs(list(DATASETS), args)
+
+    def shape(groups):
+        return [[(runs[0][1].dataset, runs[0][1].setting, runs[0][1].split, len(runs)) for runs in group] for group in groups]
+
+    groups = reproduce.run_groups(plans, True, 8)
+    zero = [("Chest", "zero-shot", 0, 2), ("Brain", "zero-shot", 0, 2)]
+    shots = [(d, "1-shot", s, 2) for d in DATASETS for s in range(2)]
+    normal = [[(d, "1-shot-normal", s, 1)] for d in DATASETS for s in range(2) for _ in range(2)]
+    assert shape(groups) == [zero, shots] + normal
+    assert shape(reproduce.run_groups(plans, True, 3)) == [zero, shots[:3]] + normal[:4] + [shots[3:]] + normal[4:]
+    alone = reproduce.run_groups(plans, False, 8)
+    assert len(alone) == len(plans) and all(len(group) == 1 and len(group[0]) == 1 for group in alone)
+    assert [index for group in alone for runs in group for index, _ in runs] == list(range(1, len(plans) + 1))
+
+
 def test_splits_in_lockstep_by_default_equal_one_by_one_to_rounding(done, tmp_path, capsys):
-    """The default --group_size trains a dataset's k-shot splits in lockstep: every run's AUROCs equal
-    the one-by-one runs' (the fixture's, --group_size 1) to 1e-4, with the same selected epochs."""
+    """The default --group_size trains the zero-shot targets, and every dataset's k-shot splits, in
+    lockstep: every run's AUROCs equal the one-by-one runs' (the fixture's, --group_size 1) to 1e-4,
+    with the same selected epochs."""
     out = tmp_path / "lockstep"
     argv = [a for a in reproduce_argv(done["data"], done["clip"], out)]
     at = argv.index("--group_size")
@@ -411,7 +433,9 @@ def test_splits_in_lockstep_by_default_equal_one_by_one_to_rounding(done, tmp_pa
         assert reproduce.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    assert f"(trained together: {SPLITS} splits in lockstep" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"(trained together: {len(DATASETS) * SPLITS} splits in lockstep" in printed  # every dataset's k-shot splits
+    assert f"(trained together: {len(DATASETS)} targets in lockstep" in printed  # the zero-shot targets
     lockstep, alone = read_csv(out / "results.csv"), read_csv(done["out"] / "results.csv")
     assert [r["run_dir"] for r in lockstep] == [r["run_dir"] for r in alone]
     for got, own in zip(lockstep, alone):

@@ -30,12 +30,13 @@ def bench(tmp_path_factory, tiny_clip) -> dict[str, Path]:
     return {"data": root / "data", "clip": tiny_clip}
 
 
-def config(bench, folder: Path, obj: str, iterate: int, protocol: str) -> RunConfig:
+def config(bench, folder: Path, obj: str, iterate: int, protocol: str, mode: str = "few-shot") -> RunConfig:
+    few = mode == "few-shot"
     return RunConfig(
-        mode="few-shot", train=True, obj=obj, data_path=bench["data"], save_path=folder, output_dir=folder,
+        mode=mode, train=True, obj=obj, data_path=bench["data"], save_path=folder, output_dir=folder,
         model_name=TINY_MODEL, clip_ckpt=bench["clip"], img_size=TINY_SIZE, features_list=tuple(int(s) for s in TINY_STAGES),
-        shot=2, iterate=iterate, epoch=2, eval_batch_size=4, fewshot_seed_dirs=(bench["data"] / "no-seed-lists",),
-        cache_dir=None, **PROTOCOLS[protocol],
+        shot=2 if few else 0, iterate=iterate if few else -1, epoch=2 if few else 1, eval_batch_size=4,
+        fewshot_seed_dirs=(bench["data"] / "no-seed-lists",) if few else (), cache_dir=None, **PROTOCOLS[protocol],
     )
 
 
@@ -43,40 +44,66 @@ def sets(bench, root: Path, obj: str) -> list[list[RunConfig]]:
     return [[config(bench, root / f"split{i}" / p, obj, i, p) for p in PROTOCOLS] for i in SPLITS]
 
 
-@pytest.mark.parametrize("obj", ["Brain", "Chest"])  # with masks (fused maps), without (fused scores)
-def test_splits_in_lockstep_equal_each_split_alone(bench, tmp_path, obj, monkeypatch):
-    grouped_sets, alone_sets = sets(bench, tmp_path / "grouped", obj), sets(bench, tmp_path / "alone", obj)
-    together = []  # the splits' test-set selections, evaluated together once per epoch
+def assert_equal_to_rounding(grouped: list[list], alone: list[list]) -> None:
+    """Each run's metrics equal its set's run alone to 1e-4, with the same selection of the same support
+    (few-shot), and its adapters to float rounding."""
+    for protocol_results, own_results in zip(grouped, alone):
+        for protocol, got, own in zip(PROTOCOLS, protocol_results, own_results):
+            where = (str(own.output_dir), protocol)
+            for key, value in own.metrics.items():
+                if key != "seconds":
+                    assert got.metrics[key] == pytest.approx(value, abs=1e-4), (*where, key)
+            got_state = torch.load(got.checkpoint, weights_only=True)
+            own_state = torch.load(own.checkpoint, weights_only=True)
+            for key in ("best_epoch", "best_step", "support", "iterate", "obj"):
+                assert got_state["meta"].get(key) == own_state["meta"].get(key), (*where, key)
+            for group in ("seg_adapters", "det_adapters"):
+                for name, tensor in own_state[group].items():
+                    torch.testing.assert_close(got_state[group][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_splits_of_several_datasets_in_lockstep_equal_each_split_alone(bench, tmp_path, monkeypatch):
+    """Brain's two splits (with masks: fused maps) and Chest's first (without: fused scores) in one group."""
+    grouped_sets = sets(bench, tmp_path / "grouped", "Brain") + sets(bench, tmp_path / "grouped" / "chest", "Chest")[:1]
+    alone_sets = sets(bench, tmp_path / "alone", "Brain") + sets(bench, tmp_path / "alone" / "chest", "Chest")[:1]
+    together = []  # Brain's splits' test-set selections, evaluated together once per epoch (Chest has one split)
     monkeypatch.setattr(run_module, "evaluate_group", lambda *a, **k: together.append(1) or evaluate_group(*a, **k))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         grouped = run_grouped(grouped_sets)
         alone = [run_together(configs) for configs in alone_sets]
     assert len(together) == 2  # 2 epochs
-    assert "run 2: [--select valid] epoch 2/2" in printed.getvalue()  # each line says whose it is
-    for split, protocol_results, own_results in zip(SPLITS, grouped, alone):
-        for protocol, got, own in zip(PROTOCOLS, protocol_results, own_results):
-            for key, value in own.metrics.items():
-                if key != "seconds":
-                    assert got.metrics[key] == pytest.approx(value, abs=1e-4), (split, protocol, key)
-            got_state = torch.load(got.checkpoint, weights_only=True)
-            own_state = torch.load(own.checkpoint, weights_only=True)
-            for key in ("best_epoch", "best_step", "support", "iterate"):  # the same selection, of the same support
-                assert got_state["meta"][key] == own_state["meta"][key], (split, protocol, key)
-            for group in ("seg_adapters", "det_adapters"):
-                for name, tensor in own_state[group].items():
-                    torch.testing.assert_close(got_state[group][name], tensor, rtol=1e-4, atol=1e-5)
-            written = json.loads((got.output_dir / "metrics.json").read_text())
-            assert written["config"]["iterate"] == split and written["support"]["source"].startswith("random draw")
+    assert "run 3: [--select valid] epoch 2/2" in printed.getvalue()  # each line says whose it is
+    assert_equal_to_rounding(grouped, alone)
+    for configs, results in zip(grouped_sets, grouped):
+        for cfg, result in zip(configs, results):
+            written = json.loads((result.output_dir / "metrics.json").read_text())
+            assert written["config"]["iterate"] == cfg.iterate and written["config"]["obj"] == cfg.obj
+            assert written["support"]["source"].startswith("random draw")
 
 
-def test_runs_that_differ_in_more_than_the_split_are_refused(bench, tmp_path):
+def test_zero_shot_targets_in_lockstep_equal_each_target_alone(bench, tmp_path):
+    """Brain and Chest as zero-shot targets (each the other's source) trained together, both protocols."""
+    def zero_sets(root: Path) -> list[list[RunConfig]]:
+        return [[config(bench, root / obj / p, obj, 0, p, mode="zero-shot") for p in PROTOCOLS] for obj in ("Brain", "Chest")]
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        grouped = run_grouped(zero_sets(tmp_path / "grouped"))
+        alone = [run_together(configs) for configs in zero_sets(tmp_path / "alone")]
+    assert "run 2: [--select test] epoch 1/1" in printed.getvalue()
+    assert_equal_to_rounding(grouped, alone)
+
+
+def test_runs_that_differ_in_more_than_the_target_and_split_are_refused(bench, tmp_path):
     base = sets(bench, tmp_path, "Brain")
     other = [[replace(c, learning_rate=1e-2) for c in base[1]]]
     with pytest.raises(MVFAError, match="these differ too: learning_rate"):
         run_grouped([base[0], *other])
-    zero = [[replace(c, mode="zero-shot") for c in configs] for configs in base[:2]]
-    with pytest.raises(MVFAError, match="few-shot training runs"):
-        run_grouped(zero)
+    zero = [[config(bench, tmp_path / "zero" / p, "Chest", 0, p, mode="zero-shot") for p in PROTOCOLS]]
+    with pytest.raises(MVFAError, match="these differ too: mode"):
+        run_grouped([base[0], *zero])
+    testing = [[replace(configs[0], train=False)] for configs in base]
+    with pytest.raises(MVFAError, match="runs trained in lockstep are training runs"):
+        run_grouped(testing)
     assert not any(tmp_path.rglob("metrics.json"))  # refused before any work
 
 

@@ -199,6 +199,7 @@ class FewShotScorer(Scorer):
         self.bank_branch = bank_branch(has_masks)
         self.support_images, self.support_cache = support_images, support_cache
         self.batch_size, self.bank_precision = batch_size, bank_precision
+        self._built_for: tuple[AdaptedViT, list[torch.Tensor]] | None = None  # the model and adapters of the bank
         self.fit_branches = ("zero_score", "zero_map", "few_map") if has_masks else ("zero_score", "few_score")
         self.normalization_branches = self.branches_needed(has_masks)
         self.score_is_map_max = has_masks
@@ -209,11 +210,19 @@ class FewShotScorer(Scorer):
         return ("zero_map", "few_map") if has_masks else ("zero_score", "few_score")
 
     def refresh(self, model: AdaptedViT) -> None:
-        """The bank of the current adapters, for the one branch this dataset's scoring reads."""
+        """The bank of the current adapters, for the one branch this dataset's scoring reads; kept when
+        the bank was built by the same model with adapters equal to the current ones (several
+        evaluations of one state: the protocols of a run trained together, calibration and the test)."""
         if self.support_images is None:
+            return
+        adapters = [parameter.detach() for parameter in model.adapter_parameters()]
+        if self._built_for is not None and self._built_for[0] is model and all(
+            torch.equal(now, then) for now, then in zip(adapters, self._built_for[1], strict=True)
+        ):
             return
         self.bank = build_memory_bank(model, self.support_images, self.batch_size, self.bank_precision, self.support_cache,
                                       branches=(self.bank_branch,))
+        self._built_for = (model, [adapter.clone() for adapter in adapters])
 
     def raw(self, tokens: StageTokens, size: int, det_maps: bool = False) -> dict:
         values = super().raw(tokens, size, det_maps)

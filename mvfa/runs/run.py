@@ -108,15 +108,16 @@ def run_together(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResul
     return run_grouped([configs], dist)[0]
 
 
-# What may differ between the trajectories of runs trained in lockstep: the few-shot split (its line
-# of the seed files, or its draw).
-GROUP_SETTINGS = ("iterate", "fewshot_seed_dirs")
+# What may differ between the trajectories of runs trained in lockstep: the target dataset (and its
+# prompt) and the few-shot split (its line of the seed files, or its draw).
+GROUP_SETTINGS = ("obj", "prompt_name", "iterate", "fewshot_seed_dirs")
 
 
 def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
-    """Few-shot runs of several splits trained in lockstep as one batched computation (mvfa.method.group):
-    each set of `config_sets` shares one trajectory (run_together: e.g. the two protocols), the sets
-    differ in the split (--iterate) only; each keeps its own support, seeded orders, optimiser,
+    """Training runs of one mode trained in lockstep as one batched computation (mvfa.method.group): the
+    few-shot splits of one or several datasets, or the zero-shot targets. Each set of `config_sets`
+    shares one trajectory (run_together: e.g. the two protocols); the sets differ only in the target
+    and the split (GROUP_SETTINGS); each keeps its own support or sources, seeded orders, optimiser,
     evaluations, selection and files. Each run's results equal those of its set trained alone to
     float rounding (batched products sum in another order). Several sets: one process.
 
@@ -137,23 +138,21 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
             for config in every:
                 locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError,
                                                 active=dist.is_main))
-            if len(config_sets) > 1:
-                results = few_shot_group(config_sets, dist)
-            elif every[0].mode == "few-shot":
-                results = [few_shot_runs(config_sets[0], dist)]
+            if every[0].mode == "few-shot":
+                results = few_shot_group(config_sets, dist) if every[0].train else [few_shot_runs(config_sets[0], dist)]
             else:
-                results = [zero_shot_runs(config_sets[0], dist)]
+                results = zero_shot_group(config_sets, dist) if every[0].train else [zero_shot_runs(config_sets[0], dist)]
             barrier(dist)
     return results
 
 
 def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
-    """Sets trained in lockstep: few-shot training runs of one dataset that differ in the split only."""
+    """Sets trained in lockstep: training runs of one mode that differ in the target and the split only."""
     if dist.active:
         raise MVFAError("runs trained in lockstep run in one process: under torchrun each rank trains its own runs")
     first = config_sets[0][0]
-    if first.mode != "few-shot" or not first.train:
-        raise MVFAError("runs trained in lockstep are few-shot training runs (the splits of one dataset)")
+    if not first.train:
+        raise MVFAError("runs trained in lockstep are training runs (few-shot splits and datasets, or zero-shot targets)")
     allowed = (*PER_RUN_SETTINGS, *GROUP_SETTINGS)
     for configs in config_sets[1:]:
         if differ := _differing(first, configs[0], allowed):
@@ -189,7 +188,8 @@ def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResu
         return few_shot_group([configs], dist)[0]
     (lead,) = open_runs(configs, dist)
     config = lead.config
-    model, _, text_features, _ = build_run_model(config, lead.device, lead.word, {})
+    model, _, features = build_run_model(config, lead.device, [lead.word])
+    text_features = features[lead.word]
     load_test_set([lead])
     few_shot, support = prepare_few_shot(config, lead.target)
     print_support(config, support, named=False)
@@ -203,34 +203,35 @@ def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResu
 
 
 def few_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
-    """Few-shot training of one or several splits (several: trained in lockstep, run_grouped); each set
-    of configs shares its split's trajectory (run_together)."""
+    """Few-shot training of one split or several (several: trained in lockstep, run_grouped; of one
+    dataset or several); each set of configs shares its split's trajectory (run_together)."""
     run_sets = [open_runs(configs, dist) for configs in config_sets]
-    lead = run_sets[0][0]
-    model, replay, text_features, _ = build_run_model(lead.config, lead.device, lead.word, {})
-    models = [model] + [model.sibling() for _ in run_sets[1:]]  # the release's initial adapters, for each split
-    replays = [replay] + [replay.fork() for _ in run_sets[1:]]  # each split draws as if alone
-    load_test_set([run for runs in run_sets for run in runs])
-    if any(run.config.select == "test" for runs in run_sets for run in runs):
-        cache(lead, model, lead.test_set)
+    model, models, replays, features = group_models(run_sets, [])
+    targets = load_test_sets(run_sets, model)
     supports, scorers, batches = [], [], []
     for runs, split_model, split_replay in zip(run_sets, models, replays):
-        split = runs[0].config
-        few_shot, support = prepare_few_shot(split, lead.target)
+        split, target, text_features = runs[0].config, runs[0].target, features[runs[0].word]
+        few_shot, support = prepare_few_shot(split, target)
         print_support(split, support, named=len(run_sets) > 1)
-        cache_support_prefixes(split_model, few_shot, split, lead.budget)
+        cache_support_prefixes(split_model, few_shot, split, runs[0].budget)
         for run in runs:
             run.meta["support"] = support_names(support)
         supports.append((few_shot, support))
-        scorers.append(few_shot_scorer(split, lead, text_features, few_shot))
-        batches.append(few_shot_batches(split, few_shot, text_features, lead.target.has_masks, split_replay))
-    testing = [i for i, runs in enumerate(run_sets) if any(run.config.select == "test" for run in runs)]
-    shared = None
-    if len(testing) > 1:  # the splits' evaluations on the test set, made together
-        shared = LockstepScores([models[i] for i in testing], [scorers[i] for i in testing], lead.test_set, lead.config)
-    selectors = [[few_shot_selection(run, split_model, scorer, few_shot.support_samples, shared) for run in runs]
-                 for runs, split_model, scorer, (few_shot, _) in zip(run_sets, models, scorers, supports)]
-    trained = train_runs(run_sets, models, batches, selectors, shared.invalidate if shared is not None else None)
+        scorers.append(few_shot_scorer(split, runs[0], text_features, few_shot))
+        batches.append(few_shot_batches(split, few_shot, text_features, target.has_masks, split_replay))
+    shared: list[LockstepScores | None] = [None] * len(run_sets)
+    for indices in targets.values():  # the test-set evaluations of a dataset's splits, made together
+        testing = [i for i in indices if any(run.config.select == "test" for run in run_sets[i])]
+        if len(testing) > 1:
+            lockstep = LockstepScores([models[i] for i in testing], [scorers[i] for i in testing],
+                                      run_sets[testing[0]][0].test_set, run_sets[testing[0]][0].config)
+            for i in testing:
+                shared[i] = lockstep
+    selectors = [[few_shot_selection(run, split_model, scorer, few_shot.support_samples, lockstep) for run in runs]
+                 for runs, split_model, scorer, (few_shot, _), lockstep in zip(run_sets, models, scorers, supports, shared)]
+    lockstep_scores = {id(lockstep): lockstep for lockstep in shared if lockstep is not None}.values()
+    trained = train_runs(run_sets, models, batches, selectors,
+                         (lambda: [lockstep.invalidate() for lockstep in lockstep_scores]) if lockstep_scores else None)
     results = []
     for runs, split_model, scorer, (few_shot, support), split_trained in zip(run_sets, models, scorers, supports, trained):
         results.append([])
@@ -239,6 +240,37 @@ def few_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> l
             results[-1].append(test_and_write(run, split_model, scorer, few_shot.support_samples, best_state, log_rows,
                                               support))
     return results
+
+
+def group_models(
+    run_sets: list[list[RunState]], source_words: list[str],
+) -> tuple[AdaptedViT, list[AdaptedViT], list[ReleaseRandom], dict[str, torch.Tensor]]:
+    """The model of the first set and a sibling for each other set (the release's initial adapters,
+    each set's own), each set's replay (a fork: each set draws as if alone), and the text features
+    of every set's target word and of `source_words` (zero-shot sources), by word."""
+    lead = run_sets[0][0]
+    words = list(dict.fromkeys([runs[0].word for runs in run_sets] + source_words))
+    model, replay, features = build_run_model(lead.config, lead.device, words)
+    models = [model] + [model.sibling() for _ in run_sets[1:]]
+    replays = [replay] + [replay.fork() for _ in run_sets[1:]]
+    return model, models, replays, features
+
+
+def load_test_sets(run_sets: list[list[RunState]], model: AdaptedViT) -> dict[str, list[int]]:
+    """Each target's test images decoded once for the sets of its runs (load_test_set); one prefix-cache
+    budget for the group; a target evaluated after every epoch (--select test) keeps its prefixes.
+    Returns, per target name, the indices of its sets."""
+    targets: dict[str, list[int]] = {}
+    for index, runs in enumerate(run_sets):
+        targets.setdefault(runs[0].target.name, []).append(index)
+    budget = None
+    for indices in targets.values():
+        runs = [run for i in indices for run in run_sets[i]]
+        load_test_set(runs, budget)
+        budget = runs[0].budget
+        if any(run.config.select == "test" for run in runs):
+            cache(runs[0], model, runs[0].test_set)
+    return targets
 
 
 def print_support(config: RunConfig, support, named: bool) -> None:
@@ -259,35 +291,48 @@ def few_shot_scorer(config: RunConfig, run: RunState, text_features: torch.Tenso
 
 
 def zero_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
-    """Zero-shot: adapters trained on the other datasets' test images (leave one out), scored with text
-    features alone; or (a test run) a checkpoint's adapters."""
-    config = configs[0]
-    sources = source_datasets_for_zero_shot(config.data_path, config.obj) if config.train else []
-    listings = read_listings(config.listings) if config.train and config.listings is not None else None
-    runs = open_runs(configs, dist)
-    lead = runs[0]
-    config = lead.config
-    source_words = {source.name: _source_word(config, source) for source in sources}
-    model, replay, text_features, source_features = build_run_model(config, lead.device, lead.word, source_words)
-    load_test_set(runs)
-    options = {"release_dtypes": release_dtypes(config)}
-    scorer = ZeroShotScorer(text_features, lead.target.has_masks, **options)
-    if not config.train:
-        load_adapters(lead, model)
-        return [test_and_write(lead, model, scorer, [], None, [], None)]
-    if any(run.config.select == "test" for run in runs):
-        cache(lead, model, lead.test_set)
-    source_scorers = {s.name: ZeroShotScorer(source_features[s.name], s.has_masks, **options) for s in sources}
-    selectors = [zero_shot_selection(run, model, scorer, sources, source_scorers) for run in runs]
-    batches = zero_shot_batches(
-        config, sources, lambda source: source_features[source.name], lead.budget.allow, replay,
-        listing_of(config.order, listings, config.data_path), dist,
-    )
-    (trained,) = train_runs([runs], [model], [batches], [selectors])
+    """Zero-shot: adapters trained on the other datasets' test images (leave one out; zero_shot_group),
+    scored with text features alone; or (a test run) a checkpoint's adapters."""
+    if configs[0].train:
+        return zero_shot_group([configs], dist)[0]
+    (lead,) = open_runs(configs, dist)
+    model, _, features = build_run_model(lead.config, lead.device, [lead.word])
+    load_test_set([lead])
+    scorer = ZeroShotScorer(features[lead.word], lead.target.has_masks, release_dtypes=release_dtypes(lead.config))
+    load_adapters(lead, model)
+    return [test_and_write(lead, model, scorer, [], None, [], None)]
+
+
+def zero_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
+    """Zero-shot training of one target or several (several: trained in lockstep, run_grouped), each
+    on the other datasets' test images; each set of configs shares its target's trajectory (run_together)."""
+    sources = [source_datasets_for_zero_shot(configs[0].data_path, configs[0].obj) for configs in config_sets]
+    listings = [read_listings(c[0].listings) if c[0].listings is not None else None for c in config_sets]
+    run_sets = [open_runs(configs, dist) for configs in config_sets]
+    source_words = {s.name: _source_word(runs[0].config, s) for runs, target_sources in zip(run_sets, sources)
+                    for s in target_sources}
+    model, models, replays, features = group_models(run_sets, list(source_words.values()))
+    load_test_sets(run_sets, model)
+    scorers, selectors, batches = [], [], []
+    for runs, target_model, replay, target_sources, listing in zip(run_sets, models, replays, sources, listings):
+        config, target = runs[0].config, runs[0].target
+        options = {"release_dtypes": release_dtypes(config)}
+        scorers.append(ZeroShotScorer(features[runs[0].word], target.has_masks, **options))
+        source_scorers = {s.name: ZeroShotScorer(features[source_words[s.name]], s.has_masks, **options)
+                          for s in target_sources}
+        selectors.append([zero_shot_selection(run, target_model, scorers[-1], target_sources, source_scorers)
+                          for run in runs])
+        batches.append(zero_shot_batches(
+            config, target_sources, lambda source: features[source_words[source.name]], runs[0].budget.allow, replay,
+            listing_of(config.order, listing, config.data_path), dist,
+        ))
+    trained = train_runs(run_sets, models, batches, selectors)
     results = []
-    for run, (best_state, log_rows) in zip(runs, trained):
-        keep_selected(run, model, best_state, scorer, [])
-        results.append(test_and_write(run, model, scorer, [], best_state, log_rows, None))
+    for runs, target_model, scorer, target_trained in zip(run_sets, models, scorers, trained):
+        results.append([])
+        for run, (best_state, log_rows) in zip(runs, target_trained):
+            keep_selected(run, target_model, best_state, scorer, [])
+            results[-1].append(test_and_write(run, target_model, scorer, [], best_state, log_rows, None))
     return results
 
 
@@ -317,12 +362,13 @@ def open_runs(configs: list[RunConfig], dist: Dist) -> list[RunState]:
     return runs
 
 
-def load_test_set(runs: list[RunState]) -> None:
-    """The target's test images, decoded once; one prefix-cache budget for the runs' sets."""
+def load_test_set(runs: list[RunState], budget: PrefixBudget | None = None) -> None:
+    """The target's test images, decoded once; one prefix-cache budget for the runs' sets (`budget`:
+    one shared with other targets' runs trained together)."""
     lead = runs[0]
     test_set = TensorSet.load(lead.target.samples("test"), lead.config.img_size, lead.config.num_workers,
                               desc=f"{lead.target.name} test")
-    budget = PrefixBudget(lead.config.prefix_cache, lead.device)
+    budget = budget if budget is not None else PrefixBudget(lead.config.prefix_cache, lead.device)
     for run in runs:
         run.test_set, run.budget = test_set, budget
 
@@ -339,11 +385,11 @@ def bank_precision(config: RunConfig) -> str:
 
 
 def build_run_model(
-    config: RunConfig, device: torch.device, word: str, source_words: dict[str, str],
-) -> tuple[AdaptedViT, ReleaseRandom, torch.Tensor, dict[str, torch.Tensor]]:
-    """The run's model with the release's initial adapters (training), its text features (the target's
-    and each zero-shot source's), the text tower dropped, the visual tower in fp32; and the replay of
-    the release's draws, which the training batches go on drawing from."""
+    config: RunConfig, device: torch.device, words: list[str],
+) -> tuple[AdaptedViT, ReleaseRandom, dict[str, torch.Tensor]]:
+    """The run's model with the release's initial adapters (training), the text features of `words`
+    (by word: the targets' and the zero-shot sources'), the text tower dropped, the visual tower in
+    fp32; and the replay of the release's draws, which the training batches go on drawing from."""
     model, text_bank = build_adapted_model(
         config.model_name, config.img_size, config.features_list, config.clip_ckpt, config.pretrain,
         config.quick_gelu, device, config.cache_dir, visual_fp32_later=True,
@@ -357,15 +403,13 @@ def build_run_model(
     if release_dtypes(config) and device.type == "cuda" and config.precision != "fp32":
         # the release encodes its prompts under autocast
         text_bank.encoding_autocast = (f"autocast-{config.precision}", lambda: autocast_for(device, config.precision))
-    text_features = text_bank(word)
-    # zero-shot training scores each source against its own prompts
-    source_features = {name: text_bank(source_word) for name, source_word in source_words.items()}
+    features = {word: text_bank(word) for word in words}  # zero-shot training: each source its own prompts
     text_bank.drop_text_tower()  # every word the run needs is encoded: free the text weights (0.5 GB for ViT-L)
     if config.train or config.compile:
         model.visual.float()
     else:  # a test run: the blocks keep the checkpoint's dtype, computed in fp32 (bit for bit the same)
         model.float_with_block_workspace()
-    return model, replay, text_features, source_features
+    return model, replay, features
 
 
 def score(run: RunState, model: AdaptedViT, scorer: Scorer, data: TensorSet, **options) -> EvalResult:
