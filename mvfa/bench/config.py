@@ -14,6 +14,7 @@ BRAIN_TEST_IMAGES = 3715
 ZERO_SHOT_TRAIN_IMAGES = 8000  # about the sum of the five source datasets' test splits
 ZERO_SHOT_TEST_IMAGES = 1493
 ZERO_SHOT_EVALS = EPOCHS * ZERO_SHOT_EVALS_PER_EPOCH
+ZERO_SHOT_TARGETS = 6  # the benchmark's datasets: each is a zero-shot target, trained in lockstep by reproduce
 
 
 @dataclass

@@ -24,11 +24,13 @@ from mvfa.runs.replay import ReleaseRandom
 from mvfa.runs.support import FewShotData, cache_support_prefixes
 from mvfa.runs.training import (
     ZERO_SHOT_EVALS_PER_EPOCH,
+    GroupOptimizer,
     Selector,
     Track,
     after_epoch,
     compute_loss,
     few_shot_batches,
+    group_train_step,
     make_optimizers,
     train_loop,
     train_step,
@@ -37,11 +39,12 @@ from mvfa.runtime.compute import autocast_for
 from mvfa.runtime.files import save_torch_atomic, write_text_atomic
 
 __all__ = [
-    "ABNORMAL_STATES", "ADAPTER_MIX", "AUGMENTATIONS", "AdaptedViT", "CLIP", "FewShotData", "ImageSet",
+    "ABNORMAL_STATES", "ADAPTER_MIX", "AUGMENTATIONS", "AdaptedViT", "CLIP", "FewShotData", "GroupOptimizer", "ImageSet",
     "NORMAL_STATES", "PrefixBudget", "ReleaseRandom", "RunConfig", "STREAM_KEEP", "Selector", "TEMPLATES", "Track",
     "TensorSet", "TextFeatureBank", "ZERO_SHOT_EVALS_PER_EPOCH", "after_epoch", "augment", "autocast_for",
     "bank_branch", "bench_parser", "build_memory_bank", "cache_set_prefixes", "cache_support_prefixes", "compute_loss", "create_model",
     "encode_prompt_ensemble", "evaluate", "prefix_bytes", "FewShotScorer", "ZeroShotScorer", "few_shot_batches", "generate_benchmark",
+    "group_train_step",
     "load_config", "make_optimizers", "object_word", "max_cosine_to_bank", "normalize_bank", "open_dataset",
     "resample_positional_embedding", "save_torch_atomic", "select_support", "state_sentences", "tokenize", "train_loop", "train_step",
     "write_text_atomic",
