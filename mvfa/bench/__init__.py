@@ -33,7 +33,8 @@ reproduce   python -m mvfa.reproduce on the tiny backbone (2 datasets x 4 splits
 
 The other modules: __main__ (flags, the sections' order, the run), config (sizes), common (the run's
 context, timing, random inputs), report (rows, table, JSON), release (the release emulated),
-peak_memory, children (the bench's child processes), library (the toolkit names the bench uses).
+peak_memory, children (the bench's child processes), library (the toolkit names the bench uses), and
+graph_step (`python -m mvfa.bench.graph_step`, on its own: eager against CUDA-graph training steps/s).
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from mvfa.method.scoring import max_cosine_to_bank, normalize_bank
 from mvfa.method.text import TextFeatureBank, encode_prompt_ensemble
 from mvfa.parsers import bench_parser
 from mvfa.runs.config import RunConfig
+from mvfa.runs.graph_step import CapturedStep
 from mvfa.runs.replay import ReleaseRandom
 from mvfa.runs.support import FewShotData, cache_support_prefixes
 from mvfa.runs.training import (
@@ -39,12 +40,11 @@ from mvfa.runtime.compute import autocast_for
 from mvfa.runtime.files import save_torch_atomic, write_text_atomic
 
 __all__ = [
-    "ABNORMAL_STATES", "ADAPTER_MIX", "AUGMENTATIONS", "AdaptedViT", "CLIP", "FewShotData", "GroupOptimizer", "ImageSet",
+    "ABNORMAL_STATES", "ADAPTER_MIX", "AUGMENTATIONS", "AdaptedViT", "CLIP", "CapturedStep", "FewShotData", "GroupOptimizer", "ImageSet",
     "NORMAL_STATES", "PrefixBudget", "ReleaseRandom", "RunConfig", "STREAM_KEEP", "Selector", "TEMPLATES", "Track",
     "TensorSet", "TextFeatureBank", "ZERO_SHOT_EVALS_PER_EPOCH", "after_epoch", "augment", "autocast_for",
     "bank_branch", "bench_parser", "build_memory_bank", "cache_set_prefixes", "cache_support_prefixes", "compute_loss", "create_model",
-    "encode_prompt_ensemble", "evaluate", "prefix_bytes", "FewShotScorer", "ZeroShotScorer", "few_shot_batches", "generate_benchmark",
-    "group_train_step",
+    "encode_prompt_ensemble", "evaluate", "prefix_bytes", "FewShotScorer", "ZeroShotScorer", "few_shot_batches", "generate_benchmark", "group_train_step",
     "load_config", "make_optimizers", "object_word", "max_cosine_to_bank", "normalize_bank", "open_dataset",
     "resample_positional_embedding", "save_torch_atomic", "select_support", "state_sentences", "tokenize", "train_loop", "train_step",
     "write_text_atomic",
