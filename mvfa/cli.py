@@ -36,7 +36,7 @@ from mvfa.choices import (
     SCORING_DTYPES,
     SELECTIONS,
 )
-from mvfa.parsers import new_parser
+from mvfa.parsers import CUDA_GRAPH_HELP, new_parser
 from mvfa.runs.run_log import LOGGERS
 from mvfa.runtime.errors import MVFAError
 from mvfa.runtime.process import INTERRUPTED, USER_ERRORS  # noqa: F401 - the scripts' exit code on Ctrl-C and their user errors
@@ -171,6 +171,8 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
     added.add_argument("--compile", action="store_true",
                        help="torch.compile the adapted model's forward (inductor; results agree with the eager run to "
                             "float rounding, not bit for bit; the first batches of each shape pay the compilation)")
+    if train:
+        added.add_argument("--cuda_graph", action="store_true", help=CUDA_GRAPH_HELP)
     added.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
                        help="under torchrun: seconds a rank may wait in one collective before the job fails")
     if mode == "zero-shot" and train:
@@ -380,6 +382,7 @@ def config_from_args(
         prefix_cache=args.prefix_cache,
         cache_dir=resolve_cache_dir(args.cache_dir),
         compile=args.compile,
+        cuda_graph=bool(getattr(args, "cuda_graph", False)),
         scoring_dtypes=args.scoring_dtypes,
     )
     if mode == "few-shot":

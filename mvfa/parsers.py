@@ -28,6 +28,9 @@ from mvfa.choices import (
 )
 from mvfa.paper import PAPER_ROWS
 
+CUDA_GRAPH_HELP = ("training on CUDA: replay each training step from a CUDA graph (one per pattern of runs and "
+                   "masks) instead of launching its kernels one by one; equal to the eager step to float rounding; "
+                   "not yet run on a GPU in this project's tests (scripts/gpu_graph_step.sh checks it)")
 CACHE_DIR_HELP = "on-disk cache of text features (default: $MVFA_CACHE_DIR or ~/.cache/mvfa; 'none' disables)"
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when present, else cpu)"
 
@@ -199,6 +202,7 @@ def reproduce_parser(prog: str = "python -m mvfa.reproduce") -> argparse.Argumen
                         help="runs of one setting (the zero-shot targets; the k-shot splits of every dataset) trained "
                              "in lockstep as one batched computation (1: one by one; each run's results equal its own "
                              "training to float rounding; one process only)")
+    parser.add_argument("--cuda_graph", action="store_true", help=CUDA_GRAPH_HELP)
     parser.add_argument("--one_by_one", action="store_true",
                         help="train each protocol's run on its own (default: the protocols of a run share one training "
                              "trajectory; the results are the same, bit for bit)")

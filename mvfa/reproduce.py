@@ -134,7 +134,7 @@ def base_config(args: argparse.Namespace, device: str | None = None) -> RunConfi
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=str(device),
         precision=resolve_precision(args.precision, device), num_workers=args.num_workers,
         quick_gelu=args.quick_gelu, det_loss=args.det_loss, prefix_cache=args.prefix_cache,
-        cache_dir=resolve_cache_dir(args.cache_dir),
+        cache_dir=resolve_cache_dir(args.cache_dir), cuda_graph=args.cuda_graph,
     )
 
 
@@ -162,6 +162,7 @@ def config_for(plan: Plan, base: RunConfig, args: argparse.Namespace, root: Path
         shot=plan.shot if few else 4, iterate=plan.split if few else 0,
         learning_rate=args.few_learning_rate if few else args.zero_learning_rate,
         select=select, normalize=normalize, only_normal=plan.only_normal,
+        cuda_graph=base.cuda_graph and not plan.only_normal,  # normal-only runs train nothing
         fewshot_seed_dirs=seed_dirs if plan.split == 0 else (),  # later splits: deterministic draws
     )
     if plan.only_normal:
@@ -605,6 +606,9 @@ def reproduce(args: argparse.Namespace, dist: Dist = SINGLE, device: str | None 
         if len(datasets) < 2:
             print("note: zero-shot (and normal-only) runs need at least two datasets (leave-one-out): skipped")
         base = base_config(args, device)
+        if base.cuda_graph and not base.device.startswith("cuda"):
+            raise MVFAError(f"--cuda_graph replays the training step from CUDA graphs: it needs --device cuda "
+                            f"(this run: {base.device}); remove --cuda_graph")
         plans = plan_runs(datasets, args)
         data = DataFingerprints(Path(args.data_path))
         if dist.active:

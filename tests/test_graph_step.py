@@ -16,14 +16,12 @@ from mvfa.runs.graph_step import (
     WARMUP_STEPS,
     CapturedStep,
     StaticInputs,
-    device_group_losses,
     loss_parts,
     rehearse,
     step_body,
     step_key,
 )
-from mvfa.runs.training import GroupOptimizer, group_losses, group_train_step
-from mvfa.method.group import group_tokens
+from mvfa.runs.training import GroupOptimizer, group_train_step
 from mvfa.runtime.errors import MVFAError
 from tests.scripts_helpers import TINY_MODEL, TINY_SIZE, TINY_STAGES
 
@@ -169,23 +167,6 @@ def test_static_inputs_hold_the_batch_as_the_eager_step_joins_it_and_keep_their_
         assert storage == {name: getattr(inputs, name).data_ptr() for name in storage}
     no_masks = [batch(5, (False,)), batch(6, (False,))]
     assert StaticInputs.allocate(step_key(no_masks, "release", "cpu"), no_masks, torch.device("cpu")).flags is None
-
-
-@pytest.mark.parametrize("pattern", [(False, False, False, False), (True, False, False, True), (True,) * 4])
-def test_the_device_losses_equal_group_losses_bit_for_bit(pattern):
-    group = models(runs=2)
-    images = torch.rand(4, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(3))
-    masks = (torch.rand(4, 1, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(4)) > 0.8).float()
-    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
-    text = torch.nn.functional.normalize(torch.randn(4, 64, 2, generator=torch.Generator().manual_seed(5)), dim=1)
-    flags = torch.tensor(pattern)
-    with torch.no_grad():
-        tokens = group_tokens(group, group[0].encode_prefix(images))
-    for form in ("release", "bce"):
-        expected = group_losses(tokens, 2, masks, labels, text, flags, form, TINY_SIZE)
-        got = device_group_losses(tokens, 2, masks, labels, text, flags if any(pattern) else None, form, TINY_SIZE)
-        for a, b in zip(got, expected):
-            assert torch.equal(a, b)
 
 
 def test_the_recorded_work_run_eagerly_is_the_eager_step_bit_for_bit():

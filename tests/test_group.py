@@ -176,6 +176,39 @@ def test_the_group_loop_equals_each_runs_own_loop():
             torch.testing.assert_close(got_parameter, own_parameter, **TOL)  # the finished run stopped moving
 
 
+def test_the_group_loop_steps_through_the_captured_step_it_is_given():
+    """captured_step (training with --cuda_graph: graph_step.CapturedStep) is made once, from the models and
+    a capturable optimiser, and makes every step. CUDA graphs need a GPU, so here the step it makes is the
+    eager group step on a non-capturable twin: the loop's results equal the plain group loop's bit for bit."""
+    made, stepped = [], []
+
+    def maker(group_models, optimizer):
+        made.append((group_models, optimizer.adam.defaults["capturable"]))
+        twin = GroupOptimizer(group_models, [SETTINGS["learning_rate"]] * len(group_models))
+
+        def step(step_models, _optimizer, batches, det_loss_form):
+            stepped.append(sum(batch is not None for batch in batches))
+            return group_train_step(step_models, twin, batches, det_loss_form)
+
+        return step
+
+    def loop(captured_step):
+        runs = models()[:2]
+        tracks = [[Track(Selector(after_epoch, Scores([0.1, 0.2])), "test")] for _ in runs]
+        results = train_group_loop([SimpleNamespace(**SETTINGS, epoch=2)] * 2, runs, [run_batches(run, 3) for run in range(2)],
+                                   tracks, torch.device("cpu"), captured_step=captured_step)
+        return runs, results
+
+    captured, captured_results = loop(maker)
+    plain, plain_results = loop(None)
+    assert len(made) == 1 and made[0][0] == captured and made[0][1] is True
+    assert stepped == [2] * 6  # 2 epochs x 3 steps, both runs each time
+    for got, own in zip(captured_results, plain_results):
+        assert got[0]["epoch_losses"] == own[0]["epoch_losses"]
+    for got_model, own_model in zip(captured, plain):
+        assert all(torch.equal(a, b) for a, b in zip(got_model.adapter_parameters(), own_model.adapter_parameters()))
+
+
 @pytest.mark.parametrize("has_masks", [True, False])
 def test_grouped_evaluation_equals_each_runs_own(has_masks):
     """evaluate_group: every run's image scores, maps and AUROCs in one pass equal its own evaluate."""

@@ -360,6 +360,14 @@ def test_finished_runs_on_changed_data_are_refused(tiny_clip, tmp_path, capsys):
     assert "has no data.json (made before data fingerprints): reused, its data unchecked" in capsys.readouterr().out
 
 
+def test_cuda_graph_on_the_cpu_is_refused_before_any_run(done, tmp_path, capsys):
+    out = tmp_path / "graph"
+    assert reproduce.main(reproduce_argv(done["data"], done["clip"], out, "--cuda_graph")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--cuda_graph replays the training step from CUDA graphs" in err
+    assert not (out / "runs").exists()
+
+
 def test_zero_shot_fingerprints_every_dataset(tmp_path):
     generate_benchmark(tmp_path / "data", seed=1, image_size=32, n_valid=(2, 2), n_test=(2, 2), datasets=["Brain", "Chest"])
     data = reproduce.DataFingerprints(tmp_path / "data")

@@ -234,6 +234,7 @@ def test_bad_data_gives_one_line(bench, tmp_path, capsys, case):
         (["--model_name", "ViT-Huge-99"], "ViT-L-14-336"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--select", "valid", "--shot", "6"], "--select valid"),
+        (["--cuda_graph", "--device", "cpu"], "--cuda_graph replays the training step from CUDA graphs"),
     ],
 )
 def test_bad_flags_give_one_line(bench, tmp_path, capsys, flags, expected):

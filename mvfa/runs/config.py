@@ -61,6 +61,7 @@ class RunConfig:
     only_normal: bool = False  # few-shot test: k normal images as memory bank, zero-shot adapters (checkpoint), no abnormal image
     ddp: bool = False  # zero-shot training: data-parallel over the ranks of a torchrun job (each rank a part of every batch)
     compile: bool = False  # torch.compile the adapted model's forward (off: the release's eager kernels)
+    cuda_graph: bool = False  # training on CUDA: the step replayed from CUDA graphs (mvfa.runs.graph_step)
     order: str = "release"  # zero-shot training: listing order of the sources' images (release: the file system's; sorted)
     listings: Path | None = None  # zero-shot training: a JSON of recorded listings (folder -> names) to replay
     scoring_dtypes: str = "release"  # CUDA autocast runs: release (the release's dtypes op for op) or fp32 (scoring in fp32)
@@ -115,6 +116,10 @@ class RunConfig:
             raise MVFAError("--only_normal is a few-shot test mode: it needs --zero_shot_ckpt (a zero-shot checkpoint) and no training")
         if self.ddp and not (self.mode == "zero-shot" and self.train):
             raise MVFAError("--ddp is for zero-shot training (train_zero.py): other runs train on one support set per rank")
+        if self.cuda_graph and not (self.train and self.device.startswith("cuda") and not self.ddp):
+            raise MVFAError(f"--cuda_graph replays the training step from CUDA graphs: it needs training on a CUDA "
+                            f"device without --ddp (this run: {'training' if self.train else 'a test run'} on "
+                            f"{self.device}{', --ddp' if self.ddp else ''}); remove --cuda_graph")
 
     def _validate_model(self) -> None:
         """The backbone's settings: its config, the CLIP weights' file, the input size and the stages."""

@@ -38,10 +38,10 @@ The choices that keep the replayed step equal to the eager one:
   after (in place: the graph records their addresses). It also creates the Adam state of parameters that
   had none (a recording must not create state: the initialisation would be recorded and rerun by every
   replay); their state goes back to zeros with step 0, which is exactly the state Adam would create.
-- The has-masks weight is on the device. group_losses copies the host flags to the device, and a
-  recording cannot hold a host-to-device copy (it synchronises, and its host buffer is temporary); the
-  recorded loss (`device_group_losses`) is group_losses with the flags already in a device tensor, made
-  once per key (their values are part of the key). tests/test_graph_step.py checks the two agree bit for bit.
+- The has-masks flags are on the device. group_train_step copies the host flags to the device before
+  group_losses, and a recording cannot hold a host-to-device copy (it synchronises, and its host buffer
+  is temporary); the recorded step hands group_losses the flags in a device tensor made once per key
+  (their values are part of the key).
 - Autocast without its cache. Autocast caches the casts of the adapters within one autocast region; a
   cast cached by the rehearsal would be read by the recording instead of recorded, and every replay would
   use stale weights. The rehearsal and the recording run under the caller's autocast with the cache off.
@@ -64,11 +64,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mvfa.method import scoring
 from mvfa.method.group import group_tokens
-from mvfa.method.losses import BinaryDiceLoss, FocalLoss, det_loss
-from mvfa.method.model import AdaptedViT, StageTokens
-from mvfa.runs.training import MASK_THRESHOLD, GroupOptimizer, LossParts, group_train_step
+from mvfa.method.model import AdaptedViT
+from mvfa.runs.training import GroupOptimizer, LossParts, group_losses, group_train_step
 from mvfa.runtime.errors import MVFAError
 
 MAX_GRAPHS = 16  # keys recorded at most; a recording costs about WARMUP_STEPS + 2 eager steps
@@ -176,32 +174,6 @@ class StaticInputs:
 # The recorded work
 
 
-def device_group_losses(
-    tokens: StageTokens, runs: int, masks: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
-    flags: torch.Tensor | None, det_loss_form: str, image_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """training.group_losses with the has-masks flags already on the loss's device (`flags` [R * b] bool;
-    None: no image has a mask), so that no host-to-device copy is recorded. The same operations in the
-    same order: equal to group_losses bit for bit."""
-    tokens = tokens.patches()
-    per_run = labels.shape[0] // runs
-    stage_scores = scoring.stage_image_scores(tokens.det, text_features)  # [stages, R * b]
-    det = sum(det_loss(scores, labels, det_loss_form, reduction="none") for scores in stage_scores)
-    det = det.reshape(runs, per_run).mean(dim=1)
-    if flags is None:
-        return det, det, torch.zeros_like(det)
-    focal, dice = FocalLoss(), BinaryDiceLoss()
-    target = (masks > MASK_THRESHOLD).float()
-    per_image = 0.0
-    for stage_tokens in tokens.seg:
-        probabilities = scoring.stage_probability_maps(stage_tokens, text_features, image_size)
-        per_image = per_image + focal.per_image(probabilities, target) + dice.per_image(
-            probabilities[:, scoring.ABNORMAL], target)
-    weight = flags.to(per_image.dtype)  # images without masks add nothing
-    seg = (per_image * weight).reshape(runs, per_run).sum(dim=1) / per_run
-    return det + seg, det, seg
-
-
 StepOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [R] totals, det and seg parts, detached
 
 
@@ -215,7 +187,7 @@ def step_body(models: list[AdaptedViT], optimizer: GroupOptimizer, key: StepKey,
     lead = runs[0]
     prefix = inputs.prefix if inputs.prefix is not None else lead.encode_prefix(inputs.images)
     tokens = group_tokens(runs, prefix)
-    totals, det, seg = device_group_losses(
+    totals, det, seg = group_losses(
         tokens, len(runs), inputs.masks, inputs.labels, inputs.features, inputs.flags, key.det_loss_form, lead.image_size)
     totals.sum().backward()  # each run's gradients reach only its own adapters
     optimizer.step(key.stepping())  # clears the gradients of what must not step, steps, clears the rest

@@ -32,6 +32,7 @@ from mvfa.runs.checkpoints import (
     warn_other_support,
 )
 from mvfa.runs.config import RunConfig
+from mvfa.runs.graph_step import CapturedStep
 from mvfa.runs.outputs import (
     check_outputs, map_overlays, print_release_lines, rows_of_maps, run_payload, threshold_report, write_run_files,
 )
@@ -131,6 +132,9 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
         if len(config_sets) > 1:
             check_group(config_sets, dist)
         every = [config for configs in config_sets for config in configs]
+        if dist.active and every[0].cuda_graph:
+            raise MVFAError("--cuda_graph trains in one process: under torchrun the ranks would not share their "
+                            "adapters; remove --cuda_graph")
         if dist.is_main:
             for config in every:
                 check_outputs(config)
@@ -444,11 +448,12 @@ def train_runs(
                      f"[--select {run.config.select}] " if named else "")
                for run, selector in zip(runs, set_selectors)] for runs, set_selectors in zip(run_sets, selectors)]
     try:
-        if len(run_sets) == 1:
+        if len(run_sets) == 1 and not lead.config.cuda_graph:
             states = [train_loop(lead.config, models[0], batches[0], tracks[0], lead.device, lead.dist)]
-        else:
+        else:  # runs in lockstep; or one, its step replayed from CUDA graphs (the group step of one run)
             states = train_group_loop([runs[0].config for runs in run_sets], models, batches, tracks, lead.device,
-                                      after_step=after_step)
+                                      after_step=after_step,
+                                      captured_step=CapturedStep if lead.config.cuda_graph else None)
     except TrainingDiverged as err:
         diverged = err.run
         runs = run_sets[diverged]

@@ -220,10 +220,12 @@ class GroupOptimizer:
 
 def group_losses(
     tokens: StageTokens, runs: int, masks: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
-    has_masks: torch.Tensor, det_loss_form: str, image_size: int,
+    mask_flags: torch.Tensor | None, det_loss_form: str, image_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each run's loss computed for all runs at once: `tokens` hold every run's b images in group_tokens'
-    order (run r at rows r * b ..), text_features [R * b, embed, 2], has_masks [R * b] on the host.
+    order (run r at rows r * b ..), text_features [R * b, embed, 2], mask_flags [R * b] bool on the
+    tokens' device (None: no image has a mask; decided on the host, so nothing here waits for the
+    device and the step can be captured in a CUDA graph, mvfa.runs.graph_step).
     Returns [R] totals, det and seg parts (seg 0 for a run without masks). Per run, loss_from_tokens'
     terms: det the mean over its images; seg, per stage, the sum over its images with masks of (the
     image's mean focal loss + 1 - its dice) / b, which is the masked images' focal mean plus dice loss
@@ -233,7 +235,7 @@ def group_losses(
     stage_scores = scoring.stage_image_scores(tokens.det, text_features)  # [stages, R * b]
     det = sum(det_loss(scores, labels, det_loss_form, reduction="none") for scores in stage_scores)
     det = det.reshape(runs, per_run).mean(dim=1)
-    if not bool(has_masks.any()):
+    if mask_flags is None:
         return det, det, torch.zeros_like(det)
     focal, dice = FocalLoss(), BinaryDiceLoss()
     target = (masks > MASK_THRESHOLD).float()
@@ -242,7 +244,7 @@ def group_losses(
         probabilities = scoring.stage_probability_maps(stage_tokens, text_features, image_size)
         per_image = per_image + focal.per_image(probabilities, target) + dice.per_image(
             probabilities[:, scoring.ABNORMAL], target)
-    weight = has_masks.to(per_image.device, per_image.dtype)  # images without masks add nothing
+    weight = mask_flags.to(per_image.dtype)  # images without masks add nothing
     seg = (per_image * weight).reshape(runs, per_run).sum(dim=1) / per_run
     return det + seg, det, seg
 
@@ -271,9 +273,10 @@ def group_train_step(
     tokens = group_tokens([models[run] for run in active], prefix)
     features = [batch[3] if batch[3].dim() == 3 else batch[3].expand(count, *batch[3].shape) for batch in given]
     has_masks = torch.cat([batch[4] for batch in given]).cpu()
+    mask_flags = has_masks.to(prefix.device) if bool(has_masks.any()) else None
     totals, det, seg = group_losses(
         tokens, len(active), torch.cat([batch[1] for batch in given]), torch.cat([batch[2] for batch in given]),
-        torch.cat(features), has_masks, det_loss_form, lead.image_size,
+        torch.cat(features), mask_flags, det_loss_form, lead.image_size,
     )
     totals.sum().backward()  # each run's gradients reach only its own adapters
     run_seg = has_masks.reshape(len(active), count).any(dim=1).tolist()
@@ -360,21 +363,27 @@ def train_loop(
     return trajectory.results()
 
 
+GroupStep = Callable[[list[AdaptedViT], "GroupOptimizer", list, str], list]  # group_train_step's signature
+
+
 def train_group_loop(
     configs: list[LoopSettings], models: list[AdaptedViT], batches: list[Callable[[int], Iterable[tuple]]],
     tracks: list[list[Track]], device: torch.device, progress_every_s: float = PROGRESS_LINE_S,
     after_step: Callable[[], None] | None = None,
+    captured_step: Callable[[list[AdaptedViT], GroupOptimizer], GroupStep] | None = None,
 ) -> list[list[dict]]:
     """Runs trained together (mvfa.method.group): run r is `models[r]` (siblings on one backbone) with
     its own batches, tracks, optimiser and seeded orders; at each step every run that has a batch left
     steps, those of one image count as one batched computation (training.group_train_step); a run
     that has finished does not step. Each run's evaluations, selection and results are its own, as
     in train_loop (equal to it to float rounding). One process, no --ddp. `after_step` is called
-    after every lockstep step (e.g. to drop evaluations made before it). Returns train_loop's
-    result per run."""
+    after every lockstep step (e.g. to drop evaluations made before it). `captured_step` (e.g.
+    mvfa.runs.graph_step.CapturedStep) makes, from the models and their capturable optimiser, the
+    step used instead of group_train_step. Returns train_loop's result per run."""
     trajectories = [Trajectory(c, m, b, t, SINGLE, progress_every_s, f"run {i + 1}: " if len(models) > 1 else "")
                     for i, (c, m, b, t) in enumerate(zip(configs, models, batches, tracks))]
-    optimizer = GroupOptimizer(models, [config.learning_rate for config in configs])
+    optimizer = GroupOptimizer(models, [config.learning_rate for config in configs], capturable=captured_step is not None)
+    step_runs = captured_step(models, optimizer) if captured_step is not None else group_train_step
     amp = autocast_for(device, configs[0].precision)
     running = list(range(len(models)))
     while running:
@@ -393,7 +402,7 @@ def train_group_loop(
                 step[run] = (images.to(device), masks.to(device), labels.to(device), features.to(device), has_masks,
                              prefix)
             with amp:
-                parts = group_train_step(models, optimizer, step, configs[group[0]].det_loss)
+                parts = step_runs(models, optimizer, step, configs[group[0]].det_loss)
             for run in group:
                 with _naming(run):
                     trajectories[run].record(parts[run].total.item())
