@@ -69,7 +69,9 @@ from mvfa.method.model import AdaptedViT
 from mvfa.runs.training import GroupOptimizer, LossParts, group_losses, group_train_step
 from mvfa.runtime.errors import MVFAError
 
-MAX_GRAPHS = 16  # keys recorded at most; a recording costs about WARMUP_STEPS + 2 eager steps
+# Keys recorded at most: 2**6, every masks pattern of six zero-shot targets at batch 1 (a recording costs
+# about WARMUP_STEPS + 2 eager steps; the graphs share one memory pool).
+MAX_GRAPHS = 64
 WARMUP_STEPS = 3  # eager rehearsals before a recording (torch's documented recipe uses a few)
 
 Signature = tuple[tuple[int, ...], torch.dtype]  # a tensor's shape and dtype
