@@ -112,7 +112,12 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                         help=f"JSON file of flag values (keys: flag names without dashes, as in a run's {RUN_CONFIG_FILE}) "
                              "used as defaults; flags given on the command line override them (default: none)")
     release = parser.add_argument_group("the release's flags")
-    release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
+    if train:
+        release.add_argument("--obj", nargs="+", default=[defaults["obj"]],
+                             help="dataset name: <data_path>/<obj>_AD; several: those datasets trained together in "
+                                  "lockstep (one process; with --output_dir each run writes to <output_dir>/<obj>)")
+    else:
+        release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
     release.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
     release.add_argument("--img_size", type=int, default=240, help="model input size in pixels")
     release.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24], help="adapter stages (1-indexed blocks)")
@@ -271,7 +276,8 @@ def config_value(key: str, value, action: argparse.Action, source: str):
     if action.nargs == 0:
         checked = value if isinstance(value, bool) else None
     elif many:
-        items = [_item(v, kind) for v in value] if isinstance(value, list) and (value or action.nargs != "+") else None
+        listed = [value] if value is not None and not isinstance(value, list) else value  # one value: a list of one
+        items = [_item(v, kind) for v in listed] if isinstance(listed, list) and (listed or action.nargs != "+") else None
         checked = items if items is not None and all(v is not None for v in items) else None
     else:
         checked = _item(value, kind)
@@ -328,22 +334,31 @@ def write_run_config(output_dir: Path, flags: dict) -> Path:
 
 
 def configs_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> list[RunConfig]:
-    """One run's settings per --iterate value (train_few takes several: splits trained in lockstep)."""
+    """One run's settings per --obj and --iterate value (the training scripts take several: runs trained
+    in lockstep); with --output_dir, each run of several writes to <output_dir>[/<obj>][/iterate<i>]."""
+    objs = args.obj if isinstance(args.obj, list) else [args.obj]
     iterates = getattr(args, "iterate", None)
-    if not isinstance(iterates, list) or len(iterates) == 1:
-        return [config_from_args(args, mode, train, device)]
-    configs = [config_from_args(args, mode, train, device, iterate) for iterate in iterates]
-    if args.output_dir:
-        for config in configs:
-            config.output_dir = Path(args.output_dir) / f"iterate{config.iterate}"
+    iterates = iterates if isinstance(iterates, list) else [None]
+    if len(objs) > 1 and args.prompt_name:
+        raise MVFAError(f"--prompt_name names one dataset's object and --obj gives {len(objs)} datasets: "
+                        "train them one by one, or drop --prompt_name for registered datasets")
+    configs = []
+    for obj in objs:
+        for iterate in iterates:
+            config = config_from_args(args, mode, train, device, iterate, obj)
+            if args.output_dir and (len(objs) > 1 or len(iterates) > 1):
+                folder = Path(args.output_dir) / obj if len(objs) > 1 else Path(args.output_dir)
+                config.output_dir = folder / f"iterate{config.iterate}" if len(iterates) > 1 else folder
+            configs.append(config)
     return configs
 
 
 def config_from_args(
     args: argparse.Namespace, mode: str, train: bool, device: str | None = None, iterate: int | None = None,
+    obj: str | None = None,
 ) -> RunConfig:
     """The run's settings from the flags; `device` (a torchrun rank's own device) overrides --device,
-    `iterate` the first --iterate value."""
+    `iterate` the first --iterate value, `obj` the first --obj value."""
     from mvfa.runs.config import RunConfig
 
     device = resolve_device(device if device is not None else args.device)
@@ -352,10 +367,12 @@ def config_from_args(
     if iterate is None:
         iterate = getattr(args, "iterate", -1)
         iterate = iterate[0] if isinstance(iterate, list) else iterate
+    if obj is None:
+        obj = args.obj[0] if isinstance(args.obj, list) else args.obj
     config = RunConfig(
         mode=mode,
         train=train,
-        obj=args.obj,
+        obj=obj,
         data_path=Path(args.data_path),
         save_path=Path(args.save_path),
         output_dir=Path("."),  # set below, once the run tag is known
@@ -405,7 +422,7 @@ def config_from_args(
         elif getattr(args, "zero_shot_ckpt", None):
             raise MVFAError("--zero_shot_ckpt is used with --only_normal only")
     stage = "train" if train else "test"
-    config.output_dir = Path(args.output_dir) if args.output_dir else Path("results") / mode / args.obj / f"{stage}-{config.run_tag()}"
+    config.output_dir = Path(args.output_dir) if args.output_dir else Path("results") / mode / obj / f"{stage}-{config.run_tag()}"
     return config
 
 
@@ -426,7 +443,11 @@ def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
         run_grouped([[config] for config in configs], dist)
         if dist.is_main:
             for config in configs:  # each folder's flags re-run its own run
-                own = {**flags, "iterate": [config.iterate], "output_dir": str(config.output_dir)} if len(configs) > 1 else flags
+                own = flags
+                if len(configs) > 1:
+                    own = {**flags, "obj": [config.obj], "output_dir": str(config.output_dir)}
+                    if "iterate" in flags:
+                        own["iterate"] = [config.iterate]
                 write_run_config(config.output_dir, own)
 
     return guarded(work, args.device, args.dist_timeout)

@@ -15,7 +15,7 @@
 #
 # Any scale through the environment (tests/test_gpu_scripts.py runs it on the CPU at a tiny one):
 # MVFA_MODEL, MVFA_IMG_SIZE, MVFA_STAGES, MVFA_TEST_NORMAL, MVFA_TEST_ABNORMAL, MVFA_EPOCHS, MVFA_DEVICE,
-# MVFA_SPLITS.
+# MVFA_SPLITS. MVFA_CUDA_GRAPH=1: train with --cuda_graph (each step replayed from a CUDA graph).
 # PYTHON: the interpreter to run (default python3; the test passes the one running the suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,8 @@ STAGES=${MVFA_STAGES:-6 12 18 24}
 EPOCHS=${MVFA_EPOCHS:-50}
 DEVICE=${MVFA_DEVICE:-cuda}
 SPLITS=${MVFA_SPLITS:-1}
+GRAPH=()
+if [ "${MVFA_CUDA_GRAPH:-0}" = 1 ]; then GRAPH=(--cuda_graph); fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
@@ -72,13 +74,13 @@ if [ "$SPLITS" -gt 1 ]; then
   "$PYTHON" -m mvfa.reproduce --datasets Brain --shots 4 --splits "$SPLITS" --group_size "$SPLITS" \
     --epoch "$EPOCHS" --device "$DEVICE" --data_path "$WORK/data" --model_name "$MVFA_MODEL" \
     --clip_ckpt "$WORK/clip.pt" --img_size "$MVFA_IMG_SIZE" --features_list $STAGES \
-    --fewshot_seed_dir "$WORK/no-seed-lists" --output_dir "$OUT/reproduce" 2>&1 | tee "$OUT/reproduce.log"
+    --fewshot_seed_dir "$WORK/no-seed-lists" --output_dir "$OUT/reproduce" "${GRAPH[@]}" 2>&1 | tee "$OUT/reproduce.log"
   what="reproduce, $SPLITS splits x 2 protocols in lockstep, $EPOCHS epochs"
 else
   # shellcheck disable=SC2086  # STAGES is a list of block numbers
   "$PYTHON" train_few.py --obj Brain --shot 4 --iterate -1 --epoch "$EPOCHS" --device "$DEVICE" \
     --data_path "$WORK/data" --model_name "$MVFA_MODEL" --clip_ckpt "$WORK/clip.pt" --img_size "$MVFA_IMG_SIZE" \
-    --features_list $STAGES --save_path "$WORK/ckpt" --output_dir "$OUT/train_few" 2>&1 | tee "$OUT/protocol.log"
+    --features_list $STAGES --save_path "$WORK/ckpt" --output_dir "$OUT/train_few" "${GRAPH[@]}" 2>&1 | tee "$OUT/protocol.log"
   what="protocol"
 fi
 end=$(date +%s.%N)

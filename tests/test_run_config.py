@@ -54,12 +54,12 @@ def test_flags_on_the_command_line_override_the_file(tmp_path):
     parser = cli.build_parser("few-shot", True)
     config = write(tmp_path / "c.json", json.dumps({"epoch": 3, "obj": "Brain", "learning_rate": 1,
                                                     "fewshot_seed_dir": ["a", "b"], "features_list": [1, 2]}))
-    args = cli.parse_flags(parser, ["--config", config])
-    assert (args.epoch, args.obj, args.fewshot_seed_dir, args.features_list) == (3, "Brain", ["a", "b"], [1, 2])
+    args = cli.parse_flags(parser, ["--config", config])  # "obj": one value of a flag that takes several
+    assert (args.epoch, args.obj, args.fewshot_seed_dir, args.features_list) == (3, ["Brain"], ["a", "b"], [1, 2])
     assert args.learning_rate == 1.0 and isinstance(args.learning_rate, float)
     args = cli.parse_flags(cli.build_parser("few-shot", True),
                            ["--epoch", "5", "--config", config, "--fewshot_seed_dir", "c", "--features_list", "3"])
-    assert (args.epoch, args.obj, args.fewshot_seed_dir, args.features_list) == (5, "Brain", ["c"], [3])
+    assert (args.epoch, args.obj, args.fewshot_seed_dir, args.features_list) == (5, ["Brain"], ["c"], [3])
     # null keeps a flag's "not given" (a None default); switches take booleans
     test_parser = cli.build_parser("few-shot", False)
     config = write(tmp_path / "t.json", json.dumps({"save_maps": None, "quick_gelu": True, "normalize": "valid"}))
@@ -79,7 +79,8 @@ def test_flags_on_the_command_line_override_the_file(tmp_path):
     ('{"features_list": []}', "features_list must be a list of integers, found [] (a list)"),
     ('{"select": "best"}', 'select must be a string among test, valid, last, found "best" (a string)'),
     ('{"compile": 1}', "compile must be true or false, found 1 (an integer)"),
-    ('{"obj": null}', "obj must be a string, found null (null)"),
+    ('{"obj": null}', "obj must be a list of strings, found null (null)"),
+    ('{"obj": 3}', "obj must be a list of strings, found 3 (an integer)"),
     ('{"save_maps": 3}', "unknown key save_maps"),  # a test script's flag
 ])
 def test_a_bad_config_file_is_one_error_line(tmp_path, capsys, content, message):

@@ -130,3 +130,46 @@ def test_train_few_with_several_iterates_trains_them_in_lockstep(synthetic_data,
         flags = json.loads((tmp_path / "together" / f"iterate{iterate}" / "run_config.json").read_text())
         assert flags["iterate"] == [iterate] and flags["output_dir"] == str(tmp_path / "together" / f"iterate{iterate}")
         assert (tmp_path / "ckpt" / f"Brain-1shot-it{iterate}-seed111.pth").is_file()
+
+
+def test_train_zero_with_several_objs_trains_the_targets_in_lockstep(synthetic_data, tiny_clip, tmp_path, capsys):
+    """train_zero.py --obj Brain Chest: both zero-shot targets trained together, each in <output_dir>/<obj>
+    with its own checkpoint and run_config.json; each equals its own run to float rounding."""
+    from mvfa import cli
+    from tests.scripts_helpers import tiny_argv
+
+    together = tiny_argv(synthetic_data, tiny_clip, tmp_path / "ckpt", tmp_path / "together", "Brain", "--epoch", "1")
+    together[1:2] = ["Brain", "Chest"]
+    assert cli.main_train_zero(together) == 0
+    assert "run 2: epoch 1/1" in capsys.readouterr().out
+    for obj in ("Brain", "Chest"):
+        alone = tiny_argv(synthetic_data, tiny_clip, tmp_path / f"alone-{obj}", tmp_path / f"alone-{obj}", obj, "--epoch", "1")
+        assert cli.main_train_zero(alone) == 0
+        got = json.loads((tmp_path / "together" / obj / "metrics.json").read_text())
+        own = json.loads((tmp_path / f"alone-{obj}" / "metrics.json").read_text())
+        assert got["config"]["obj"] == obj
+        assert (got["training"]["best_epoch"], got["training"]["best_step"]) == (own["training"]["best_epoch"],
+                                                                                 own["training"]["best_step"])
+        for key in ("image_auroc", "pixel_auroc"):
+            assert (got["metrics"].get(key) is None) == (own["metrics"].get(key) is None)
+            if own["metrics"].get(key) is not None:
+                assert got["metrics"][key] == pytest.approx(own["metrics"][key], abs=1e-4)
+        flags = json.loads((tmp_path / "together" / obj / "run_config.json").read_text())
+        assert flags["obj"] == [obj] and flags["output_dir"] == str(tmp_path / "together" / obj)
+        assert (tmp_path / "ckpt" / f"{obj}-zero-seed111.pth").is_file()
+
+
+def test_several_objs_and_iterates_give_each_run_its_folder(tmp_path):
+    from mvfa import cli
+
+    parser = cli.build_parser("few-shot", True)
+    args = parser.parse_args(["--obj", "Brain", "Chest", "--iterate", "0", "1", "--output_dir", str(tmp_path), "--device", "cpu"])
+    configs = cli.configs_from_args(args, "few-shot", True)
+    assert [(c.obj, c.iterate, c.output_dir) for c in configs] == [
+        (obj, i, tmp_path / obj / f"iterate{i}") for obj in ("Brain", "Chest") for i in (0, 1)]
+    one = cli.configs_from_args(parser.parse_args(["--obj", "Brain", "--output_dir", str(tmp_path), "--device", "cpu"]),
+                                "few-shot", True)
+    assert [(c.obj, c.output_dir) for c in one] == [("Brain", tmp_path)]
+    named = parser.parse_args(["--obj", "Knee", "Hip", "--prompt_name", "knee", "--device", "cpu"])
+    with pytest.raises(MVFAError, match="--prompt_name names one dataset's object"):
+        cli.configs_from_args(named, "few-shot", True)
