@@ -6,6 +6,7 @@ mvfa.reproduce call `run(config)`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 from dataclasses import dataclass, field, replace
 import json
@@ -223,26 +224,46 @@ def few_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> l
         supports.append((few_shot, support))
         scorers.append(few_shot_scorer(split, runs[0], text_features, few_shot))
         batches.append(few_shot_batches(split, few_shot, text_features, target.has_masks, split_replay))
-    shared: list[LockstepScores | None] = [None] * len(run_sets)
-    for indices in targets.values():  # the test-set evaluations of a dataset's splits, made together
-        testing = [i for i in indices if any(run.config.select == "test" for run in run_sets[i])]
-        if len(testing) > 1:
-            lockstep = LockstepScores([models[i] for i in testing], [scorers[i] for i in testing],
-                                      run_sets[testing[0]][0].test_set, run_sets[testing[0]][0].config)
-            for i in testing:
-                shared[i] = lockstep
+    shared, after_step = shared_test_evaluations(run_sets, models, scorers, targets)
     selectors = [[few_shot_selection(run, split_model, scorer, few_shot.support_samples, lockstep) for run in runs]
                  for runs, split_model, scorer, (few_shot, _), lockstep in zip(run_sets, models, scorers, supports, shared)]
-    lockstep_scores = {id(lockstep): lockstep for lockstep in shared if lockstep is not None}.values()
-    trained = train_runs(run_sets, models, batches, selectors,
-                         (lambda: [lockstep.invalidate() for lockstep in lockstep_scores]) if lockstep_scores else None)
+    trained = train_runs(run_sets, models, batches, selectors, after_step)
+    return finish_runs(run_sets, models, scorers, trained,
+                       [(few_shot.support_samples, support) for few_shot, support in supports])
+
+
+def shared_test_evaluations(
+    run_sets: list[list[RunState]], models: list[AdaptedViT], scorers: list[Scorer], targets: dict[str, list[int]],
+) -> tuple[list["LockstepScores | None"], Callable[[], None] | None]:
+    """The test-set selection evaluations (--select test) of a dataset's splits trained in lockstep, made
+    together: per set its LockstepScores (None: evaluated alone), and what drops them after every step."""
+    shared: list[LockstepScores | None] = [None] * len(run_sets)
+    made = []
+    for indices in targets.values():
+        testing = [i for i in indices if any(run.config.select == "test" for run in run_sets[i])]
+        if len(testing) > 1:
+            lead = run_sets[testing[0]][0]
+            made.append(LockstepScores([models[i] for i in testing], [scorers[i] for i in testing], lead.test_set,
+                                       lead.config))
+            for i in testing:
+                shared[i] = made[-1]
+    if not made:
+        return shared, None
+    return shared, lambda: [lockstep.invalidate() for lockstep in made]
+
+
+def finish_runs(
+    run_sets: list[list[RunState]], models: list[AdaptedViT], scorers: list[Scorer],
+    trained: list[list[tuple[dict, list[dict]]]], supports: list[tuple[list[Sample], object]],
+) -> list[list[RunResult]]:
+    """Per set and run, after training: the selected adapters kept (calibrated, saved), the test split
+    scored and the files written. `supports`: per set its support samples and support (zero-shot: [], None)."""
     results = []
-    for runs, split_model, scorer, (few_shot, support), split_trained in zip(run_sets, models, scorers, supports, trained):
+    for runs, model, scorer, (samples, support), set_trained in zip(run_sets, models, scorers, supports, trained):
         results.append([])
-        for run, (best_state, log_rows) in zip(runs, split_trained):
-            keep_selected(run, split_model, best_state, scorer, few_shot.support_samples)
-            results[-1].append(test_and_write(run, split_model, scorer, few_shot.support_samples, best_state, log_rows,
-                                              support))
+        for run, (best_state, log_rows) in zip(runs, set_trained):
+            keep_selected(run, model, best_state, scorer, samples)
+            results[-1].append(test_and_write(run, model, scorer, samples, best_state, log_rows, support))
     return results
 
 
@@ -331,13 +352,7 @@ def zero_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> 
             listing_of(config.order, listing, config.data_path), dist,
         ))
     trained = train_runs(run_sets, models, batches, selectors)
-    results = []
-    for runs, target_model, scorer, target_trained in zip(run_sets, models, scorers, trained):
-        results.append([])
-        for run, (best_state, log_rows) in zip(runs, target_trained):
-            keep_selected(run, target_model, best_state, scorer, [])
-            results[-1].append(test_and_write(run, target_model, scorer, [], best_state, log_rows, None))
-    return results
+    return finish_runs(run_sets, models, scorers, trained, [([], None)] * len(run_sets))
 
 
 def open_runs(configs: list[RunConfig], dist: Dist) -> list[RunState]:
