@@ -81,15 +81,27 @@ def test_splits_of_several_datasets_in_lockstep_equal_each_split_alone(bench, tm
             assert written["support"]["source"].startswith("random draw")
 
 
-def test_zero_shot_targets_in_lockstep_equal_each_target_alone(bench, tmp_path):
-    """Brain and Chest as zero-shot targets (each the other's source) trained together, both protocols."""
+def test_zero_shot_targets_in_lockstep_equal_each_target_alone(bench, tmp_path, monkeypatch):
+    """Brain and Chest as zero-shot targets (each the other's source) trained together, both protocols;
+    each target's test split, decoded once, is the other's source (no second decode)."""
+    from dataset.tensors import TensorSet
+
     def zero_sets(root: Path) -> list[list[RunConfig]]:
         return [[config(bench, root / obj / p, obj, 0, p, mode="zero-shot") for p in PROTOCOLS] for obj in ("Brain", "Chest")]
 
+    loads, load = [], TensorSet.load
+    monkeypatch.setattr(TensorSet, "load", classmethod(lambda cls, samples, *a, **k: loads.append(k.get("desc")) or load(
+        samples, *a, **k)))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         grouped = run_grouped(zero_sets(tmp_path / "grouped"))
+        decoded_together, loads[:] = list(loads), []
         alone = [run_together(configs) for configs in zero_sets(tmp_path / "alone")]
     assert "run 2: [--select test] epoch 1/1" in printed.getvalue()
+    def of_test_splits(descriptions):  # the loads of test splits, as targets or as sources
+        return sorted(d for d in descriptions if d.endswith((" test", "(source)")))
+
+    assert of_test_splits(decoded_together) == ["Brain test", "Chest test"]
+    assert of_test_splits(loads) == ["Brain (source)", "Brain test", "Chest (source)", "Chest test"]
     assert_equal_to_rounding(grouped, alone)
 
 

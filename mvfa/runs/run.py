@@ -338,6 +338,7 @@ def zero_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> 
                     for s in target_sources}
     model, models, replays, features = group_models(run_sets, list(source_words.values()))
     load_test_sets(run_sets, model)
+    decoded = {runs[0].target.name: runs[0].test_set for runs in run_sets}  # a target's test split: others' source
     scorers, selectors, batches = [], [], []
     for runs, target_model, replay, target_sources, listing in zip(run_sets, models, replays, sources, listings):
         config, target = runs[0].config, runs[0].target
@@ -349,7 +350,7 @@ def zero_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> 
                           for run in runs])
         batches.append(zero_shot_batches(
             config, target_sources, lambda source: features[source_words[source.name]], runs[0].budget.allow, replay,
-            listing_of(config.order, listing, config.data_path), dist,
+            listing_of(config.order, listing, config.data_path), dist, decoded,
         ))
     trained = train_runs(run_sets, models, batches, selectors)
     return finish_runs(run_sets, models, scorers, trained, [([], None)] * len(run_sets))

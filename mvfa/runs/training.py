@@ -661,6 +661,7 @@ def listed_items(source: MedicalDataset, samples: list[Sample], first: int, list
 def zero_shot_batches(
     config: LoopSettings, sources: list[MedicalDataset], text_features_of: Callable[[MedicalDataset], torch.Tensor],
     may_decode: Callable[[int], bool], replay: ReleaseRandom, listing: Callable[[Path], list[str]], dist: Dist = SINGLE,
+    decoded: dict[str, TensorSet] | None = None,
 ) -> Callable[[int], Iterable[tuple]]:
     """Each epoch: the source datasets' test splits in the release's order; each image with its own
     dataset's text features.
@@ -672,8 +673,10 @@ def zero_shot_batches(
     `text_features_of(source)` gives a source's text features. The sources are decoded once into
     uint8 tensors when `may_decode(nbytes)` allows their size (the run's prefix-cache budget; the
     release decodes every PNG every epoch; --prefix_cache off keeps that); the batches are the same.
+    `decoded`: test splits already decoded (by name, e.g. the targets of zero-shot runs trained
+    together, each one's test set another's source), used as they are.
     """
-    images = SourceImages(config, sources, text_features_of, may_decode, listing)
+    images = SourceImages(config, sources, text_features_of, may_decode, listing, decoded or {})
     data_parallel = config.ddp and dist.active
     per_step = config.batch_size * (dist.world_size if data_parallel else 1)
     rank_offset = dist.rank * config.batch_size if data_parallel else 0
@@ -693,28 +696,39 @@ def zero_shot_batches(
 
 class SourceImages:
     """The zero-shot sources' test images in the release's source order, with each image's source,
-    text features and has-masks flag; decoded once when the budget allows."""
+    text features and has-masks flag; each source's test split decoded once (or given decoded) when
+    the budget allows, else every image decoded when its batch is loaded."""
 
     def __init__(
         self, config: LoopSettings, sources: list[MedicalDataset], text_features_of: Callable[[MedicalDataset], torch.Tensor],
-        may_decode: Callable[[int], bool], listing: Callable[[Path], list[str]],
+        may_decode: Callable[[int], bool], listing: Callable[[Path], list[str]], decoded: dict[str, TensorSet],
     ) -> None:
-        features, flags, samples, source_of = [], [], [], []
+        features, flags, samples, source_of, splits = [], [], [], [], []
         self.source_items: list[list[int]] = []  # each source's items in its listing order
+        self.first: list[int] = []  # each source's first index
         for index, source in enumerate(release_source_order(sources)):
             features.append(text_features_of(source))
             flags.append(source.has_masks)
             split = source.samples("test")
+            self.first.append(len(samples))
             self.source_items.append(listed_items(source, split, len(samples), listing))
             samples.extend(split)
             source_of.extend([index] * len(split))
+            splits.append((source, split))
         self.features, self.flags = torch.stack(features), torch.tensor(flags)
         self.source_of = torch.tensor(source_of, dtype=torch.long)
         self.img_size = config.img_size
         self.dataset = ImageSet(samples, config.img_size)
-        self.decoded = None
-        if may_decode(len(self.dataset) * 3 * config.img_size**2):
-            self.decoded = TensorSet.load(samples, config.img_size, config.num_workers, desc="zero-shot sources")
+        missing = [(source, split) for source, split in splits if source.name not in decoded]
+        self.parts: list[TensorSet] | None = None
+        if may_decode(sum(len(split) for _, split in missing) * 3 * config.img_size**2):
+            own = {source.name: TensorSet.load(split, config.img_size, config.num_workers, desc=f"{source.name} (source)")
+                   for source, split in missing}
+            self.parts = [decoded[source.name] if source.name in decoded else own[source.name] for source, _ in splits]
+
+    @property
+    def decoded(self) -> bool:
+        return self.parts is not None
 
     def as_batch(self, index: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple:
         """(images, masks, labels, each image's own text features, has-masks flags, no prefix)."""
@@ -724,12 +738,15 @@ class SourceImages:
     def load(self, indices: list[int]) -> tuple:
         """The batch of `indices`: from the decoded tensors, else decoded here (none: an empty batch)."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        if self.decoded is not None:
-            return self.as_batch(index, self.decoded.images[index].float() / PIXEL_LEVELS,
-                                 self.decoded.masks[index][:, None].float(), self.decoded.labels[index])
         if not indices:
             size = self.img_size
             return self.as_batch(index, torch.empty(0, 3, size, size), torch.empty(0, 1, size, size), torch.empty(0))
+        if self.parts is not None:
+            rows = [(self.parts[source], i - self.first[source]) for i, source in zip(indices, self.source_of[index].tolist())]
+            images = torch.stack([part.images[row] for part, row in rows])
+            masks = torch.stack([part.masks[row] for part, row in rows])
+            labels = torch.stack([part.labels[row] for part, row in rows])
+            return self.as_batch(index, images.float() / PIXEL_LEVELS, masks[:, None].float(), labels)
         batch = default_collate([self.dataset[i] for i in indices])
         return self.as_batch(index, batch["image"], batch["mask"], batch["label"])
 
@@ -744,7 +761,7 @@ class _ZeroShotEpoch:
         return len(self.parts)
 
     def __iter__(self):
-        if self.images.decoded is not None or self.num_workers == 0:
+        if self.images.decoded or self.num_workers == 0:
             return (self.images.load(part) for part in self.parts)
         return self._from_workers()
 
