@@ -96,3 +96,16 @@ def test_runs_that_would_train_differently_are_refused(bench, tmp_path):
         run_together([release, replace(release, select="valid", normalize="valid")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before any work
     assert {"select", "normalize", "output_dir", "save_path"} <= set(PER_RUN_SETTINGS)
+
+
+def test_a_leak_free_run_fits_its_valid_statistics_once(bench, tmp_path, monkeypatch):
+    """Calibration and --normalize valid read the same fit of the kept adapters (one fit_reference per run)."""
+    from mvfa.runs import run as run_module
+
+    fits = []
+    fit = run_module.fit_reference
+    monkeypatch.setattr(run_module, "fit_reference", lambda *a, **k: fits.append(1) or fit(*a, **k))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        run(replace(config(bench, tmp_path / "leakfree", "few-shot", "Chest", "leakfree"), epoch=1, save_maps=None))
+    assert len(fits) == 1
+    assert "normalisation: fitted on" in printed.getvalue() and "calibration: normalisation fitted on" in printed.getvalue()

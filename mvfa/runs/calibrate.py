@@ -10,6 +10,7 @@ The functions read their settings from any object with the fields of `Calibratio
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from dataset.errors import DatasetError
@@ -73,15 +74,16 @@ def fit_reference(
 
 def calibrate(
     config: CalibrationSettings, model: AdaptedViT, dataset: MedicalDataset, scorer: Scorer, support: list[Sample],
-    dist: Dist = SINGLE,
+    dist: Dist = SINGLE, fit: Callable[[], tuple[TensorSet, Normalization, str]] | None = None,
 ) -> dict:
     """Checkpoint metadata of the calibration: normalisation statistics, threshold, rule, valid counts.
 
     Without usable valid data (no valid split, no normal image left) it prints a note and records
     why; the checkpoint then has no statistics (predict uses raw scores and needs --threshold).
+    `fit`: fit_reference of these arguments, made by the caller (which keeps its result).
     """
     try:
-        data, norm, what = fit_reference(config, model, dataset, scorer, support, dist)
+        data, norm, what = fit() if fit is not None else fit_reference(config, model, dataset, scorer, support, dist)
     except (DatasetError, MVFAError) as err:
         print(f"note: no calibration: {err}")
         return {"normalization": None, "threshold": None, "calibration": {"skipped": str(err)}}

@@ -183,6 +183,7 @@ class RunState:
     checkpoint: Path | None = None
     state: dict | None = None  # a test run: the adapters read
     budget: PrefixBudget | None = None
+    reference: tuple | None = None  # fit_reference of the kept adapters, made by their calibration (test_and_write reads it)
 
 
 def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
@@ -492,8 +493,13 @@ def keep_selected(run: RunState, model: AdaptedViT, best_state: dict, scorer: Sc
     config = run.config
     model.load_adapter_state(best_state["adapters"])
     run.meta.update(best_epoch=best_state["epoch"], best_step=best_state["step"])
+    run.reference = None
     if config.threshold_rule != "none":
-        run.meta.update(calibrate(config, model, run.target, scorer, support, run.dist))
+        def fit() -> tuple:
+            run.reference = fit_reference(config, model, run.target, scorer, support, run.dist)
+            return run.reference
+
+        run.meta.update(calibrate(config, model, run.target, scorer, support, run.dist, fit))
     run.checkpoint = save_adapters(config, model, run.meta, run.dist)
 
 
@@ -510,8 +516,10 @@ def test_and_write(
     release's lines, write the overlays (--save_maps) and the run's files."""
     config, dist = run.config, run.dist
     source = str(run.checkpoint) if run.checkpoint else "the trained adapters"
+    fitted, run.reference = run.reference, None  # the calibration's fit of these adapters, when it made one
     normalization = chosen_normalization(
-        config, run.meta, source, lambda: fit_reference(config, model, run.target, scorer, support_samples, dist)[1]
+        config, run.meta, source,
+        lambda: (fitted or fit_reference(config, model, run.target, scorer, support_samples, dist))[1],
     )
     threshold = stored_threshold(run.meta, source, scorer.scoring_mode)
     score_under = threshold[1] if threshold is not None and normalization != threshold[1] else None
