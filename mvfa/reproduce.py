@@ -30,6 +30,11 @@ trainings of hours), and it holds when the data is copied elsewhere (new mtimes)
 that keeps a file's size. A finished run whose data changed is refused with one line, as one made
 with other settings is; a finished run without data.json (made before it existed) is reused with a note.
 
+In one process the runs train together (README, "Reproducing the tables in one command"): the two
+protocols of a run share one training trajectory (--one_by_one: each alone), and up to --group_size
+runs of one setting (the zero-shot targets; the k-shot splits of every dataset) train in lockstep
+as one batched computation.
+
 Under `torchrun --nproc_per_node N` the runs go side by side, one per rank (each on its own GPU,
 cuda:LOCAL_RANK, single-process inside): rank r takes runs r, r + N, ... First every run but the
 normal-only ones, then (after all ranks are done, since they read the zero-shot runs' checkpoints)
