@@ -10,29 +10,23 @@ Not on CUDA only the eager step is timed (CUDA graphs need CUDA): a check that t
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from .common import seconds
 from .library import AdaptedViT, CapturedStep, GroupOptimizer, create_model, group_train_step
 
 LEARNING_RATE = 1e-3
 EAGER_WARMUP_STEPS = 3  # eager steps before the eager timing (allocations, cuBLAS workspaces)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def steps_per_second(step, steps: int, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return steps / (time.perf_counter() - start)
+    def steps_in_a_row() -> None:
+        for _ in range(steps):
+            step()
+
+    return steps / seconds(steps_in_a_row, device)
 
 
 def group_batches(lead: AdaptedViT, runs: int, device: torch.device) -> list[tuple]:
@@ -67,11 +61,7 @@ def time_group(lead: AdaptedViT, runs: int, steps: int, device: torch.device) ->
         return line + ", captured n/a (CUDA graphs need a CUDA device)"
     graphed_opt = GroupOptimizer(models, [LEARNING_RATE] * runs, capturable=True)
     captured = CapturedStep(models, graphed_opt)
-    sync(device)
-    start = time.perf_counter()
-    captured(models, graphed_opt, batches)  # the recording (rehearsal, capture) and its first replay
-    sync(device)
-    recording = time.perf_counter() - start
+    recording = seconds(lambda: captured(models, graphed_opt, batches), device)  # rehearsal, capture, first replay
     captured_rate = steps_per_second(lambda: captured(models, graphed_opt, batches), steps, device)
     return (f"{line}, captured {captured_rate:.1f} steps/s ({captured_rate / eager_rate:.2f}x; "
             f"recording {recording:.2f} s)")
