@@ -183,7 +183,6 @@ class RunState:
     checkpoint: Path | None = None
     state: dict | None = None  # a test run: the adapters read
     budget: PrefixBudget | None = None
-    reference: tuple | None = None  # fit_reference of the kept adapters, made by their calibration (test_and_write reads it)
 
 
 def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
@@ -263,8 +262,8 @@ def finish_runs(
     for runs, model, scorer, (samples, support), set_trained in zip(run_sets, models, scorers, supports, trained):
         results.append([])
         for run, (best_state, log_rows) in zip(runs, set_trained):
-            keep_selected(run, model, best_state, scorer, samples)
-            results[-1].append(test_and_write(run, model, scorer, samples, best_state, log_rows, support))
+            reference = keep_selected(run, model, best_state, scorer, samples)
+            results[-1].append(test_and_write(run, model, scorer, samples, best_state, log_rows, support, reference))
     return results
 
 
@@ -450,7 +449,7 @@ def cache(run: RunState, model: AdaptedViT, data: TensorSet) -> TensorSet:
 
 def train_runs(
     run_sets: list[list[RunState]], models: list[AdaptedViT], batches: list, selectors: list[list[Selector]],
-    after_step=None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[list[tuple[dict, list[dict]]]]:
     """Train each set of runs once (the runs of a set share a trajectory: each run's selection is tracked
     along it), several sets in lockstep as one batched computation (`models`: siblings on one
@@ -488,19 +487,24 @@ def train_runs(
             for set_states, set_tracks in zip(states, tracks)]
 
 
-def keep_selected(run: RunState, model: AdaptedViT, best_state: dict, scorer: Scorer, support: list[Sample]) -> None:
-    """The run's selected adapters loaded, calibrated (--threshold_rule) and saved (--save_model)."""
+def keep_selected(
+    run: RunState, model: AdaptedViT, best_state: dict, scorer: Scorer, support: list[Sample],
+) -> tuple | None:
+    """The run's selected adapters loaded, calibrated (--threshold_rule) and saved (--save_model).
+    Returns the calibration's fit_reference of them (None: no calibration, or it found no valid data)."""
     config = run.config
     model.load_adapter_state(best_state["adapters"])
     run.meta.update(best_epoch=best_state["epoch"], best_step=best_state["step"])
-    run.reference = None
+    reference = None
     if config.threshold_rule != "none":
         def fit() -> tuple:
-            run.reference = fit_reference(config, model, run.target, scorer, support, run.dist)
-            return run.reference
+            nonlocal reference
+            reference = fit_reference(config, model, run.target, scorer, support, run.dist)
+            return reference
 
         run.meta.update(calibrate(config, model, run.target, scorer, support, run.dist, fit))
     run.checkpoint = save_adapters(config, model, run.meta, run.dist)
+    return reference
 
 
 def load_adapters(run: RunState, model: AdaptedViT) -> None:
@@ -510,16 +514,16 @@ def load_adapters(run: RunState, model: AdaptedViT) -> None:
 
 def test_and_write(
     run: RunState, model: AdaptedViT, scorer: Scorer, support_samples: list[Sample], best_state: dict | None,
-    log_rows: list[dict], support,
+    log_rows: list[dict], support, reference: tuple | None = None,
 ) -> RunResult:
     """Score the test split (with the chosen normalisation and the checkpoint's threshold), print the
-    release's lines, write the overlays (--save_maps) and the run's files."""
+    release's lines, write the overlays (--save_maps) and the run's files. `reference`: the
+    calibration's fit_reference of these adapters (--normalize valid uses it instead of fitting again)."""
     config, dist = run.config, run.dist
     source = str(run.checkpoint) if run.checkpoint else "the trained adapters"
-    fitted, run.reference = run.reference, None  # the calibration's fit of these adapters, when it made one
     normalization = chosen_normalization(
         config, run.meta, source,
-        lambda: (fitted or fit_reference(config, model, run.target, scorer, support_samples, dist))[1],
+        lambda: (reference or fit_reference(config, model, run.target, scorer, support_samples, dist))[1],
     )
     threshold = stored_threshold(run.meta, source, scorer.scoring_mode)
     score_under = threshold[1] if threshold is not None and normalization != threshold[1] else None
