@@ -11,6 +11,7 @@ import pytest
 from mvfa import bench
 from mvfa.bench.__main__ import SECTIONS
 from mvfa.bench.forward import adapted_vit_flops
+from mvfa.bench.together import further_epoch_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,19 @@ def test_reproduce_section_finds_the_runs_equal(smoke_report):
     _, report = smoke_report
     (row,) = [r for r in report["rows"] if r["figure"] == "reproduce speed-up, together vs one by one"]
     assert row["note"] == "results equal (every run's AUROCs)"
+
+
+def test_reproduce_cost_per_further_epoch():
+    """Known answer: 60 s at 2 epochs and 120 s at 4 one by one, 20 s and 35 s grouped: 30 and 7.5 s per
+    further epoch, 4x; a grouped run no slower with more epochs gives no ratio."""
+    rows = {row.figure: row.value for row in further_epoch_rows((2, 60.0, 20.0), (4, 120.0, 35.0), 0.0)}
+    assert rows["reproduce speed-up at 4 epochs, grouped vs one by one"] == pytest.approx(120 / 35)
+    assert rows["reproduce s per further epoch, one by one"] == 30.0
+    assert rows["reproduce s per further epoch, grouped"] == 7.5
+    assert rows["reproduce speed-up per further epoch, grouped vs one by one"] == 4.0
+    (noise,) = [row for row in further_epoch_rows((2, 60.0, 20.0), (4, 120.0, 19.0), 0.0)
+                if row.figure.startswith("reproduce speed-up per further epoch")]
+    assert noise.value is None and "noise" in noise.note
 
 
 @pytest.fixture(scope="module")

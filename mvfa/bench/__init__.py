@@ -28,8 +28,9 @@ startup     text features of the 420 prompts: all 77 positions (the release) vs 
 process     test_few.py as a whole process on CPU (wall time, peak RSS) against a release
             emulation of the same work, both as subprocesses.
 reproduce   python -m mvfa.reproduce on the tiny backbone (2 datasets x 4 splits x both protocols):
-            each protocol's run alone (--one_by_one) against the protocols trained together
-            (module together.py).
+            each protocol's run alone (--one_by_one) against the protocols trained together and
+            against the default (runs grouped in lockstep), at 2 epochs, and one by one and grouped
+            at 4: each way's cost per further epoch (module together.py).
 
 The other modules: __main__ (flags, the sections' order, the run), config (sizes), common (the run's
 context, timing, random inputs), report (rows, table, JSON), release (the release emulated),
