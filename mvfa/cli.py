@@ -112,12 +112,10 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                         help=f"JSON file of flag values (keys: flag names without dashes, as in a run's {RUN_CONFIG_FILE}) "
                              "used as defaults; flags given on the command line override them (default: none)")
     release = parser.add_argument_group("the release's flags")
-    if train:
-        release.add_argument("--obj", nargs="+", default=[defaults["obj"]],
-                             help="dataset name: <data_path>/<obj>_AD; several: those datasets trained together in "
-                                  "lockstep (one process; with --output_dir each run writes to <output_dir>/<obj>)")
-    else:
-        release.add_argument("--obj", default=defaults["obj"], help="dataset name: <data_path>/<obj>_AD")
+    several = ("those datasets trained together in lockstep" if train else "each tested in turn") + \
+        " (one process; with --output_dir each run writes to <output_dir>/<obj>)"
+    release.add_argument("--obj", nargs="+", default=[defaults["obj"]],
+                         help=f"dataset name: <data_path>/<obj>_AD; several: {several}")
     release.add_argument("--data_path", default="./data/", help="folder holding the <Name>_AD datasets")
     release.add_argument("--img_size", type=int, default=240, help="model input size in pixels")
     release.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24], help="adapter stages (1-indexed blocks)")
@@ -141,13 +139,10 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                          help=training_only("Adam step (betas 0.5, 0.999)"))
     if mode == "few-shot":
         release.add_argument("--shot", type=int, default=4, help="k abnormal and k normal support images")
-        iterate_help = "seed-file line; -1: a random draw from --seed"
-        if train:
-            release.add_argument("--iterate", type=int, nargs="+", default=[0],
-                                 help=f"{iterate_help}; several: those splits trained together in lockstep (one "
-                                      "process; with --output_dir each run writes to <output_dir>/iterate<i>)")
-        else:
-            release.add_argument("--iterate", type=int, default=0, help=iterate_help)
+        several = "those splits trained together in lockstep" if train else "each split's checkpoint tested in turn"
+        release.add_argument("--iterate", type=int, nargs="+", default=[0],
+                             help=f"seed-file line; -1: a random draw from --seed; several: {several} (one process; "
+                                  "with --output_dir each run writes to <output_dir>/iterate<i>)")
 
     added = parser.add_argument_group("added flags")
     added.add_argument("--clip_ckpt", default=None, help="CLIP weights (default: CLIP/ckpt/<OpenAI file of --model_name>)")
@@ -334,14 +329,22 @@ def write_run_config(output_dir: Path, flags: dict) -> Path:
 
 
 def configs_from_args(args: argparse.Namespace, mode: str, train: bool, device: str | None = None) -> list[RunConfig]:
-    """One run's settings per --obj and --iterate value (the training scripts take several: runs trained
-    in lockstep); with --output_dir, each run of several writes to <output_dir>[/<obj>][/iterate<i>]."""
+    """One run's settings per --obj and --iterate value (several: the training scripts train them in
+    lockstep, the test scripts test them in turn); with --output_dir, each run of several writes to
+    <output_dir>[/<obj>][/iterate<i>]."""
     objs = args.obj if isinstance(args.obj, list) else [args.obj]
     iterates = getattr(args, "iterate", None)
     iterates = iterates if isinstance(iterates, list) else [None]
     if len(objs) > 1 and args.prompt_name:
         raise MVFAError(f"--prompt_name names one dataset's object and --obj gives {len(objs)} datasets: "
-                        "train them one by one, or drop --prompt_name for registered datasets")
+                        "run them one by one, or drop --prompt_name for registered datasets")
+    runs = len(objs) * len(iterates)
+    if not train and runs > 1 and args.checkpoint:
+        raise MVFAError(f"--checkpoint names one file and --obj/--iterate give {runs} runs: test them one by one, "
+                        "or drop --checkpoint to read each run's own from --save_path")
+    if not train and len(objs) > 1 and getattr(args, "zero_shot_ckpt", None):
+        raise MVFAError(f"--zero_shot_ckpt is the zero-shot checkpoint of one dataset and --obj gives {len(objs)}: "
+                        "test the datasets one by one")
     configs = []
     for obj in objs:
         for iterate in iterates:
@@ -440,7 +443,13 @@ def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
         from mvfa.runs.run import run_grouped
 
         configs = configs_from_args(args, mode, train, device)
-        run_grouped([[config] for config in configs], dist)
+        if train:
+            run_grouped([[config] for config in configs], dist)
+        else:  # test runs share nothing but the process
+            for config in configs:
+                if len(configs) > 1:
+                    print(f"== {config.label()}: {config.output_dir}", flush=True)
+                run_grouped([[config]], dist)
         if dist.is_main:
             for config in configs:  # each folder's flags re-run its own run
                 own = flags

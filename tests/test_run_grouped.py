@@ -128,7 +128,10 @@ def test_train_few_with_several_iterates_trains_them_in_lockstep(synthetic_data,
     together = tiny_argv(synthetic_data, tiny_clip, tmp_path / "ckpt", tmp_path / "together", "Brain", "--shot", "1",
                          "--epoch", "2", "--iterate", "0", "1")
     assert cli.main_train_few(together) == 0
-    assert "run 2: epoch 2/2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "run 2: epoch 2/2" in printed
+    heads = [printed.index(f"== Brain --iterate {i}: {tmp_path / 'together' / f'iterate{i}'}") for i in (0, 1)]
+    assert heads[0] < heads[1] < printed.rindex("Brain AUC : ")  # each run's final lines after its own heading
     for iterate in (0, 1):
         alone = tiny_argv(synthetic_data, tiny_clip, tmp_path / f"alone{iterate}", tmp_path / f"alone{iterate}", "Brain",
                           "--shot", "1", "--epoch", "2", "--iterate", str(iterate))
@@ -142,6 +145,27 @@ def test_train_few_with_several_iterates_trains_them_in_lockstep(synthetic_data,
         flags = json.loads((tmp_path / "together" / f"iterate{iterate}" / "run_config.json").read_text())
         assert flags["iterate"] == [iterate] and flags["output_dir"] == str(tmp_path / "together" / f"iterate{iterate}")
         assert (tmp_path / "ckpt" / f"Brain-1shot-it{iterate}-seed111.pth").is_file()
+
+    # test_few.py --iterate 0 1 tests each split's checkpoint in turn, each in its own folder, with the
+    # numbers its training selected; one --checkpoint for several runs is refused before any work
+    tested = tiny_argv(synthetic_data, tiny_clip, tmp_path / "ckpt", tmp_path / "tested", "Brain", "--shot", "1",
+                       "--iterate", "0", "1")
+    assert cli.main_test_few(tested) == 0
+    printed = capsys.readouterr().out
+    for iterate in (0, 1):
+        folder = tmp_path / "tested" / f"iterate{iterate}"
+        assert f"== Brain --iterate {iterate}: {folder}" in printed
+        trained = json.loads((tmp_path / "together" / f"iterate{iterate}" / "metrics.json").read_text())
+        got = json.loads((folder / "metrics.json").read_text())
+        assert got["config"]["iterate"] == iterate and got["support"] == trained["support"]
+        assert got["metrics"]["image_auroc"] == trained["metrics"]["image_auroc"]
+        assert got["metrics"]["pixel_auroc"] == pytest.approx(trained["metrics"]["pixel_auroc"], abs=1e-12)
+        assert json.loads((folder / "run_config.json").read_text())["iterate"] == [iterate]
+    one_file = tested + ["--checkpoint", str(tmp_path / "ckpt" / "Brain-1shot-it0-seed111.pth"),
+                         "--output_dir", str(tmp_path / "refused")]
+    assert cli.main_test_few(one_file) != 0
+    assert "--checkpoint names one file and --obj/--iterate give 2 runs" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_train_zero_with_several_objs_trains_the_targets_in_lockstep(synthetic_data, tiny_clip, tmp_path, capsys):
@@ -169,6 +193,17 @@ def test_train_zero_with_several_objs_trains_the_targets_in_lockstep(synthetic_d
         flags = json.loads((tmp_path / "together" / obj / "run_config.json").read_text())
         assert flags["obj"] == [obj] and flags["output_dir"] == str(tmp_path / "together" / obj)
         assert (tmp_path / "ckpt" / f"{obj}-zero-seed111.pth").is_file()
+
+    tested = tiny_argv(synthetic_data, tiny_clip, tmp_path / "ckpt", tmp_path / "tested", "Brain")
+    tested[1:2] = ["Brain", "Chest"]
+    assert cli.main_test_zero(tested) == 0  # test_zero.py --obj Brain Chest: each target's checkpoint in turn
+    printed = capsys.readouterr().out
+    for obj in ("Brain", "Chest"):
+        assert f"== {obj}: {tmp_path / 'tested' / obj}" in printed
+        trained = json.loads((tmp_path / "together" / obj / "metrics.json").read_text())
+        got = json.loads((tmp_path / "tested" / obj / "metrics.json").read_text())
+        assert got["config"]["obj"] == obj
+        assert got["metrics"]["image_auroc"] == pytest.approx(trained["metrics"]["image_auroc"], abs=1e-12)
 
 
 def test_several_objs_and_iterates_give_each_run_its_folder(tmp_path):

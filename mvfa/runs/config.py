@@ -80,6 +80,10 @@ class RunConfig:
             return f"{self.shot}shot-it{self.iterate}-seed{self.seed}"
         return f"zero-seed{self.seed}"
 
+    def label(self) -> str:
+        """The run as a line names it among several: its --obj, and its --iterate (few-shot)."""
+        return f"{self.obj} --iterate {self.iterate}" if self.mode == "few-shot" else self.obj
+
     def checkpoint_name(self) -> str:
         return f"{self.obj}-{self.run_tag()}.pth"
 

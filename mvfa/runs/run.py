@@ -257,11 +257,15 @@ def finish_runs(
     trained: list[list[tuple[dict, list[dict]]]], supports: list[tuple[list[Sample], object]],
 ) -> list[list[RunResult]]:
     """Per set and run, after training: the selected adapters kept (calibrated, saved), the test split
-    scored and the files written. `supports`: per set its support samples and support (zero-shot: [], None)."""
+    scored and the files written. `supports`: per set its support samples and support (zero-shot: [], None).
+    Several runs: a line naming each before its own."""
     results = []
+    several = sum(len(runs) for runs in run_sets) > 1
     for runs, model, scorer, (samples, support), set_trained in zip(run_sets, models, scorers, supports, trained):
         results.append([])
         for run, (best_state, log_rows) in zip(runs, set_trained):
+            if several:
+                print(f"== {run.config.label()}: {run.config.output_dir}", flush=True)
             reference = keep_selected(run, model, best_state, scorer, samples)
             results[-1].append(test_and_write(run, model, scorer, samples, best_state, log_rows, support, reference))
     return results
