@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.medical import MedicalDataset, Sample
+from dataset.tensors import TensorSet
+from mvfa.method.prefix import PrefixCache
 from mvfa.runs.replay import ReleaseRandom
 from mvfa.runs.training import (
     few_shot_batches,
@@ -258,6 +260,34 @@ def test_decoded_and_read_batches_are_the_same(sources):
     for a, b in zip(read(1), decoded(1), strict=True):
         for x, y in zip(a[:5], b[:5]):
             assert torch.equal(x, y)
+
+
+def cached_test_split(source: MedicalDataset, whole: bool = True) -> TensorSet:
+    """A source's test split decoded, with a prefix cache (batches of 2) whose row of image i is filled with
+    its grey id; not `whole`: the second batch is not held (another rank's)."""
+    data = TensorSet.load(source.samples("test"), SIZE)
+    rows = grey_ids(data.images.float() / 255)
+    batches = [torch.tensor(rows[i : i + 2], dtype=torch.float32).view(-1, 1, 1).expand(-1, 2, 3).clone()
+               for i in range(0, len(rows), 2)]
+    data.prefix_cache = PrefixCache(2, batches if whole else batches[:1] + [None] * (len(batches) - 1))
+    return data
+
+
+def test_decoded_sources_with_whole_prefix_caches_give_each_image_its_prefix(sources):
+    """Sources given decoded, each with its whole prefix cache (zero-shot targets trained together): each
+    batch carries its images' cached prefix rows; a source without one (or with a part) gives no prefixes."""
+    def batches_with(decoded):
+        return zero_shot_batches(settings(batch_size=2, seed=4), sources, lambda s: FEATURES[s.name], lambda n: True,
+                                 ReleaseRandom(4), reversed_listing, Dist(), decoded)(1)
+
+    cached = {source.name: cached_test_split(source) for source in sources}
+    for images, masks, labels, features, flags, prefix in batches_with(cached):
+        assert prefix.shape == (len(images), 2, 3)
+        assert [int(row[0, 0]) for row in prefix] == grey_ids(images)
+    plain = {**cached, "Liver": TensorSet.load(sources[0].samples("test"), SIZE)}
+    partial = {**cached, "Liver": cached_test_split(sources[0], whole=False)}
+    for decoded in (plain, partial, {"Brain": cached["Brain"]}):
+        assert all(batch[5] is None for batch in batches_with(decoded))
 
 
 def test_ddp_ranks_split_each_step_of_the_single_process_batch(sources):

@@ -39,6 +39,7 @@ from mvfa.method import scoring
 from mvfa.method.group import group_tokens
 from mvfa.method.losses import BinaryDiceLoss, FocalLoss, det_loss
 from mvfa.method.model import AdaptedViT, StageTokens
+from mvfa.method.prefix import PrefixCache
 from mvfa.runs.replay import RELEASE_SOURCE_ORDER, ReleaseRandom
 from mvfa.runs.run_log import RunLogger
 from mvfa.runtime.compute import autocast_for, progress
@@ -674,7 +675,10 @@ def zero_shot_batches(
     uint8 tensors when `may_decode(nbytes)` allows their size (the run's prefix-cache budget; the
     release decodes every PNG every epoch; --prefix_cache off keeps that); the batches are the same.
     `decoded`: test splits already decoded (by name, e.g. the targets of zero-shot runs trained
-    together, each one's test set another's source), used as they are.
+    together, each one's test set another's source), used as they are; when every source is one of
+    them and each holds its whole prefix cache (a target's test set cached for its evaluations), the
+    batches carry their images' cached prefixes, so the steps skip the frozen blocks before the first
+    stage (computed at the evaluation's batch size: equal to a step's own to float rounding).
     """
     images = SourceImages(config, sources, text_features_of, may_decode, listing, decoded or {})
     data_parallel = config.ddp and dist.active
@@ -725,15 +729,31 @@ class SourceImages:
             own = {source.name: TensorSet.load(split, config.img_size, config.num_workers, desc=f"{source.name} (source)")
                    for source, split in missing}
             self.parts = [decoded[source.name] if source.name in decoded else own[source.name] for source, _ in splits]
+        self.prefixes = self._whole_prefix_caches()
+
+    def _whole_prefix_caches(self) -> list[PrefixCache] | None:
+        """Each source's prefix cache when every source has one holding all its images, else None."""
+        caches = [part.prefix_cache for part in self.parts] if self.parts is not None else [None]
+        if any(cache is None or any(batch is None for batch in cache.batches) for cache in caches):
+            return None
+        return caches
 
     @property
     def decoded(self) -> bool:
         return self.parts is not None
 
     def as_batch(self, index: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """(images, masks, labels, each image's own text features, has-masks flags, no prefix)."""
+        """(images, masks, labels, each image's own text features, has-masks flags, the images' cached
+        prefixes or None)."""
         source = self.source_of[index]
-        return images, masks, labels.float(), self.features[source].cpu(), self.flags[source], None
+        prefix = None
+        if self.prefixes is not None and len(index):
+            rows = []
+            for item, part in zip(index.tolist(), source.tolist()):
+                cache, row = self.prefixes[part], item - self.first[part]
+                rows.append(cache.batch(row // cache.batch_size)[row % cache.batch_size])
+            prefix = torch.stack(rows)
+        return images, masks, labels.float(), self.features[source].cpu(), self.flags[source], prefix
 
     def load(self, indices: list[int]) -> tuple:
         """The batch of `indices`: from the decoded tensors, else decoded here (none: an empty batch)."""
