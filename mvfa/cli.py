@@ -112,7 +112,7 @@ def build_parser(mode: str, train: bool, prog: str | None = None) -> argparse.Ar
                         help=f"JSON file of flag values (keys: flag names without dashes, as in a run's {RUN_CONFIG_FILE}) "
                              "used as defaults; flags given on the command line override them (default: none)")
     release = parser.add_argument_group("the release's flags")
-    several = ("those datasets trained together in lockstep" if train else "each tested in turn") + \
+    several = ("those datasets trained together in lockstep" if train else "each tested in turn on one model") + \
         " (one process; with --output_dir each run writes to <output_dir>/<obj>)"
     release.add_argument("--obj", nargs="+", default=[defaults["obj"]],
                          help=f"dataset name: <data_path>/<obj>_AD; several: {several}")
@@ -443,13 +443,7 @@ def main(mode: str, train: bool, argv: list[str] | None = None) -> int:
         from mvfa.runs.run import run_grouped
 
         configs = configs_from_args(args, mode, train, device)
-        if train:
-            run_grouped([[config] for config in configs], dist)
-        else:  # test runs share nothing but the process
-            for config in configs:
-                if len(configs) > 1:
-                    print(f"== {config.label()}: {config.output_dir}", flush=True)
-                run_grouped([[config]], dist)
+        run_grouped([[config] for config in configs], dist)  # several: trained in lockstep, or tested in turn
         if dist.is_main:
             for config in configs:  # each folder's flags re-run its own run
                 own = flags

@@ -113,9 +113,10 @@ def test_runs_that_differ_in_more_than_the_target_and_split_are_refused(bench, t
     zero = [[config(bench, tmp_path / "zero" / p, "Chest", 0, p, mode="zero-shot") for p in PROTOCOLS]]
     with pytest.raises(MVFAError, match="these differ too: mode"):
         run_grouped([base[0], *zero])
-    testing = [[replace(configs[0], train=False)] for configs in base]
-    with pytest.raises(MVFAError, match="runs trained in lockstep are training runs"):
-        run_grouped(testing)
+    with pytest.raises(MVFAError, match="these differ too: train"):  # a test run among training runs
+        run_grouped([base[0], [replace(base[1][0], train=False)]])
+    with pytest.raises(MVFAError, match="test runs made together must differ only in .*these differ too: seed"):
+        run_grouped([[replace(configs[0], train=False, seed=seed)] for seed, configs in zip((1, 2), base)])
     assert not any(tmp_path.rglob("metrics.json"))  # refused before any work
 
 
@@ -161,6 +162,15 @@ def test_train_few_with_several_iterates_trains_them_in_lockstep(synthetic_data,
         assert got["metrics"]["image_auroc"] == trained["metrics"]["image_auroc"]
         assert got["metrics"]["pixel_auroc"] == pytest.approx(trained["metrics"]["pixel_auroc"], abs=1e-12)
         assert json.loads((folder / "run_config.json").read_text())["iterate"] == [iterate]
+    alone = tiny_argv(synthetic_data, tiny_clip, tmp_path / "ckpt", tmp_path / "tested-alone", "Brain", "--shot", "1",
+                      "--iterate", "1")
+    assert cli.main_test_few(alone) == 0  # the second run on the shared model equals its run alone, bit for bit
+    own = json.loads((tmp_path / "tested-alone" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "tested" / "iterate1" / "metrics.json").read_text())
+    assert {k: v for k, v in got["metrics"].items() if k != "seconds"} == {
+        k: v for k, v in own["metrics"].items() if k != "seconds"}
+    assert (tmp_path / "tested" / "iterate1" / "predictions.csv").read_bytes() == (
+        tmp_path / "tested-alone" / "predictions.csv").read_bytes()
     one_file = tested + ["--checkpoint", str(tmp_path / "ckpt" / "Brain-1shot-it0-seed111.pth"),
                          "--output_dir", str(tmp_path / "refused")]
     assert cli.main_test_few(one_file) != 0

@@ -121,7 +121,9 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
     shares one trajectory (run_together: e.g. the two protocols); the sets differ only in the target
     and the split (GROUP_SETTINGS); each keeps its own support or sources, seeded orders, optimiser,
     evaluations, selection and files. Each run's results equal those of its set trained alone to
-    float rounding (batched products sum in another order). Several sets: one process.
+    float rounding (batched products sum in another order). Several sets: one process. Test runs (one
+    config per set; several: the test scripts' several --obj and --iterate) are made in turn on one
+    model (test_runs), each equal to its run made alone.
 
     Before any work: every config's settings (RunConfig.validate), the sets' agreement, the output
     places (check_outputs); then rank 0 holds each --output_dir (a lock file) until the runs end."""
@@ -143,29 +145,29 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
             for config in every:
                 locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError,
                                                 active=dist.is_main))
-            if every[0].mode == "few-shot":
-                results = few_shot_group(config_sets, dist) if every[0].train else [few_shot_runs(config_sets[0], dist)]
+            if not every[0].train:
+                results = test_runs(config_sets, dist)
+            elif every[0].mode == "few-shot":
+                results = few_shot_group(config_sets, dist)
             else:
-                results = zero_shot_group(config_sets, dist) if every[0].train else [zero_shot_runs(config_sets[0], dist)]
+                results = zero_shot_group(config_sets, dist)
             barrier(dist)
     return results
 
 
 def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
     """Sets trained in lockstep: training runs of one mode that differ in the target and the split only."""
-    if dist.active:
-        raise MVFAError("runs trained in lockstep run in one process: under torchrun each rank trains its own runs")
     first = config_sets[0][0]
-    if not first.train:
-        raise MVFAError("runs trained in lockstep are training runs (few-shot splits and datasets, or zero-shot targets)")
-    allowed = (*PER_RUN_SETTINGS, *GROUP_SETTINGS)
+    kind = "runs trained in lockstep" if first.train else "test runs made together"
+    if dist.active and first.train:
+        raise MVFAError("runs trained in lockstep run in one process: under torchrun each rank trains its own runs")
+    allowed = (*PER_RUN_SETTINGS, *GROUP_SETTINGS, *(() if first.train else ("checkpoint",)))
     for configs in config_sets[1:]:
         if differ := _differing(first, configs[0], allowed):
-            raise MVFAError(f"runs trained in lockstep must differ only in {', '.join(allowed)}; these differ too: "
-                            f"{', '.join(differ)}")
+            raise MVFAError(f"{kind} must differ only in {', '.join(allowed)}; these differ too: {', '.join(differ)}")
     folders = [c.output_dir.resolve() for configs in config_sets for c in configs]
     if len(set(folders)) < len(folders):
-        raise MVFAError("runs trained in lockstep need their own --output_dir")
+        raise MVFAError(f"{kind} need their own --output_dir")
 
 
 @dataclass
@@ -185,26 +187,48 @@ class RunState:
     budget: PrefixBudget | None = None
 
 
-def few_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
-    """Few-shot: adapters trained on k abnormal + k normal support images, scored with a memory bank of
-    the k normal ones (few_shot_group); or (a test run) a checkpoint's adapters with the same support's
-    memory bank."""
-    if configs[0].train:
-        return few_shot_group([configs], dist)[0]
-    (lead,) = open_runs(configs, dist)
-    config = lead.config
-    model, _, features = build_run_model(config, lead.device, [lead.word])
-    text_features = features[lead.word]
-    load_test_set([lead])
-    few_shot, support = prepare_few_shot(config, lead.target)
+def test_runs(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
+    """Test runs (one config per set) of one mode that differ in the target and the split only (the test
+    scripts' several --obj and --iterate): one model built for all, each checkpoint's adapters loaded in
+    turn; each target's test images decoded once and, for a target of several runs, their frozen
+    prefix computed once (while the budget allows). Each run's results equal those of its run made
+    alone, bit for bit. Every checkpoint is read before the first test."""
+    run_sets = [open_runs(configs, dist) for configs in config_sets]
+    lead = run_sets[0][0]
+    words = list(dict.fromkeys(runs[0].word for runs in run_sets))
+    model, _, features = build_run_model(lead.config, lead.device, words)
+    targets: dict[str, list[RunState]] = {}
+    for runs in run_sets:
+        targets.setdefault(runs[0].target.name, []).append(runs[0])
+    for runs in targets.values():
+        load_test_set(runs)
+        if len(runs) > 1:
+            cache(runs[0], model, runs[0].test_set)
+    results = []
+    for (run,) in run_sets:
+        if len(run_sets) > 1:
+            print(f"== {run.config.label()}: {run.config.output_dir}", flush=True)
+        results.append([test_one(run, model, features[run.word])])
+    return results
+
+
+def test_one(run: RunState, model: AdaptedViT, text_features: torch.Tensor) -> RunResult:
+    """A test run on `model`: its checkpoint's adapters loaded, its scorer (few-shot: its support's
+    memory bank), its test split scored and its files written."""
+    config = run.config
+    if config.mode == "zero-shot":
+        scorer = ZeroShotScorer(text_features, run.target.has_masks, release_dtypes=release_dtypes(config))
+        load_adapters(run, model)
+        return test_and_write(run, model, scorer, [], None, [], None)
+    few_shot, support = prepare_few_shot(config, run.target)
     print_support(config, support, named=False)
     if config.prefix_cache == "on":
-        cache_support_prefixes(model, few_shot, config, lead.budget)
-    scorer = few_shot_scorer(config, lead, text_features, few_shot)
-    load_adapters(lead, model)
+        cache_support_prefixes(model, few_shot, config, run.budget)
+    scorer = few_shot_scorer(config, run, text_features, few_shot)
+    load_adapters(run, model)
     if not config.only_normal:
-        warn_other_support(lead.meta, support, lead.checkpoint)
-    return [test_and_write(lead, model, scorer, few_shot.support_samples, None, [], support)]
+        warn_other_support(run.meta, support, run.checkpoint)
+    return test_and_write(run, model, scorer, few_shot.support_samples, None, [], support)
 
 
 def few_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
@@ -317,19 +341,6 @@ def few_shot_scorer(config: RunConfig, run: RunState, text_features: torch.Tenso
         text_features, run.target.has_masks, support_images=few_shot.normal_images, support_cache=few_shot.memory_cache,
         batch_size=config.eval_batch_size, bank_precision=bank_precision(config), release_dtypes=release_dtypes(config),
     )
-
-
-def zero_shot_runs(configs: list[RunConfig], dist: Dist = SINGLE) -> list[RunResult]:
-    """Zero-shot: adapters trained on the other datasets' test images (leave one out; zero_shot_group),
-    scored with text features alone; or (a test run) a checkpoint's adapters."""
-    if configs[0].train:
-        return zero_shot_group([configs], dist)[0]
-    (lead,) = open_runs(configs, dist)
-    model, _, features = build_run_model(lead.config, lead.device, [lead.word])
-    load_test_set([lead])
-    scorer = ZeroShotScorer(features[lead.word], lead.target.has_masks, release_dtypes=release_dtypes(lead.config))
-    load_adapters(lead, model)
-    return [test_and_write(lead, model, scorer, [], None, [], None)]
 
 
 def zero_shot_group(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
