@@ -123,7 +123,7 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
     evaluations, selection and files. Each run's results equal those of its set trained alone to
     float rounding (batched products sum in another order). Several sets: one process. Test runs (one
     config per set; several: the test scripts' several --obj and --iterate) are made in turn on one
-    model (test_runs), each equal to its run made alone.
+    model (run_tests), each equal to its run made alone.
 
     Before any work: every config's settings (RunConfig.validate), the sets' agreement, the output
     places (check_outputs); then rank 0 holds each --output_dir (a lock file) until the runs end."""
@@ -146,7 +146,7 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
                 locks.enter_context(folder_lock(config.output_dir, f"--output_dir {config.output_dir}", MVFAError,
                                                 active=dist.is_main))
             if not every[0].train:
-                results = test_runs(config_sets, dist)
+                results = run_tests(config_sets, dist)
             elif every[0].mode == "few-shot":
                 results = few_shot_group(config_sets, dist)
             else:
@@ -156,7 +156,8 @@ def run_grouped(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list
 
 
 def check_group(config_sets: list[list[RunConfig]], dist: Dist) -> None:
-    """Sets trained in lockstep: training runs of one mode that differ in the target and the split only."""
+    """Sets made together: training runs of one mode (trained in lockstep) or test runs (made in turn on
+    one model) that differ in the target and the split only (test runs: and their --checkpoint)."""
     first = config_sets[0][0]
     kind = "runs trained in lockstep" if first.train else "test runs made together"
     if dist.active and first.train:
@@ -187,7 +188,7 @@ class RunState:
     budget: PrefixBudget | None = None
 
 
-def test_runs(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
+def run_tests(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[list[RunResult]]:
     """Test runs (one config per set) of one mode that differ in the target and the split only (the test
     scripts' several --obj and --iterate): one model built for all, each checkpoint's adapters loaded in
     turn; each target's test images decoded once and, for a target of several runs, their frozen
@@ -208,11 +209,11 @@ def test_runs(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[l
     for (run,) in run_sets:
         if len(run_sets) > 1:
             print(f"== {run.config.label()}: {run.config.output_dir}", flush=True)
-        results.append([test_one(run, model, features[run.word])])
+        results.append([run_one_test(run, model, features[run.word])])
     return results
 
 
-def test_one(run: RunState, model: AdaptedViT, text_features: torch.Tensor) -> RunResult:
+def run_one_test(run: RunState, model: AdaptedViT, text_features: torch.Tensor) -> RunResult:
     """A test run on `model`: its checkpoint's adapters loaded, its scorer (few-shot: its support's
     memory bank), its test split scored and its files written."""
     config = run.config
