@@ -198,17 +198,11 @@ def run_tests(config_sets: list[list[RunConfig]], dist: Dist = SINGLE) -> list[l
     lead = run_sets[0][0]
     words = list(dict.fromkeys(runs[0].word for runs in run_sets))
     model, _, features = build_run_model(lead.config, lead.device, words)
-    targets: dict[str, list[RunState]] = {}
-    for runs in run_sets:
-        targets.setdefault(runs[0].target.name, []).append(runs[0])
-    for runs in targets.values():
-        load_test_set(runs)
-        if len(runs) > 1:
-            cache(runs[0], model, runs[0].test_set)
+    load_test_sets(run_sets, model, scored_again=lambda runs: len(runs) > 1)
     results = []
     for (run,) in run_sets:
         if len(run_sets) > 1:
-            print(f"== {run.config.label()}: {run.config.output_dir}", flush=True)
+            print_heading(run.config)
         results.append([run_one_test(run, model, features[run.word])])
     return results
 
@@ -290,7 +284,7 @@ def finish_runs(
         results.append([])
         for run, (best_state, log_rows) in zip(runs, set_trained):
             if several:
-                print(f"== {run.config.label()}: {run.config.output_dir}", flush=True)
+                print_heading(run.config)
             reference = keep_selected(run, model, best_state, scorer, samples)
             results[-1].append(test_and_write(run, model, scorer, samples, best_state, log_rows, support, reference))
     return results
@@ -310,10 +304,13 @@ def group_models(
     return model, models, replays, features
 
 
-def load_test_sets(run_sets: list[list[RunState]], model: AdaptedViT) -> dict[str, list[int]]:
+def load_test_sets(
+    run_sets: list[list[RunState]], model: AdaptedViT,
+    scored_again: Callable[[list[RunState]], bool] = lambda runs: any(run.config.select == "test" for run in runs),
+) -> dict[str, list[int]]:
     """Each target's test images decoded once for the sets of its runs (load_test_set); one prefix-cache
-    budget for the group; a target evaluated after every epoch (--select test) keeps its prefixes.
-    Returns, per target name, the indices of its sets."""
+    budget for the group; a target whose test set is `scored_again` (by default: training evaluates it
+    after every epoch, --select test) keeps its prefixes. Returns, per target name, the indices of its sets."""
     targets: dict[str, list[int]] = {}
     for index, runs in enumerate(run_sets):
         targets.setdefault(runs[0].target.name, []).append(index)
@@ -322,9 +319,14 @@ def load_test_sets(run_sets: list[list[RunState]], model: AdaptedViT) -> dict[st
         runs = [run for i in indices for run in run_sets[i]]
         load_test_set(runs, budget)
         budget = runs[0].budget
-        if any(run.config.select == "test" for run in runs):
+        if scored_again(runs):
             cache(runs[0], model, runs[0].test_set)
     return targets
+
+
+def print_heading(config: RunConfig) -> None:
+    """The line before a run's own lines among several runs of one command."""
+    print(f"== {config.label()}: {config.output_dir}", flush=True)
 
 
 def print_support(config: RunConfig, support, named: bool) -> None:
